@@ -1,0 +1,315 @@
+{{/*
+Chart name, overridable with nameOverride.
+*/}}
+{{- define "tandem.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 47 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Prefix of every object name. 47 characters at most: KubeRay names the RayClusters of
+a RayService "<name>-<5 chars>" and rejects RayCluster names over 53 characters.
+*/}}
+{{- define "tandem.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 47 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 47 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 47 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Labels that pick this release's Ray pods (set on every pod template).
+*/}}
+{{- define "tandem.selectorLabels" -}}
+app.kubernetes.io/part-of: {{ include "tandem.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/*
+Labels of the objects the chart creates.
+*/}}
+{{- define "tandem.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "tandem.name" . }}
+{{ include "tandem.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/*
+The Ray container image.
+*/}}
+{{- define "tandem.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+The application's args (serveConfig.application.args).
+*/}}
+{{- define "tandem.args" -}}
+{{- toYaml .Values.serveConfig.application.args -}}
+{{- end -}}
+
+{{/*
+The Serve config (the document `serve deploy` takes): serveConfig with its
+`application` map turned back into config.yaml's one-element `applications` list.
+*/}}
+{{- define "tandem.serveConfig" -}}
+{{- $config := deepCopy .Values.serveConfig -}}
+{{- $app := $config.application -}}
+{{- $_ := unset $config "application" -}}
+{{- $_ := set $config "applications" (list $app) -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/*
+Pools the app's mode uses, as a list of pool names.
+*/}}
+{{- define "tandem.activePools" -}}
+{{- $mode := .Values.serveConfig.application.args.mode -}}
+{{- if eq $mode "pd" -}}
+{{- toJson (list "prefill" "decode") -}}
+{{- else -}}
+{{- toJson (list "colocated") -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when worker group .name is rendered: `enabled` true/false, or auto (the
+default), which follows the app's mode (pd: prefill and decode; colocated: colocated).
+Call with dict "root" $ "name" NAME "group" GROUP.
+*/}}
+{{- define "tandem.groupEnabled" -}}
+{{- $enabled := toString .group.enabled -}}
+{{- if eq $enabled "auto" -}}
+{{- has .name (include "tandem.activePools" .root | fromJsonArray) -}}
+{{- else if or (eq $enabled "true") (eq $enabled "false") -}}
+{{- $enabled -}}
+{{- else -}}
+{{- fail (printf "workerGroups.%s.enabled must be true, false or auto, not %q" .name $enabled) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A rayStartParams value as a string. Helm reads numbers in values as float64, so
+integral numbers are printed without a fraction or exponent (8080, not 8080.0 or 1e+10).
+*/}}
+{{- define "tandem.paramString" -}}
+{{- if kindIs "float64" . -}}
+{{- if eq (float64 (int64 .)) . -}}{{ int64 . | toString }}{{- else -}}{{ toString . }}{{- end -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+rayStartParams rendered as a map of quoted strings.
+Call with dict "params" MAP.
+*/}}
+{{- define "tandem.rayStartParams" -}}
+{{- range $key, $value := .params }}
+{{ $key }}: {{ include "tandem.paramString" $value | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A CPU quantity ("4", 4, "500m") as a float number of cores; "" when unset.
+*/}}
+{{- define "tandem.cpuCores" -}}
+{{- if not (kindIs "invalid" .) -}}
+{{- $q := toString . -}}
+{{- if hasSuffix "m" $q -}}
+{{- divf (float64 (trimSuffix "m" $q)) 1000 -}}
+{{- else -}}
+{{- float64 $q -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Ray CPUs of a pod: rayStartParams num-cpus if set, else the container's CPU limit, else
+its request (what KubeRay passes to `ray start`). "" when none is set.
+Call with dict "params" RAYSTARTPARAMS "resources" RESOURCES.
+*/}}
+{{- define "tandem.rayCpus" -}}
+{{- $params := .params | default dict -}}
+{{- $res := .resources | default dict -}}
+{{- if hasKey $params "num-cpus" -}}
+{{- include "tandem.cpuCores" (get $params "num-cpus") -}}
+{{- else if hasKey ($res.limits | default dict) "cpu" -}}
+{{- include "tandem.cpuCores" $res.limits.cpu -}}
+{{- else if hasKey ($res.requests | default dict) "cpu" -}}
+{{- include "tandem.cpuCores" $res.requests.cpu -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Container resources with `gpus` GPUs added to requests and limits.
+Call with dict "resources" RESOURCES "gpus" N "gpuResourceName" NAME.
+*/}}
+{{- define "tandem.resources" -}}
+{{- $res := deepCopy (.resources | default dict) -}}
+{{- if gt (int .gpus) 0 -}}
+{{- $limits := $res.limits | default dict -}}
+{{- $requests := $res.requests | default dict -}}
+{{- $_ := set $limits .gpuResourceName (int .gpus) -}}
+{{- $_ := set $requests .gpuResourceName (int .gpus) -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- $_ := set $res "requests" $requests -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
+
+{{/*
+The model volume, or nothing when model.type is none.
+*/}}
+{{- define "tandem.modelVolume" -}}
+{{- $m := .Values.model -}}
+{{- if eq $m.type "pvc" -}}
+{{- if not $m.pvc.claimName -}}
+{{- fail "model.type is pvc: set model.pvc.claimName to the PersistentVolumeClaim that holds the model" -}}
+{{- end }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ $m.pvc.claimName }}
+    readOnly: true
+{{- else if eq $m.type "hostPath" -}}
+{{- if not $m.hostPath.path -}}
+{{- fail "model.type is hostPath: set model.hostPath.path to the node directory that holds the model" -}}
+{{- end }}
+- name: model
+  hostPath:
+    path: {{ $m.hostPath.path }}
+    type: {{ $m.hostPath.type }}
+{{- else if ne $m.type "none" -}}
+{{- fail (printf "model.type must be none, pvc or hostPath, not %q" $m.type) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A probe: the group's own probe when set, else an HTTP GET on `path`:`port` with the
+timings in .timings. Call with dict "probe" OWN "timings" TIMINGS "path" P "port" N.
+*/}}
+{{- define "tandem.probe" -}}
+{{- if .probe -}}
+{{- toYaml .probe -}}
+{{- else -}}
+httpGet:
+  path: {{ .path }}
+  port: {{ .port }}
+{{ toYaml .timings }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The pod template of a Ray node. Call with dict "root" $ "node" GROUPVALUES
+"kind" ("head" or "worker") "pool" GROUPNAME.
+*/}}
+{{- define "tandem.podTemplate" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $node := .node -}}
+{{- $isHead := eq .kind "head" -}}
+{{- $headOnly := eq (toString $v.serveConfig.proxy_location) "HeadOnly" -}}
+{{- $servePort := int $v.serveConfig.http_options.port -}}
+metadata:
+  labels:
+    {{- include "tandem.selectorLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ if $isHead }}ray-head{{ else }}ray-worker{{ end }}
+    {{- with $v.common.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $node.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- $annotations := merge (deepCopy ($node.podAnnotations | default dict)) ($v.common.podAnnotations | default dict) }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with $v.common.serviceAccountName }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ if $isHead }}ray-head{{ else }}ray-worker{{ end }}
+      image: {{ include "tandem.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      ports:
+        {{- if $isHead }}
+        - name: gcs-server
+          containerPort: 6379
+        - name: dashboard
+          containerPort: 8265
+        - name: client
+          containerPort: 10001
+        {{- end }}
+        {{- if or $isHead (not $headOnly) }}
+        - name: serve
+          containerPort: {{ $servePort }}
+        {{- end }}
+        - name: metrics
+          containerPort: {{ int $v.metricsPort }}
+      {{- $env := concat ($v.common.env | default list) ($node.env | default list) }}
+      {{- with $env }}
+      env:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- include "tandem.resources" (dict "resources" $node.resources "gpus" ($node.gpus | default 0) "gpuResourceName" $v.gpuResourceName) | nindent 8 }}
+      livenessProbe:
+        {{- include "tandem.probe" (dict "probe" $node.livenessProbe "timings" $v.probes.liveness "path" "/api/healthz" "port" (int $v.dashboardAgentPort)) | nindent 8 }}
+      readinessProbe:
+        {{- if or $isHead $headOnly }}
+        {{- include "tandem.probe" (dict "probe" $node.readinessProbe "timings" $v.probes.readiness "path" "/api/healthz" "port" (int $v.dashboardAgentPort)) | nindent 8 }}
+        {{- else }}
+        {{- include "tandem.probe" (dict "probe" $node.readinessProbe "timings" $v.probes.readiness "path" "/-/healthz" "port" $servePort) | nindent 8 }}
+        {{- end }}
+      {{- with $node.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: shm
+          mountPath: /dev/shm
+        {{- if ne $v.model.type "none" }}
+        - name: model
+          mountPath: {{ $v.model.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- with $v.common.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $node.shmSize }}
+    {{- with include "tandem.modelVolume" $root | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- with $v.common.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $node.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $node.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $node.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}

@@ -1,0 +1,1 @@
+"""The engine core: scheduler and the step loop around the model runner."""

@@ -1,0 +1,104 @@
+"""The engine core: owns the model, KV cache, scheduler and runner, and turns one
+call of `step()` into one forward pass and the tokens it produced."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.kv_cache import KVCacheManager, PagedCacheSpec
+from engine.models.loader import load_model
+from engine.request import Request, RequestStatus
+from engine.runner.model_runner import ModelRunner
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    new_logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model_config, model_path: str | None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype(model_config)
+        max_pos = getattr(model_config, "max_position_embeddings", 4096)
+        self.max_model_len = config.max_model_len or max_pos
+        self.model = load_model(model_path, model_config, self.dtype, config.device, config.load_format, config.seed)
+        layout = self.model.cache_layout()
+        bytes_per_block = layout.bytes_per_block(config.block_size, self.dtype)
+        self.num_blocks = self._num_blocks(bytes_per_block)
+        self.kv = KVCacheManager(PagedCacheSpec(config.block_size, bytes_per_block), self.num_blocks,
+                                 config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len, config.enable_chunked_prefill), self.kv)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, config.max_num_seqs,
+                                  self.max_model_len, self.dtype, self.device)
+        self._rng = random.Random(config.seed)
+
+    def _num_blocks(self, bytes_per_block: int) -> int:
+        c = self.config
+        per_seq = -(-self.max_model_len // c.block_size)
+        if c.num_kv_blocks is not None:
+            n = c.num_kv_blocks
+        else:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = free - (1 - c.gpu_memory_utilization) * total
+            else:
+                budget = c.kv_cache_memory_gb * 2**30
+            # Never more than every sequence at full length needs.
+            n = min(int(budget // bytes_per_block), c.max_num_seqs * per_seq + 1)
+        if n < per_seq:
+            raise ValueError(f"the KV cache holds {n} blocks of {c.block_size} tokens, fewer than one "
+                             f"sequence of max_model_len={self.max_model_len} needs ({per_seq}); lower "
+                             f"max_model_len or give the cache more memory")
+        return n
+
+    # -- requests --------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Validate and queue a request; a bad one raises ValueError and changes nothing."""
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        n = req.num_prompt_tokens
+        if n == 0:
+            raise ValueError("the prompt is empty; send at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens but max_model_len is {self.max_model_len} (the "
+                             f"prompt and at least one new token must fit); shorten the prompt")
+        vocab = self.model.config.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        lp = req.sampling_params.logprobs
+        if lp is not None and lp > self.config.max_logprobs:
+            raise ValueError(f"logprobs={lp} is above the engine's max_logprobs={self.config.max_logprobs}")
+        req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self._rng.getrandbits(63)
+        self.scheduler.add_request(req)
+
+    def abort_requests(self, req_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        for rid in req_ids:
+            self.scheduler.finish(rid, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- the step --------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        sched_out = self.scheduler.schedule()
+        result = self.runner.execute(sched_out)
+        changed = self.scheduler.update_from_output(result.sampled)
+        outputs = []
+        for req in changed:
+            rid = req.request_id
+            lps = [result.logprobs[rid]] if rid in result.logprobs else []
+            outputs.append(EngineCoreOutput(rid, [req.output_token_ids[-1]], req.finish_reason(), lps,
+                                            req.num_cached_tokens))
+        return outputs

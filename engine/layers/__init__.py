@@ -1,0 +1,1 @@
+"""Model building blocks: norms, rotary, attention, MLA, MLP, MoE and routers."""

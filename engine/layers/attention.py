@@ -1,0 +1,31 @@
+"""Multi-head / grouped-query attention over the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.ops.attention import AttentionMetadata, paged_attention, write_kv
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the cache, then attends over each request's cache.
+    The runner binds `k_cache`/`v_cache` ([num_blocks, block_size, kv_heads, dim] views)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 v_head_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.v_head_dim = head_dim, v_head_dim or head_dim
+        self.scale = scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D]; k [T, Hkv, D]; v [T, Hkv, Dv], or None when V is a prefix of
+        the K entry (MLA latent cache) -> [T, Hq, Dv]."""
+        write_kv(self.k_cache, k, meta.slot_mapping, meta.block_size)
+        if v is not None:
+            write_kv(self.v_cache, v, meta.slot_mapping, meta.block_size)
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)

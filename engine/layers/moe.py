@@ -1,0 +1,62 @@
+"""Fused mixture-of-experts layer with a logical-to-physical expert map.
+
+Routers pick logical experts; the map turns each choice into one physical expert
+slot (a logical expert may have several replicas, placed by EPLB). Replicas of one
+expert share its tokens round-robin by (token, slot) index, which spreads them evenly
+and deterministically. Every forward adds its per-slot token counts to `expert_load`
+on the device, without a host sync; EPLB reads and resets it on its own schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.layers.params import param
+from engine.ops.moe import fused_moe
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, inter: int, num_physical: int | None = None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_physical = num_physical or num_experts
+        self.inter = inter
+        self.w13 = param(self.num_physical, 2 * inter, hidden, loader=self._load_expert)
+        self.w2 = param(self.num_physical, hidden, inter, loader=self._load_expert)
+        identity = torch.arange(num_experts)
+        self.register_buffer("phy2log", identity.clone(), persistent=False)
+        self.register_buffer("log2phy", identity[:, None].clone(), persistent=False)
+        self.register_buffer("logcnt", torch.ones(num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("expert_load", torch.zeros(self.num_physical, dtype=torch.long), persistent=False)
+
+    def set_placement(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
+        """Swap in a new expert map (weights must already sit in their new slots)."""
+        self.phy2log = phy2log.to(self.phy2log.device)
+        self.log2phy = log2phy.to(self.log2phy.device)
+        self.logcnt = logcnt.to(self.logcnt.device)
+
+    def to_physical(self, ids: torch.Tensor) -> torch.Tensor:
+        replica = torch.arange(ids.numel(), device=ids.device).view_as(ids) % self.logcnt[ids]
+        return self.log2phy[ids, replica]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor) -> torch.Tensor:
+        phys = self.to_physical(logical_ids)
+        self.expert_load.index_add_(0, phys.flatten(), torch.ones_like(phys.flatten()))
+        return fused_moe(x, self.w13, self.w2, phys, weights)
+
+    def _load_expert(self, p: torch.Tensor, w: torch.Tensor, shard: object) -> int:
+        """shard = (logical expert, part): part 0/1 = gate/up rows of w13, None = whole slot
+        (w2, or a fused gate_up); expert None = every expert at once ([E, ...] tensors)."""
+        expert, part = shard
+        if expert is None:
+            return sum(self._load_expert(p, w[e], (e, part)) for e in range(self.num_experts))
+        written = 0
+        for slot in (self.phy2log == expert).nonzero().flatten().tolist():
+            dst = p[slot] if part is None else p[slot, part * self.inter:(part + 1) * self.inter]
+            if dst.shape != w.shape:
+                raise ValueError(f"expected shape {tuple(dst.shape)} for expert {expert}, "
+                                 f"checkpoint has {tuple(w.shape)}")
+            dst.copy_(w)
+            written += w.numel()
+        return written

@@ -1,0 +1,37 @@
+"""Qwen3-MoE: Qwen3 attention, softmax top-k routing, no shared expert."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.layers.mlp import GatedMLP
+from engine.layers.moe import FusedMoE
+from engine.layers.params import Linear
+from engine.layers.router import softmax_topk
+from engine.models.base import CacheLayout, CausalLM, DecoderLayer
+from engine.models.llama import GQAAttention, gqa_cache_layout
+
+
+class Qwen3MoeBlock(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        c = config
+        self.top_k, self.renormalize = c.num_experts_per_tok, c.norm_topk_prob
+        self.gate = Linear(c.hidden_size, c.num_experts)
+        self.experts = FusedMoE(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        return self.experts(x, weights.to(x.dtype), ids)
+
+
+class Qwen3MoeForCausalLM(CausalLM):
+    def make_layer(self, index: int) -> nn.Module:
+        c = self.config
+        sparse = index not in (c.mlp_only_layers or []) and (index + 1) % c.decoder_sparse_step == 0
+        mlp = Qwen3MoeBlock(c) if sparse else GatedMLP(c.hidden_size, c.intermediate_size)
+        return DecoderLayer(c, GQAAttention(c, qk_norm=True), mlp)
+
+    def cache_layout(self) -> CacheLayout:
+        return gqa_cache_layout(self.config)

@@ -1,0 +1,72 @@
+"""Paged attention over a block-table KV cache (reference implementation).
+
+Tokens of all requests are packed along one axis; request i owns query rows
+query_start_loc[i]:query_start_loc[i+1] and attends, causally, to the first
+seq_lens[i] tokens of its cache. The cache views are [num_blocks, block_size,
+kv_heads, dim] with arbitrary strides (the engine keeps a block's layers together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_reqs: int
+    query_start_loc: torch.Tensor   # [num_reqs + 1] int32, device
+    seq_lens: torch.Tensor          # [num_reqs] int32, device
+    block_table: torch.Tensor       # [num_reqs, max_blocks] int32, device
+    slot_mapping: torch.Tensor      # [num_tokens] int64, device; -1 = padding, not written
+    block_size: int
+    # Host copies for the reference path and for launch grids (known to the scheduler).
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+
+def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int) -> None:
+    """cache[slot // bs, slot % bs] = values, skipping padded slots (-1)."""
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        slot_mapping, values = slot_mapping[valid], values[valid]
+    cache[slot_mapping // block_size, slot_mapping % block_size] = values.to(cache.dtype)
+
+
+def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one request's cache: [length, heads, dim]."""
+    n_blocks = -(-length // cache.shape[1])
+    return cache[block_ids[:n_blocks].long()].flatten(0, 1)[:length]
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, Dk] -> out [T, Hq, Dv]; fp32 softmax, GQA by head groups."""
+    num_heads = q.shape[1]
+    out = q.new_empty(q.shape[0], num_heads, v_cache.shape[-1])
+    start = 0
+    for i in range(meta.num_reqs):
+        n, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+        if n == 0:
+            continue
+        k = gather_context(k_cache, meta.block_table[i], ctx)
+        v = gather_context(v_cache, meta.block_table[i], ctx)
+        rep = num_heads // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1).transpose(0, 1)    # [H, ctx, Dk]
+        v = v.repeat_interleave(rep, dim=1).transpose(0, 1)    # [H, ctx, Dv]
+        qi = q[start:start + n].transpose(0, 1)                 # [H, n, Dk]
+        scores = torch.matmul(qi, k.transpose(1, 2)) * scale    # [H, n, ctx]
+        # Query j sits at position ctx - n + j and sees keys up to there.
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out[start:start + n] = torch.matmul(probs, v).transpose(0, 1)
+        start += n
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale)

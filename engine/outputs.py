@@ -1,0 +1,43 @@
+"""Results handed back to users of the offline API and the async engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One dict per generated token: token id -> logprob (the sampled token and the top-n).
+Logprobs = list[dict[int, float]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    logprobs: Logprobs | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+
+    # Shortcuts to the single completion (n=1 is the only mode).
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> Logprobs | None:
+        return self.outputs[0].logprobs

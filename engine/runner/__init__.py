@@ -1,0 +1,1 @@
+"""The model runner: persistent request state, device-side inputs, forward, sampling."""

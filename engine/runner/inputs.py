@@ -1,0 +1,66 @@
+"""Per-step inputs, built on the device from the state table.
+
+Given the batch's rows and their scheduled token counts, produce input_ids,
+positions, query_start_loc, seq_lens, slot_mapping and logits_indices without reading
+anything back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.runner.state import RequestStateTable
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor        # [T]
+    positions: torch.Tensor        # [T] int64
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor         # [B] int32
+    slot_mapping: torch.Tensor     # [T] int64
+    logits_indices: torch.Tensor   # [B] int64: each request's last scheduled token
+    block_table: torch.Tensor      # [B, max_blocks] int32
+
+
+def prepare_inputs_ref(table: RequestStateTable, rows: torch.Tensor, num_scheduled: torch.Tensor,
+                       num_tokens: int, block_size: int) -> StepInputs:
+    num_reqs = rows.shape[0]
+    device = rows.device
+    query_start_loc = torch.zeros(num_reqs + 1, dtype=torch.int32, device=device)
+    query_start_loc[1:] = torch.cumsum(num_scheduled, 0)
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs, device=device), num_scheduled.long(),
+                                           output_size=num_tokens)
+    offset = torch.arange(num_tokens, device=device) - query_start_loc[req_of_token]
+    computed = table.num_computed[rows].long()
+    positions = computed[req_of_token] + offset
+    token_rows = rows.long()[req_of_token]
+    block_table = table.block_table[rows]
+    blocks = block_table[req_of_token, positions // block_size].long()
+    return StepInputs(
+        input_ids=table.token_ids[token_rows, positions].long(),
+        positions=positions,
+        query_start_loc=query_start_loc,
+        seq_lens=(computed + num_scheduled).to(torch.int32),
+        slot_mapping=blocks * block_size + positions % block_size,
+        logits_indices=(query_start_loc[1:] - 1).long(),
+        block_table=block_table,
+    )
+
+
+def prepare_inputs(table: RequestStateTable, rows: torch.Tensor, num_scheduled: torch.Tensor,
+                   num_tokens: int, block_size: int) -> StepInputs:
+    return prepare_inputs_ref(table, rows, num_scheduled, num_tokens, block_size)
+
+
+def commit_step_ref(table: RequestStateTable, rows: torch.Tensor, num_scheduled: torch.Tensor,
+                    sampled: torch.Tensor, sample_mask: torch.Tensor) -> None:
+    """Advance computed counts; append the sampled token of rows that finished their
+    known tokens (the others were mid-prefill and their sample is dropped)."""
+    table.num_computed[rows] += num_scheduled
+    rows_s = rows[sample_mask].long()
+    pos = table.num_tokens[rows_s].long()
+    table.token_ids[rows_s, pos.clamp(max=table.max_model_len - 1)] = sampled[sample_mask].to(torch.int32)
+    table.num_tokens[rows_s] += 1

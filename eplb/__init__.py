@@ -1,0 +1,11 @@
+"""EPLB: expert-load balancing for wide expert parallelism.
+
+The placement policy lives here: `rebalance` turns per-expert load into expert maps,
+`balancedness` scores a placement against a load, `contiguous_placement` is the
+load-oblivious baseline.
+"""
+
+from eplb.placement import Placement, balancedness, contiguous_placement, gpu_loads
+from eplb.policy import rebalance
+
+__all__ = ["Placement", "balancedness", "contiguous_placement", "gpu_loads", "rebalance"]
