@@ -107,3 +107,17 @@ def test_more_redundancy_never_hurts_on_zipf_load(zipf_load) -> None:
     means = [balancedness(load, rebalance(load, 64 + extra, 1, 1, 8), 8).mean().item() for extra in (0, 16, 32, 64)]
     assert means == sorted(means)
     assert means[-1] > 0.99
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("exponent", [0.5, 0.8, 1.2])
+@pytest.mark.parametrize("redundant", [0, 8, 16])
+def test_global_packing_is_near_its_lower_bound(zipf_load, seed: int, exponent: float, redundant: int) -> None:
+    # Given the replica counts, no packing of k copies per GPU beats the mean GPU
+    # load, nor the heaviest copy plus the k-1 lightest other copies.
+    load = zipf_load(layers=6, experts=64, exponent=exponent, seed=seed).double()
+    p = rebalance(load, 64 + redundant, 1, 1, 8)
+    k = p.num_replicas // 8
+    copies = (load / p.logcnt).gather(1, p.phy2log).sort(1).values
+    bound = torch.maximum(load.sum(1) / 8, copies[:, -1] + copies[:, : k - 1].sum(1))
+    assert (gpu_loads(load, p, 8).amax(1) <= bound * 1.006).all()

@@ -1,0 +1,203 @@
+"""EPLB placement policy: balancedness on skewed traces, and time to compute a placement.
+
+Traces are synthetic routing decisions: each token picks `topk` distinct experts,
+sampled with Zipf-like popularity (hot experts differ per layer). Placements are
+computed on one window of tokens and scored on the next one, so sampling noise (and,
+for the shifting trace, drift) counts against them as it would in serving:
+  zipf-S   fixed popularity with exponent S; the next window is a fresh sample;
+  shift    exponent 0.9, log-popularity does a random walk between windows;
+           scores are averaged over consecutive window pairs.
+Columns: the contiguous baseline (no EPLB), hierarchical and global rebalancing,
+global without the swap pass (plain LPT packing), and global scored on the window it
+was computed from (what perfect load prediction would give).
+
+Run: .venv/bin/python benchmarks/eplb_bench.py [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# Runs from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eplb import Placement, balancedness, contiguous_placement, rebalance  # noqa: E402
+
+WORLD_SIZES = (8, 16, 32, 64)
+REDUNDANT = (0, 32, 64)
+EXPONENTS = (0.6, 0.9, 1.2)
+COLUMNS = ("baseline", "hier", "global", "global_lpt", "global_same")
+
+
+def route(logits: Tensor, tokens: int, topk: int, gen: torch.Generator) -> Tensor:
+    """Token counts [layers, experts] when each token takes topk distinct experts,
+    drawn without replacement with probabilities softmax(logits) (Gumbel top-k)."""
+    layers, experts = logits.shape
+    load = torch.zeros(layers, experts)
+    chunk = max(1, 2**22 // (layers * experts))  # bounds the noise tensor to ~16 MiB
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        gumbel = -torch.rand(layers, n, experts, generator=gen).log().neg().log()
+        chosen = (logits.unsqueeze(1) + gumbel).topk(topk, dim=-1).indices.flatten(1)
+        load.scatter_add_(1, chosen, torch.ones(chosen.shape))
+    return load
+
+
+def zipf_logits(layers: int, experts: int, exponent: float, gen: torch.Generator) -> Tensor:
+    rank = torch.rand(layers, experts, generator=gen).argsort(1).argsort(1) + 1
+    return -exponent * rank.float().log()
+
+
+def make_traces(args: argparse.Namespace) -> dict[str, list[Tensor]]:
+    """Name -> consecutive windows of expert load."""
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (args.layers, args.experts)
+    traces = {}
+    for s in EXPONENTS:
+        logits = zipf_logits(*shape, s, gen)
+        traces[f"zipf-{s}"] = [route(logits, args.tokens, args.topk, gen) for _ in range(2)]
+    logits = zipf_logits(*shape, 0.9, gen)
+    windows = []
+    for _ in range(args.shift_windows):
+        windows.append(route(logits, args.tokens, args.topk, gen))
+        logits = logits + args.drift * torch.randn(shape, generator=gen)
+    traces["shift"] = windows
+    return traces
+
+
+def score(load: Tensor, placement: Placement, gpus: int) -> float:
+    return balancedness(load, placement, gpus).mean().item()
+
+
+def evaluate(windows: list[Tensor], gpus: int, redundant: int, args: argparse.Namespace) -> dict[str, float]:
+    """Mean balancedness over layers and over (past window, next window) pairs."""
+    replicas = args.experts + redundant
+    nodes = max(1, gpus // args.gpus_per_node)
+    sums = dict.fromkeys(COLUMNS, 0.0)
+    base = contiguous_placement(args.layers, args.experts, gpus)
+    for past, nxt in zip(windows, windows[1:]):
+        glob = rebalance(past, replicas, args.groups, nodes, gpus, hierarchical=False)
+        sums["baseline"] += score(nxt, base, gpus)
+        sums["hier"] += score(nxt, rebalance(past, replicas, args.groups, nodes, gpus), gpus)
+        sums["global"] += score(nxt, glob, gpus)
+        lpt = rebalance(past, replicas, args.groups, nodes, gpus, hierarchical=False, refine=False)
+        sums["global_lpt"] += score(nxt, lpt, gpus)
+        sums["global_same"] += score(past, glob, gpus)
+    return {k: v / (len(windows) - 1) for k, v in sums.items()}
+
+
+def balance_table(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name, windows in make_traces(args).items():
+        for gpus in WORLD_SIZES:
+            for redundant in REDUNDANT:
+                row = {"trace": name, "gpus": gpus, "redundant": redundant}
+                replicas = args.experts + redundant
+                if replicas % gpus:
+                    row["skipped"] = f"{replicas} slots do not divide over {gpus} GPUs"
+                else:
+                    row["slots_per_gpu"] = replicas // gpus
+                    row.update(evaluate(windows, gpus, redundant, args))
+                rows.append(row)
+    return rows
+
+
+def time_placement(args: argparse.Namespace) -> list[dict]:
+    """Median wall time of rebalance() for the DeepSeek-V3 shape on 64 (and 32) GPUs."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    load = route(zipf_logits(args.layers, args.experts, 0.9, gen), args.tokens, args.topk, gen)
+    cases = [(64, 8, args.experts + 64), (64, 8, args.experts), (32, 4, args.experts + 32)]
+    rows = []
+    for gpus, nodes, replicas in cases:
+        for variant, hierarchical in (("hier", True), ("global", False)):
+            rebalance(load, replicas, args.groups, nodes, gpus, hierarchical=hierarchical)  # warm-up
+            times = []
+            for _ in range(args.timing_runs):
+                start = time.perf_counter()
+                rebalance(load, replicas, args.groups, nodes, gpus, hierarchical=hierarchical)
+                times.append((time.perf_counter() - start) * 1e3)
+            rows.append(
+                {
+                    "gpus": gpus, "nodes": nodes, "replicas": replicas, "variant": variant,
+                    "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                }
+            )
+    return rows
+
+
+def print_report(balance: list[dict], timing: list[dict], args: argparse.Namespace, env: dict) -> None:
+    print(f"EPLB policy benchmark: {args.layers} layers x {args.experts} experts, {args.groups} groups, "
+          f"{args.gpus_per_node} GPUs/node, top-{args.topk}, {args.tokens} tokens/window")
+    print(f"machine: {env['machine']}, torch {env['torch']} ({env['threads']} threads)\n")
+    print("Balancedness (mean GPU load / max GPU load, mean over layers), scored on the next window")
+    head = f"{'trace':<9}{'GPUs':>5}{'redund':>7}{'slots':>6}  " + "".join(f"{c:>12}" for c in COLUMNS)
+    print(head)
+    print("-" * len(head))
+    last = None
+    for row in balance:
+        if last is not None and row["trace"] != last:
+            print()
+        last = row["trace"]
+        lead = f"{row['trace']:<9}{row['gpus']:>5}{row['redundant']:>7}"
+        if "skipped" in row:
+            print(f"{lead}{'-':>6}  skipped: {row['skipped']}")
+        else:
+            print(f"{lead}{row['slots_per_gpu']:>6}  " + "".join(f"{row[c]:>12.3f}" for c in COLUMNS))
+    print(f"\nTime to compute a placement ({args.layers} layers x {args.experts} experts, "
+          f"median of {args.timing_runs} runs)")
+    print(f"{'GPUs':>5}{'nodes':>6}{'replicas':>9}{'variant':>8}{'median ms':>11}{'min ms':>8}{'max ms':>8}")
+    for r in timing:
+        print(f"{r['gpus']:>5}{r['nodes']:>6}{r['replicas']:>9}{r['variant']:>8}"
+              f"{r['median_ms']:>11.1f}{r['min_ms']:>8.1f}{r['max_ms']:>8.1f}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=61)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per window")
+    parser.add_argument("--shift-windows", type=int, default=6)
+    parser.add_argument("--drift", type=float, default=0.3, help="log-popularity step per window")
+    parser.add_argument("--timing-runs", type=int, default=11)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args()
+
+    env = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "python": platform.python_version()}
+    started = time.perf_counter()
+    balance = balance_table(args)
+    timing = time_placement(args)
+    print_report(balance, timing, args, env)
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+             "env": env, "balancedness": balance, "timing": timing}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

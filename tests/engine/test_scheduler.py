@@ -1,0 +1,66 @@
+"""Token budget, sequence limit, chunked prefill and preemption."""
+
+from __future__ import annotations
+
+from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.kv_cache import KVCacheManager, PagedCacheSpec
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+
+def make(num_blocks=64, budget=16, max_seqs=4, chunked=True):
+    kv = KVCacheManager(PagedCacheSpec(4, 1), num_blocks, enable_prefix_caching=False)
+    return Scheduler(SchedulerConfig(max_seqs, budget, 128, chunked), kv)
+
+
+def add(s, rid, n, max_tokens=4):
+    s.add_request(Request(rid, list(range(n)), SamplingParams(max_tokens=max_tokens)))
+
+
+def test_budget_chunks_long_prompts_and_decodes_first():
+    s = make(budget=16)
+    add(s, "a", 40)
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 16}
+    add(s, "b", 4)
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 16}
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 8, "b": 4}
+    s.update_from_output({"a": 1, "b": 1})
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}
+
+
+def test_without_chunking_a_prompt_waits_for_a_whole_budget():
+    s = make(budget=16, chunked=False)
+    add(s, "a", 10)
+    add(s, "b", 10)
+    assert s.schedule().num_scheduled_tokens == {"a": 10}
+
+
+def test_max_num_seqs_caps_the_batch():
+    s = make(max_seqs=2)
+    for i in range(3):
+        add(s, str(i), 2)
+    assert list(s.schedule().num_scheduled_tokens) == ["0", "1"]
+
+
+def test_preemption_frees_blocks_and_requeues_first():
+    s = make(num_blocks=4, budget=64)
+    add(s, "a", 8, max_tokens=20)
+    add(s, "b", 7, max_tokens=20)
+    s.schedule()
+    s.update_from_output({"a": 1, "b": 1})      # a: 9 tokens (3 blocks), b: 8 tokens
+    out = s.schedule()
+    assert "b" in out.finished_req_ids and out.num_scheduled_tokens == {"a": 1}
+    assert s.waiting[0].request_id == "b" and s.requests["b"].num_computed_tokens == 0
+    assert s.num_preemptions == 1
+
+
+def test_abort_frees_everything():
+    s = make()
+    add(s, "a", 10)
+    s.schedule()
+    s.abort("a")
+    assert s.kv.num_free_blocks == 64 and s.num_unfinished == 0
