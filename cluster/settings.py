@@ -1,0 +1,58 @@
+"""The application's settings: one plain dict (the `args` of config.yaml's application,
+or the chart's values), validated into dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from cluster.request_metrics import SLO
+from engine.config import EngineConfig
+
+MODES = ("colocated",)
+
+
+@dataclass
+class PoolSettings:
+    replicas: int = 1
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+
+@dataclass
+class AppSettings:
+    model: str = "default"
+    served_model_name: str | None = None
+    mode: str = "colocated"
+    engine: dict = field(default_factory=dict)
+    pools: dict[str, PoolSettings] = field(default_factory=dict)
+    slo: SLO = field(default_factory=SLO)
+    api_key: str | None = None
+    max_waiting: int = 256
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or ("tandem-default" if self.model == "default" else self.model)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, **self.engine)
+
+    def pool(self, name: str) -> PoolSettings:
+        return self.pools.get(name, PoolSettings())
+
+
+def parse_settings(args: dict | None) -> AppSettings:
+    args = dict(args or {})
+    known = {f.name for f in fields(AppSettings)}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"unknown app settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    pools = {name: PoolSettings(**p) for name, p in (args.pop("pools", None) or {}).items()}
+    slo = SLO(**(args.pop("slo", None) or {}))
+    settings = AppSettings(pools=pools, slo=slo, **args)
+    if settings.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {settings.mode!r}")
+    engine_fields = {f.name for f in fields(EngineConfig)} - {"model"}
+    bad = set(settings.engine) - engine_fields
+    if bad:
+        raise ValueError(f"unknown engine settings: {', '.join(sorted(bad))}")
+    return settings

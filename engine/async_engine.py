@@ -1,0 +1,201 @@
+"""AsyncEngine: the engine core loop in a background thread, streaming to asyncio.
+
+`async for out in engine.generate(prompt, params, request_id)` yields a
+`RequestOutput` per new token (text delta in `.outputs[0].text`, cumulative token ids).
+Cancelling the consumer (a client disconnect) aborts the request and frees its
+blocks. When the waiting queue is full, `generate` refuses at once with
+`EngineOverloaded` instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.core.engine_core import EngineCore, EngineCoreOutput
+from engine.llm import eos_token_ids, resolve_model_path
+from engine.models.loader import load_config
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many requests are waiting; the caller should retry later (HTTP 503)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine loop stopped on an internal error."""
+
+
+@dataclass
+class StreamDelta:
+    """One update of a streamed request, with the timings the metrics need."""
+    output: RequestOutput
+    text_delta: str
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]]
+    num_cached_tokens: int = 0
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop, detok: IncrementalDetokenizer, result: RequestOutput):
+        self.loop, self.detok, self.result = loop, detok, result
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, max_waiting: int = 256) -> None:
+        path = resolve_model_path(config.model)
+        model_config = load_config(path)
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer or path)
+        self.eos_token_ids = eos_token_ids(path, model_config, self.tokenizer)
+        self.core = EngineCore(config, model_config, str(path))
+        self.max_model_len = self.core.max_model_len
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
+        self._thread.start()
+
+    # -- public --------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; send token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[StreamDelta]:
+        if self.error is not None:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        ids = self.encode(prompt)
+        with self._lock:
+            if len(self._streams) >= self.max_waiting + self.config.max_num_seqs:
+                raise EngineOverloaded(f"{len(self._streams)} requests in flight; retry later")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            result = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids,
+                                   [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)])
+            stream = _Stream(asyncio.get_running_loop(), IncrementalDetokenizer(self.tokenizer, params.stop), result)
+            self._streams[request_id] = stream
+        req = Request(request_id, ids, params, self.eos_token_ids, arrival_time=time.monotonic())
+        added = asyncio.get_running_loop().create_future()
+        self._commands.put(("add", req, added))
+        try:
+            await added      # validation errors surface here, before anything streams
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.output.finished:
+                    return
+        finally:
+            if not stream.result.finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._commands.put(("wake", None, None))
+        self._thread.join(timeout=10)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.core.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.core.scheduler.waiting)
+
+    # -- the loop thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_commands(block=not self.core.has_unfinished())
+                if self.core.has_unfinished():
+                    for out in self.core.step():
+                        self._deliver(out)
+        except BaseException as e:  # report to every waiter instead of hanging them
+            self.error = e
+            for rid, stream in list(self._streams.items()):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDead(f"engine stopped: {e!r}"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg, fut = cmd
+            if kind == "add":
+                self._add(arg, fut)
+            elif kind == "abort":
+                self.core.abort_requests([arg])
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, req: Request, fut: asyncio.Future) -> None:
+        stream = self._streams.get(req.request_id)
+        if stream is None:      # the client went away before its request was added
+            return
+        try:
+            self.core.add_request(req)
+        except ValueError as e:
+            stream.loop.call_soon_threadsafe(_settle, fut, e)
+            return
+        stream.loop.call_soon_threadsafe(_settle, fut, None)
+
+    def _deliver(self, out: EngineCoreOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        comp = stream.result.outputs[0]
+        comp.token_ids.extend(out.new_token_ids)
+        if comp.logprobs is not None:
+            comp.logprobs.extend(out.new_logprobs)
+        delta = stream.detok.add(out.new_token_ids, final=out.finish_reason is not None)
+        reason = out.finish_reason
+        if stream.detok.stopped and reason is None:
+            self.core.abort_requests([out.request_id], RequestStatus.FINISHED_STOPPED)
+            reason = "stop"
+        comp.text = stream.detok.text
+        comp.finish_reason = reason
+        stream.result.finished = reason is not None
+        item = StreamDelta(_snapshot(stream.result), delta, list(out.new_token_ids), list(out.new_logprobs),
+                           out.num_cached_tokens)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _snapshot(r: RequestOutput) -> RequestOutput:
+    c = r.outputs[0]
+    comp = CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
+                            None if c.logprobs is None else list(c.logprobs))
+    return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [comp], r.finished)
