@@ -22,10 +22,14 @@ def balanced_packing(weight: Tensor, num_packs: int, refine: bool = True) -> tup
     rows at once.
     """
     rows, n = weight.shape
+    if num_packs <= 0 or n % num_packs:
+        raise ValueError(f"{n} items do not split into {num_packs} packs of equal size")
     per_pack = n // num_packs
-    if per_pack == 1:
-        ident = torch.arange(n, dtype=torch.int64).expand(rows, -1)
+    ident = torch.arange(n, dtype=torch.int64).expand(rows, -1)
+    if per_pack == 1:  # one item per pack: nothing to choose
         return ident.clone(), torch.zeros(rows, n, dtype=torch.int64)
+    if num_packs == 1:
+        return torch.zeros(rows, n, dtype=torch.int64), ident.clone()
     weight = weight.to(torch.float64).contiguous()
     order = weight.sort(dim=1, descending=True, stable=True).indices
     sorted_w = weight.gather(1, order).t().contiguous()
@@ -47,7 +51,7 @@ def balanced_packing(weight: Tensor, num_packs: int, refine: bool = True) -> tup
         key.index_add_(0, flat, sorted_w[i] + full)
     pack_idx = torch.empty(rows, n, dtype=torch.int64).scatter_(1, order, pack_sorted.t())
     rank_idx = torch.empty(rows, n, dtype=torch.int64).scatter_(1, order, rank_sorted.t())
-    if refine and num_packs > 1:
+    if refine:
         _swap_refine(weight, pack_idx, rank_idx, num_packs, max_steps=2 * num_packs)
     return pack_idx, rank_idx
 

@@ -135,6 +135,11 @@ def test_packing_fills_packs_equally_and_swaps_only_help(seed: int, items: int, 
     assert (loads[1] <= loads[0] + 1e-12).all()
 
 
+def test_packing_rejects_uneven_split() -> None:
+    with pytest.raises(ValueError, match="10 items do not split into 4 packs"):
+        balanced_packing(torch.ones(1, 10), 4)
+
+
 def test_swaps_reach_optimum_where_greedy_misses_it() -> None:
     # Greedy: 4->A, 2->B, 2->B, 2->A, 1->B (B full), 1->A: {4,2,1}=7 vs {2,2,1}=5.
     # The optimum {4,1,1} | {2,2,2} is one swap away.
@@ -182,6 +187,14 @@ def test_load_dtypes_are_accepted() -> None:
     assert torch.equal(rebalance(counts, 24, 4, 2, 8).phy2log, ref)
     assert torch.equal(rebalance(counts.float(), 24, 4, 2, 8).phy2log, ref)
     assert_valid(rebalance(counts.bfloat16(), 24, 4, 2, 8), counts, 24)
+
+
+def test_non_contiguous_load_and_numpy_ints() -> None:
+    load = torch.rand(16, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = rebalance(load.t().contiguous(), 24, 4, 2, 8).phy2log
+    assert torch.equal(rebalance(load.t(), 24, 4, 2, 8).phy2log, ref)
+    np = pytest.importorskip("numpy")
+    assert torch.equal(rebalance(load.t(), *np.array([24, 4, 2, 8])).phy2log, ref)
 
 
 @pytest.mark.parametrize(
