@@ -15,3 +15,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from engine import LLM
+    return LLM("default", max_model_len=256, max_num_seqs=8)
