@@ -15,7 +15,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-import pytest
 
 
 @pytest.fixture(scope="session")
