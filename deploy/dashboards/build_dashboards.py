@@ -320,7 +320,10 @@ def panels() -> list[dict]:
             "Failed transfers per second by reason, and requests whose prefill the decode "
             "engine recomputed after a failed or timed-out transfer (same answer, more work).",
             [
-                (rate("tandem_kv_transfer_failures_total", "pool, reason"), "failed {{pool}} {{reason}}"),
+                (
+                    rate("tandem_kv_transfer_failures_total", "pool, reason"),
+                    "failed {{pool}} {{reason}}",
+                ),
                 (rate("tandem_kv_transfer_recomputed_total"), "recomputed {{pool}}"),
             ],
             "reqps",
@@ -414,7 +417,8 @@ def templating() -> dict:
             query_variable(
                 "pool",
                 "Pool",
-                'label_values(${prefix}tandem_num_requests_running{model_name=~"$model_name"}, pool)',
+                "label_values(${prefix}tandem_num_requests_running"
+                '{model_name=~"$model_name"}, pool)',
             ),
         ]
     }

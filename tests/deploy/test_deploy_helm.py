@@ -62,11 +62,18 @@ def test_rayservice_with_every_option_on_is_valid():
                 "podAnnotations": {"team": "serving"},
             },
             "workerGroups": {"decode": {"minReplicas": 0, "maxReplicas": 4}},
+            "serveConfig": {
+                "application": {
+                    "args": {"max_waiting": 128, "engine": {"gpu_memory_utilization": 0.85}}
+                }
+            },
         },
     )
     rayservice = one(objects, "RayService")
     validate_rayservice(rayservice)
     spec = rayservice["spec"]
+    args = serve_config(rayservice)["applications"][0]["args"]
+    assert args["max_waiting"] == 128 and args["engine"]["gpu_memory_utilization"] == 0.85
     assert spec["deploymentUnhealthySecondThreshold"] == 900
     assert spec["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     decode = pod_groups(rayservice)["decode"]
@@ -76,7 +83,9 @@ def test_rayservice_with_every_option_on_is_valid():
         assert volumes["model"]["hostPath"] == {"path": "/mnt/models", "type": "Directory"}
         assert {"name": "RAY_LOG_TO_STDERR", "value": "1"} in ray_container(group)["env"]
         assert group["template"]["metadata"]["annotations"] == {"team": "serving"}
-    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "tandem-api")
+    service = next(
+        o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "tandem-api"
+    )
     assert service["spec"]["ports"][0]["nodePort"] == 30080
 
 
@@ -100,11 +109,11 @@ def test_import_path_and_app_settings():
     args = serve_config(one(render_file("default"), "RayService"))["applications"][0]
     assert args["import_path"] == "cluster.app:build_app"
     settings = args["args"]
-    assert set(settings) == {"model", "served_model_name", "mode", "engine", "pools", "slo"}
-    assert set(settings["engine"]) == {
+    assert {"model", "served_model_name", "mode", "engine", "pools", "slo"} <= set(settings)
+    assert {
         "device", "dtype", "block_size", "max_num_seqs", "max_num_batched_tokens",
         "max_model_len", "enable_prefix_caching", "enable_chunked_prefill",
-    }  # fmt: skip
+    } <= set(settings["engine"])  # fmt: skip
     for pool in ("colocated", "prefill", "decode"):
         assert set(settings["pools"][pool]) == {"replicas", "num_cpus", "num_gpus"}
     assert set(settings["slo"]) == {"ttft_ms", "itl_ms"}
@@ -191,7 +200,9 @@ def test_gpu_pd_puts_gpus_on_prefill_and_decode_groups():
         # Each pool's own group can hold that pool's engines.
         pool = args["pools"][name]
         assert want * group["replicas"] >= pool["replicas"] * pool["num_gpus"]
-    needed = sum(args["pools"][p]["replicas"] * args["pools"][p]["num_gpus"] for p in ("prefill", "decode"))
+    needed = sum(
+        args["pools"][p]["replicas"] * args["pools"][p]["num_gpus"] for p in ("prefill", "decode")
+    )
     assert needed > 0 and gpus_available >= needed
 
     # The checkpoint comes from the PVC, mounted in every pod where args.model points.
@@ -220,7 +231,9 @@ def test_cpu_values_run_everything_on_the_head_without_gpus():
     assert all(pool["num_gpus"] == 0 for pool in args["pools"].values())
     # Enough CPUs on the head for either mode's pools.
     for pools in (["colocated"], ["prefill", "decode"]):
-        assert cpus >= sum(args["pools"][p]["replicas"] * args["pools"][p]["num_cpus"] for p in pools)
+        assert cpus >= sum(
+            args["pools"][p]["replicas"] * args["pools"][p]["num_cpus"] for p in pools
+        )
 
 
 @pytest.mark.parametrize("name", list(VALUES_FILES))
@@ -266,9 +279,7 @@ def test_api_service_reaches_head_proxy():
 
 
 def test_every_node_proxy_makes_workers_serve():
-    rayservice_objects = render_file(
-        "gpu-pd", {"serveConfig": {"proxy_location": "EveryNode"}}
-    )
+    rayservice_objects = render_file("gpu-pd", {"serveConfig": {"proxy_location": "EveryNode"}})
     rayservice = one(rayservice_objects, "RayService")
     validate_rayservice(rayservice)
     service = one(rayservice_objects, "Service")
@@ -321,7 +332,11 @@ def test_dashboards_configmap_carries_the_grafana_label_and_json():
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert set(configmap["data"]) == {DASHBOARD.name}
     assert json.loads(configmap["data"][DASHBOARD.name]) == json.loads(DASHBOARD.read_text())
-    assert not [o for o in render_file("default", {"dashboards": {"enabled": False}}) if o["kind"] == "ConfigMap"]
+    assert not [
+        o
+        for o in render_file("default", {"dashboards": {"enabled": False}})
+        if o["kind"] == "ConfigMap"
+    ]
 
 
 def test_unplaceable_gpu_pools_fail_the_render():
@@ -363,9 +378,17 @@ def test_values_schema_rejects_bad_values(values, message):
     [
         ({"model": {"type": "pvc"}}, "set model.pvc.claimName"),
         ({"head": {"rayStartParams": {"labels": "a=b"}}}, "KubeRay rejects --labels"),
-        ({"workerGroups": {"decode": {"rayStartParams": {"labels": "a=b"}}},
-          "serveConfig": {"application": {"args": {"mode": "pd"}}}}, "KubeRay rejects --labels"),
-        ({"workerGroups": {"colocated": {"replicas": 2, "maxReplicas": 1}}}, "replicas .2. <= maxReplicas .1."),
+        (
+            {
+                "workerGroups": {"decode": {"rayStartParams": {"labels": "a=b"}}},
+                "serveConfig": {"application": {"args": {"mode": "pd"}}},
+            },
+            "KubeRay rejects --labels",
+        ),
+        (
+            {"workerGroups": {"colocated": {"replicas": 2, "maxReplicas": 1}}},
+            "replicas .2. <= maxReplicas .1.",
+        ),
     ],
 )
 def test_template_checks_fail_with_a_clear_message(values, message):
@@ -389,7 +412,9 @@ def test_notes_tell_how_to_reach_the_api_and_dashboards():
     assert '"model": "tandem-default"' in notes
     assert "svc/tandem-head-svc 8265:8265" in notes
     assert "tandem-dashboards" in notes and "grafana_dashboard=1" in notes
-    monitored = render({"monitoring": {"podMonitor": {"enabled": True}}})["tandem/templates/NOTES.txt"]
+    monitored = render({"monitoring": {"podMonitor": {"enabled": True}}})[
+        "tandem/templates/NOTES.txt"
+    ]
     assert "PodMonitor tandem scrapes port `metrics`" in monitored
 
 
@@ -431,3 +456,90 @@ def test_values_files_document_every_key(name):
         if not above.startswith("#"):
             undocumented.append(f"{name}:{i + 1}: {line.strip()}")
     assert undocumented == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        # A misspelt field, which the API server would silently drop.
+        (
+            [
+                "spec",
+                "rayClusterConfig",
+                "headGroupSpec",
+                "template",
+                "spec",
+                "containers",
+                0,
+                "imagePullPolicyy",
+            ],
+            "Always",
+        ),
+        (["spec", "rayClusterConfig", "workerGroupSpecs", 0, "replica"], 2),
+        # rayStartParams is map[string]string.
+        (["spec", "rayClusterConfig", "headGroupSpec", "rayStartParams", "num-cpus"], 0),
+        # serveConfigV2 is a string, not a nested object.
+        (["spec", "serveConfigV2"], {"applications": []}),
+        # minReplicas above replicas (KubeRay's own validation).
+        (["spec", "rayClusterConfig", "workerGroupSpecs", 0, "minReplicas"], 5),
+    ],
+)
+def test_validation_catches_broken_rayservices(path, value):
+    """The CRD check is strict enough to catch the mistakes it is there for."""
+    rayservice = one(render_file("default"), "RayService")
+    validate_rayservice(rayservice)
+    node = rayservice
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(AssertionError):
+        validate_rayservice(rayservice)
+
+
+def _args_schema() -> dict:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    return schema["properties"]["serveConfig"]["properties"]["application"]["properties"]["args"]
+
+
+def test_values_schema_knows_every_app_setting():
+    """The schema accepts exactly the settings cluster/settings.py and the engine accept."""
+    from dataclasses import fields
+
+    from cluster.request_metrics import SLO
+    from cluster.settings import AppSettings, PoolSettings
+    from engine.config import EngineConfig
+
+    args = _args_schema()
+    assert args["additionalProperties"] is False
+    assert set(args["properties"]) == {f.name for f in fields(AppSettings)}
+    engine = args["properties"]["engine"]
+    assert set(engine["properties"]) == {f.name for f in fields(EngineConfig)} - {"model"}
+    for pool in args["properties"]["pools"]["properties"].values():
+        assert set(pool["properties"]) == {f.name for f in fields(PoolSettings)}
+    assert set(args["properties"]["slo"]["properties"]) == {f.name for f in fields(SLO)}
+
+
+@pytest.mark.parametrize("name", list(VALUES_FILES))
+def test_app_accepts_the_rendered_settings(name):
+    """cluster.settings.parse_settings (what build_app runs) takes the deployed args."""
+    from cluster.settings import parse_settings
+
+    args = serve_config(one(render_file(name), "RayService"))["applications"][0]["args"]
+    assert args["mode"] in _args_schema()["properties"]["mode"]["enum"]
+    # Mode is the chart's to choose (colocated or pd); the rest must parse as it is.
+    settings = parse_settings({**args, "mode": "colocated"})
+    assert settings.model == args["model"]
+    assert settings.pool("colocated").replicas == args["pools"]["colocated"]["replicas"]
+    if args["engine"]["device"] == "cpu":
+        config = settings.engine_config()
+        assert config.max_num_seqs == args["engine"]["max_num_seqs"]
+
+
+@pytest.mark.parametrize("name", list(VALUES_FILES))
+def test_serve_config_is_valid_for_ray_serve(name):
+    """Ray's own schema for `serve deploy` documents accepts every rendered serveConfigV2."""
+    schema = pytest.importorskip("ray.serve.schema", reason="ray[serve] is not installed")
+    document = serve_config(one(render_file(name), "RayService"))
+    deploy = schema.ServeDeploySchema.model_validate(document)
+    assert [app.import_path for app in deploy.applications] == ["cluster.app:build_app"]
+    assert deploy.http_options.port == 8000
