@@ -23,7 +23,10 @@ CHART = REPO / "deploy" / "helm" / "tandem"
 K8S = REPO / "deploy" / "k8s"
 CONFIG = REPO / "config.yaml"
 DASHBOARD = CHART / "dashboards" / "tandem-overview.json"
-SCHEMAS = REPO.parent / "shared" / "schemas"
+# KubeRay v1.7 CRDs, vendored so CI validates without the project's shared folder;
+# test_vendored_schemas_match_shared keeps them equal to ../shared/schemas when present.
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
 SCHEMA_FILES = {
     "RayService": "kuberay-v1.7-ray.io_rayservices.yaml",
     "RayCluster": "kuberay-v1.7-ray.io_rayclusters.yaml",

@@ -543,3 +543,12 @@ def test_serve_config_is_valid_for_ray_serve(name):
     deploy = schema.ServeDeploySchema.model_validate(document)
     assert [app.import_path for app in deploy.applications] == ["cluster.app:build_app"]
     assert deploy.http_options.port == 8000
+
+
+def test_vendored_schemas_match_shared():
+    from deploy_support import SCHEMAS, SHARED_SCHEMAS
+    names = sorted(p.name for p in SCHEMAS.glob("*.yaml"))
+    assert names == ["kuberay-v1.7-ray.io_rayclusters.yaml", "kuberay-v1.7-ray.io_rayservices.yaml"]
+    if SHARED_SCHEMAS.is_dir():
+        for name in names:
+            assert (SCHEMAS / name).read_bytes() == (SHARED_SCHEMAS / name).read_bytes(), name
