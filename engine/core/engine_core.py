@@ -74,6 +74,9 @@ class EngineCore:
         if n >= self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens but max_model_len is {self.max_model_len} (the "
                              f"prompt and at least one new token must fit); shorten the prompt")
+        if n + req.sampling_params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({req.sampling_params.max_tokens}) exceeds "
+                             f"max_model_len {self.max_model_len}; lower max_tokens or shorten the prompt")
         vocab = self.model.config.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

@@ -60,7 +60,7 @@ def test_seeded_sampling_is_reproducible_over_http(client):
 
 @pytest.mark.parametrize("kwargs, status", [
     (dict(max_tokens=0), 400), (dict(temperature=-1), 400), (dict(top_p=2.0), 400),
-    (dict(prompt=""), 400), (dict(prompt="x" * 400), 400), (dict(model="other"), 404), (dict(n=2), 400),
+    (dict(prompt=""), 400), (dict(prompt="x" * 400), 400), (dict(max_tokens=10**6), 400), (dict(model="other"), 404), (dict(n=2), 400),
 ])
 def test_bad_requests_get_openai_errors(client, kwargs, status):
     body = dict(model=MODEL, prompt="ok", max_tokens=4) | kwargs
@@ -108,9 +108,28 @@ def test_client_disconnect_aborts_and_frees_blocks(api_server):
     assert engine.core.kv.num_free_blocks == engine.core.num_blocks
 
 
-def test_metrics_endpoint_has_the_tandem_series(api_server, client):
-    client.completions.create(model=MODEL, prompt="count me", max_tokens=3)
+def test_stop_strings_over_http(client):
+    kw = dict(model=MODEL, prompt="stop over http", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[3:5]
+    r = client.completions.create(stop=[stop], **kw).choices[0]
+    assert r.finish_reason == "stop" and r.text == full[:full.index(stop)]
+
+
+def _count(text: str, series: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
+
+
+def test_metrics_counts_equal_the_requests_sent(api_server, client):
+    before = httpx.get(f"{api_server[0]}/metrics").text
+    for i in range(5):
+        client.completions.create(model=MODEL, prompt=f"count me {i}", max_tokens=3, extra_body={"ignore_eos": True})
     text = httpx.get(f"{api_server[0]}/metrics").text
+    for series in ("tandem_time_to_first_token_seconds_count", "tandem_e2e_request_latency_seconds_count",
+                   "tandem_requests_slo_met_total"):
+        assert _count(text, series) - _count(before, series) == 5, series
+    assert _count(text, "tandem_inter_token_latency_seconds_count") - \
+        _count(before, "tandem_inter_token_latency_seconds_count") == 10
     for name in ("tandem_time_to_first_token_seconds_bucket", "tandem_inter_token_latency_seconds_bucket",
                  "tandem_e2e_request_latency_seconds_count", "tandem_requests_slo_met_total",
                  "tandem_num_requests_running", "tandem_kv_cache_usage_perc", "tandem_generation_tokens_total"):
