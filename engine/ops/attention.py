@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels import use_triton
+
 
 @dataclass
 class AttentionMetadata:
@@ -26,7 +28,16 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
 
 
-def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int) -> None:
+def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
+             backend: str | None = None) -> None:
+    if use_triton(values, backend):
+        from engine.kernels.attention import write_kv_triton
+        write_kv_triton(cache, values, slot_mapping, block_size)
+        return
+    write_kv_ref(cache, values, slot_mapping, block_size)
+
+
+def write_kv_ref(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int) -> None:
     """cache[slot // bs, slot % bs] = values, skipping padded slots (-1)."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
@@ -68,5 +79,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, backend: str | None = None) -> torch.Tensor:
+    if use_triton(q, backend):
+        # Reads query_start_loc / seq_lens / block_table on the device; the host lists
+        # only size the launch grid.
+        from engine.kernels.attention import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.kernels import use_triton
+
 _MASK32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B   # < 2**27, so products of 32-bit values stay inside int64
 
@@ -27,7 +29,9 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
     h = mix32(positions.long()[:, None] ^ tokens[None, :])
     h = mix32(((seeds.long()[:, None] >> 32) & _MASK32) ^ h)
     h = mix32((seeds.long()[:, None] & _MASK32) ^ h)
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: (2**23 - 0.5) / 2**23 is exact in float32, so u < 1 always. (With 24 bits
+    # the top value rounded to 1.0, whose infinite noise beat every filter and logit.)
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -65,13 +69,24 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           min_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+           min_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+           backend: str | None = None) -> torch.Tensor:
+    if use_triton(logits, backend):
+        from engine.kernels.sampling import sample_triton
+        return sample_triton(logits.float(), temperature, top_k, top_p, min_p, seeds, positions)
     return sample_ref(logits, temperature, top_k, top_p, min_p, seeds, positions)
 
 
-def topn_logprobs(logits: torch.Tensor, sampled: torch.Tensor, n: int
+def topn_logprobs(logits: torch.Tensor, sampled: torch.Tensor, n: int, backend: str | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logprobs of the raw model distribution: (sampled [B], top ids [B, n], top lps [B, n])."""
+    if use_triton(logits, backend):
+        # Online log-sum-exp in one pass; only the n + 1 wanted entries are normalised.
+        from engine.kernels.sampling import logsumexp_triton
+        logits = logits.float()
+        lse = logsumexp_triton(logits)[:, None]
+        top, top_ids = logits.topk(n, dim=-1)
+        return (logits.gather(1, sampled[:, None]) - lse).squeeze(1), top_ids, top - lse
     lp = logits.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
     top_lps, top_ids = lp.topk(n, dim=-1)
     return lp.gather(1, sampled[:, None]).squeeze(1), top_ids, top_lps

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels import use_triton
 from engine.runner.state import RequestStateTable
 
 
@@ -51,7 +52,10 @@ def prepare_inputs_ref(table: RequestStateTable, rows: torch.Tensor, num_schedul
 
 
 def prepare_inputs(table: RequestStateTable, rows: torch.Tensor, num_scheduled: torch.Tensor,
-                   num_tokens: int, block_size: int) -> StepInputs:
+                   num_tokens: int, block_size: int, backend: str | None = None) -> StepInputs:
+    if use_triton(rows, backend):
+        from engine.kernels.inputs import prepare_inputs_triton
+        return StepInputs(**prepare_inputs_triton(table, rows, num_scheduled, num_tokens, block_size))
     return prepare_inputs_ref(table, rows, num_scheduled, num_tokens, block_size)
 
 
@@ -64,3 +68,14 @@ def commit_step_ref(table: RequestStateTable, rows: torch.Tensor, num_scheduled:
     pos = table.num_tokens[rows_s].long()
     table.token_ids[rows_s, pos.clamp(max=table.max_model_len - 1)] = sampled[sample_mask].to(torch.int32)
     table.num_tokens[rows_s] += 1
+
+
+def commit_step(table: RequestStateTable, rows: torch.Tensor, num_scheduled: torch.Tensor,
+                sampled: torch.Tensor, sample_mask: torch.Tensor, backend: str | None = None) -> None:
+    """commit_step_ref; on the device one kernel, without the boolean-mask indexing
+    (a host sync) of the reference."""
+    if use_triton(rows, backend):
+        from engine.kernels.inputs import commit_step_triton
+        commit_step_triton(table, rows, num_scheduled, sampled, sample_mask)
+        return
+    commit_step_ref(table, rows, num_scheduled, sampled, sample_mask)

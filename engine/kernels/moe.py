@@ -1,0 +1,183 @@
+"""Triton fused mixture-of-experts: align, two grouped GEMMs, combine; no host sync.
+
+1. `_align_kernel` (one program): counts the (token, slot) entries per expert with a
+   histogram, pads each expert's run to a multiple of BLOCK_M, writes which expert
+   owns each BLOCK_M-row block (-1: unused), and scatters the entry ids into their
+   expert's run through per-expert atomic cursors. The order inside a run is not
+   fixed, and need not be: every row of a GEMM is computed independently.
+2. `_w13_kernel`: per block, gate and up tiles of x[token] @ w13[e]^T with SiLU(gate)
+   * up fused, into the block-sorted intermediate.
+3. `_w2_kernel`: intermediate @ w2[e]^T times the routing weight, to the entry's row.
+4. The k rows of each token are summed in float32 (torch sum over a [T, k, H] view).
+The grid is sized from an upper bound on the block count, floor(N / BLOCK_M) +
+min(E, N) for N entries, so nothing is read back to size it; unused blocks exit.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.mma import mma, upcast_dots
+
+
+@triton.jit(do_not_specialize=["N", "max_blocks"])
+def _align_kernel(ids_ptr, N, E, sorted_ptr, block_expert_ptr, cursor_ptr, max_blocks,
+                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, BCHUNK: tl.constexpr):
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros([BINS], tl.int32)
+    for off in range(0, N, CHUNK):
+        idx = off + offs
+        e = tl.load(ids_ptr + idx, mask=idx < N, other=E).to(tl.int32)   # bin E: padding, dropped
+        counts += tl.histogram(e, BINS)
+    bins = tl.arange(0, BINS)
+    counts = tl.where(bins < E, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    total = tl.sum(padded, 0)
+    tl.store(cursor_ptr + bins, starts, mask=bins < E)
+    # Block b belongs to the expert whose padded run contains row b * BLOCK_M: the
+    # number of experts whose run ends at or before that row.
+    boffs = tl.arange(0, BCHUNK)
+    for boff in range(0, max_blocks, BCHUNK):
+        b = boff + boffs
+        row = b * BLOCK_M
+        owner = tl.sum(((ends[None, :] <= row[:, None]) & (bins[None, :] < E)).to(tl.int32), 1)
+        tl.store(block_expert_ptr + b, tl.where(row < total, owner, -1), mask=b < max_blocks)
+    tl.debug_barrier()   # the cursors above must be visible to every thread's atomics
+    for off in range(0, N, CHUNK):
+        idx = off + offs
+        m = idx < N
+        e = tl.load(ids_ptr + idx, mask=m, other=0).to(tl.int32)
+        dest = tl.atomic_add(cursor_ptr + e, 1, mask=m)
+        tl.store(sorted_ptr + dest, idx, mask=m)
+    # Afterwards cursor[e] = start[e] + count[e]: the end of expert e's valid rows.
+
+
+@triton.jit
+def _block_rows(block_expert_ptr, cursor_ptr, sorted_ptr, pid_m, BLOCK_M: tl.constexpr):
+    e = tl.load(block_expert_ptr + pid_m)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Unused blocks (e = -1) start at or past every expert's end, so no row is valid.
+    row_ok = rows < tl.load(cursor_ptr + tl.maximum(e, 0))
+    entry = tl.load(sorted_ptr + rows, mask=row_ok, other=0)
+    return e, rows, row_ok, entry
+
+
+@triton.jit
+def _w13_kernel(x_ptr, sx_t, w_ptr, sw_e, sw_n, inter_ptr, s_inter, block_expert_ptr, cursor_ptr, sorted_ptr,
+                H, I, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, rows, row_ok, entry = _block_rows(block_expert_ptr, cursor_ptr, sorted_ptr, pid_m, BLOCK_M)
+    if e < 0:
+        return
+    tok = (entry // TOPK).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < I
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * sx_t + k[None, :]
+    w_base = w_ptr + e.to(tl.int64) * sw_e
+    g_ptrs = w_base + (n[None, :] * sw_n + k[:, None])
+    u_ptrs = g_ptrs + I * sw_n
+    gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kk in range(0, H, BLOCK_K):
+        k_ok = k < H - kk
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        gate = mma(a, wg, gate, UPCAST)
+        up = mma(a, wu, up, UPCAST)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    dst = inter_ptr + rows[:, None].to(tl.int64) * s_inter + n[None, :]
+    tl.store(dst, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _w2_kernel(inter_ptr, s_inter, w_ptr, sw_e, sw_n, out_ptr, s_out, topk_w_ptr, block_expert_ptr, cursor_ptr,
+               sorted_ptr, H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, rows, row_ok, entry = _block_rows(block_expert_ptr, cursor_ptr, sorted_ptr, pid_m, BLOCK_M)
+    if e < 0:
+        return
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < H
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = inter_ptr + rows[:, None].to(tl.int64) * s_inter + k[None, :]
+    b_ptrs = w_ptr + e.to(tl.int64) * sw_e + (n[None, :] * sw_n + k[:, None])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kk in range(0, I, BLOCK_K):
+        k_ok = k < I - kk
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(a, b, acc, UPCAST)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    w = tl.load(topk_w_ptr + entry, mask=row_ok, other=0.0).to(tl.float32)
+    dst = out_ptr + entry[:, None].to(tl.int64) * s_out + n[None, :]
+    tl.store(dst, (acc * w[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+class MoEConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(num_entries: int, num_experts: int) -> MoEConfig:
+    """Few rows per expert (decode): weight streaming, small M; many: larger tiles."""
+    per_expert = num_entries / num_experts
+    if per_expert <= 16:
+        return MoEConfig(16, 64, 128, 4, 4)
+    if per_expert <= 64:
+        return MoEConfig(32, 64, 128, 4, 4)
+    return MoEConfig(64, 128, 64, 8, 3)
+
+
+def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    N = T * top_k
+    if N == 0:
+        return torch.zeros_like(x)
+    cfg = config or default_config(N, E)
+    bm = cfg.block_m
+    dev = x.device
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    assert w13.stride(-1) == 1 and w2.stride(-1) == 1, "expert weights must have contiguous rows"
+    ids = topk_ids.reshape(-1)
+    max_blocks = N // bm + min(E, N)
+    sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    cursor = torch.empty(E, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](ids, N, E, sorted_ids, block_expert, cursor, max_blocks, BLOCK_M=bm,
+                        BINS=triton.next_power_of_2(E + 1), CHUNK=1024, BCHUNK=64, num_warps=8)
+    act = torch.empty(max_blocks * bm, inter, dtype=x.dtype, device=dev)
+    up = upcast_dots()
+    _w13_kernel[(max_blocks, triton.cdiv(inter, cfg.block_n))](
+        x, x.stride(0), w13, w13.stride(0), w13.stride(1), act, act.stride(0), block_expert, cursor, sorted_ids,
+        H, inter, TOPK=top_k, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=up,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    out = torch.empty(N, H, dtype=x.dtype, device=dev)
+    weights = topk_weights.reshape(-1)
+    _w2_kernel[(max_blocks, triton.cdiv(H, cfg.block_n))](
+        act, act.stride(0), w2, w2.stride(0), w2.stride(1), out, out.stride(0), weights, block_expert, cursor,
+        sorted_ids, H, inter, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=up,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.view(T, top_k, H).sum(dim=1)
