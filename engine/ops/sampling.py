@@ -46,7 +46,8 @@ def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     sorted_logits = torch.where(ranks < k[:, None], sorted_logits, neg_inf)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs          # mass strictly ahead of each token
-    keep = (before < top_p[:, None]) & (ranks < k[:, None])
+    # top_p >= 1 filters nothing (float32 cumsums reach 1.0 before the tail ends).
+    keep = ((before < top_p[:, None]) | (top_p[:, None] >= 1)) & (ranks < k[:, None])
     n_keep = keep.sum(dim=-1).clamp(min=1)
     threshold = sorted_logits.gather(1, (n_keep - 1)[:, None])
     # min_p: p >= min_p * p_max  <=>  logit >= logit_max + log(min_p)
