@@ -1,0 +1,364 @@
+"""Engine and kernel benchmark on one GPU: random bf16 weights at real model shapes.
+
+    python benchmarks/engine_bench.py PHASE [--model NAME] [--batches 1,8,64,256] [--out FILE] [--smoke]
+
+PHASE (run each in its own process, as the anchors ran vLLM and transformers):
+  kernels  every Triton kernel against its torch reference at real shapes: error, median
+           time (triton.testing.do_bench), and a few tile configs of attention and MoE
+  engine   engine.LLM on one shape (benchmarks/shapes/NAME.json): decode step at each batch
+           (1024 random prompt ids, 256 new, greedy, ignore EOS, whole batch in one call,
+           step = (T(256) - T(1)) / 255, fresh prompts per call, faster of two calls, as in
+           shared/anchors/h200-vllm-baseline.md), prefill throughput, and the decode-step
+           floor = bytes one step must read / copy bandwidth measured in the same process
+  hf       transformers generate on the same shape (its own random weights), batch 1 and 8
+Each result is a JSON line appended to --out and printed. --smoke: tiny shapes on CPU
+(Triton interpreter), to check this script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHAPES = ROOT / "benchmarks" / "shapes"
+OUT: Path | None = None
+
+
+def emit(**rec) -> None:
+    line = json.dumps(rec, default=str)
+    print(line, flush=True)
+    if OUT is not None:
+        with OUT.open("a") as f:
+            f.write(line + "\n")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, rep_ms: float = 60) -> float:
+    import triton
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth(gib: float = 4.0) -> dict:
+    """dst.copy_(src) on random bytes; (read + written) bytes over CUDA-event time."""
+    n = int(gib * 2**30)
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    times.sort()
+    return dict(median_tbs=2 * n / times[len(times) // 2] / 1e12, best_tbs=2 * n / times[0] / 1e12)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float("nan") if not torch.isfinite(out).all() else ((out - ref).norm() / ref.norm()).item()
+
+
+# -- kernels ----------------------------------------------------------------------------
+
+def kernels_phase(smoke: bool) -> None:
+    from engine.kernels.attention import AttnConfig, paged_attention_triton
+    from engine.kernels.moe import MoEConfig, fused_moe_triton
+    from engine.ops.attention import paged_attention, paged_attention_ref, write_kv, write_kv_ref
+    from engine.ops.moe import fused_moe, fused_moe_ref
+    from engine.ops.sampling import sample, sample_ref, topn_logprobs
+    from engine.runner.inputs import prepare_inputs, prepare_inputs_ref
+    from tests.engine.kernels.cases import attention_case
+    from tests.engine.kernels.test_inputs_kernels import table_case
+    from tests.engine.kernels.test_sampling_kernels import batch
+
+    dev = "cpu" if smoke else "cuda"
+    vocab = 3000 if smoke else 151936
+    for B in ([4] if smoke else [1, 64, 256]):
+        for mode in ("greedy", "plain", "top-k 50 + top-p 0.9"):
+            logits, t, k, p, m, seeds, pos = batch(vocab, dev, rows=B)
+            t.fill_(0.0 if mode == "greedy" else 0.8)
+            k.fill_(50 if "top-k" in mode else -1)
+            p.fill_(0.9 if "top-p" in mode else 1.0)
+            m.zero_()
+            args = (logits, t, k, p, m, seeds, pos)
+            same = int((sample(*args, backend="triton") == sample_ref(*args)).sum())
+            emit(kernel="sample", batch=B, vocab=vocab, mode=mode, exact=f"{same}/{B}",
+                 triton_ms=bench_ms(lambda: sample(*args, backend="triton")), torch_ms=bench_ms(lambda: sample_ref(*args)))
+    logits = torch.randn(4 if smoke else 64, vocab, device=dev) * 4
+    sampled = logits.argmax(-1)
+    a, b = topn_logprobs(logits, sampled, 20, backend="triton"), topn_logprobs(logits, sampled, 20, backend="torch")
+    emit(kernel="topn_logprobs", batch=logits.shape[0], n=20, max_abs_err=(a[2] - b[2]).abs().max().item(),
+         triton_ms=bench_ms(lambda: topn_logprobs(logits, sampled, 20, backend="triton")),
+         torch_ms=bench_ms(lambda: topn_logprobs(logits, sampled, 20, backend="torch")))
+
+    for name, computed, sched in (("decode", tuple(range(0, 5 * 256, 5)), (1,) * 256),
+                                  ("prefill", (0,) * 8, (1024,) * 8)):
+        table, rows, nsched, bs = table_case(dev, max_reqs=256, max_len=2048, block_size=16,
+                                             computed=computed, scheduled=sched)
+        nt = int(nsched.sum())
+        r, o = prepare_inputs_ref(table, rows, nsched, nt, bs), prepare_inputs(table, rows, nsched, nt, bs, "triton")
+        ok = all(torch.equal(getattr(r, f), getattr(o, f)) for f in ("input_ids", "slot_mapping", "block_table"))
+        emit(kernel="prepare_inputs", case=name, exact=ok,
+             triton_ms=bench_ms(lambda: prepare_inputs(table, rows, nsched, nt, bs, "triton")),
+             torch_ms=bench_ms(lambda: prepare_inputs_ref(table, rows, nsched, nt, bs)))
+
+    shapes = {"qwen3-30b-a3b": dict(hq=32, hkv=4, dk=128, dv=128, mla=False),
+              "deepseek-v2-lite": dict(hq=16, hkv=1, dk=576, dv=512, mla=True)}
+    for model, s in shapes.items():
+        kv_tok = (1 if s["mla"] else 2) * s["hkv"] * s["dk"] * 2
+        T = 64 if smoke else 8192
+        q, k, v, meta = attention_case([(0, T)], s["hq"], s["hkv"], s["dk"], s["dv"], 16, s["mla"],
+                                       torch.bfloat16, dev)
+        vals = torch.randn(T, s["hkv"], s["dk"], device=dev).bfloat16()
+        slots = torch.randperm(T, device=dev)
+        kc = k.clone()
+        write_kv(k, vals, slots, 16, "triton")
+        write_kv_ref(kc, vals, slots, 16)
+        emit(kernel="write_kv", model=model, tokens=T, exact=torch.equal(k, kc),
+             triton_ms=bench_ms(lambda: write_kv(k, vals, slots, 16, "triton")),
+             torch_ms=bench_ms(lambda: write_kv_ref(k, vals, slots, 16)))
+        cases = [("decode", b, [(1152, 1)] * b) for b in ([2] if smoke else [1, 8, 64, 256])]
+        cases += [("prefill", 8, [(0, 64 if smoke else 1024)] * 8), ("chunk", 1, [(3072, 64 if smoke else 1024)])]
+        for kind, b, reqs in cases:
+            q, k, v, meta = attention_case(reqs, s["hq"], s["hkv"], s["dk"], s["dv"], 16, s["mla"], torch.bfloat16, dev)
+            scale = s["dk"] ** -0.5
+            err = rel(paged_attention(q, k, v, meta, scale, "triton"),
+                      paged_attention_ref(q.float(), k.float(), v.float(), meta, scale))
+            kv_bytes = sum(meta.seq_lens_cpu) * kv_tok
+            t_ms = bench_ms(lambda: paged_attention(q, k, v, meta, scale, "triton"))
+            sweep = {}
+            wide = s["mla"]
+            configs = ([AttnConfig(16, 32, 4, 2), AttnConfig(16, 32, 8, 2), AttnConfig(16, 16, 4, 2)] if wide else
+                       [AttnConfig(16, 64, 4, 2), AttnConfig(16, 64, 8, 2), AttnConfig(16, 32, 4, 3)])
+            if kind != "decode":
+                configs = ([AttnConfig(32, 32, 8, 2), AttnConfig(32, 16, 8, 2), AttnConfig(16, 32, 8, 2)] if wide else
+                           [AttnConfig(128, 64, 8, 2), AttnConfig(128, 32, 8, 2), AttnConfig(64, 64, 4, 2)])
+            for c in configs:
+                try:
+                    sweep[str(tuple(c))] = round(bench_ms(lambda: paged_attention_triton(q, k, v, meta, scale, c)), 4)
+                except Exception as e:   # a config that fails to compile must not end the run
+                    sweep[str(tuple(c))] = f"error: {e}"[:120]
+            emit(kernel="paged_attention", model=model, case=kind, batch=b, rel_err=err, triton_ms=t_ms,
+                 kv_gbs=kv_bytes / t_ms / 1e6, torch_ms=bench_ms(lambda: paged_attention_ref(q, k, v, meta, scale)),
+                 sweep=sweep)
+
+    moe_shapes = {"qwen3-30b-a3b": (128, 2048, 768, 8), "deepseek-v2-lite": (64, 2048, 1408, 6)}
+    for model, (E, H, I, K) in moe_shapes.items():
+        if smoke:
+            E, H, I, K = 8, 64, 32, 2
+        w13 = (torch.randn(E, 2 * I, H, device=dev) / H ** 0.5).bfloat16()
+        w2 = (torch.randn(E, H, I, device=dev) / I ** 0.5).bfloat16()
+        for T in ([3, 40] if smoke else [1, 8, 64, 256, 1024, 8192]):
+            x = torch.randn(T, H, device=dev).bfloat16()
+            w, ids = torch.randn(T, E, device=dev).softmax(-1).topk(K, dim=-1)
+            w = w.bfloat16()
+            err = rel(fused_moe(x, w13, w2, ids, w, "triton"), fused_moe_ref(x.float(), w13.float(), w2.float(), ids, w.float()))
+            active = ids.unique().numel()
+            bytes_ = active * 3 * H * I * 2 + 2 * T * H * 2
+            t_ms = bench_ms(lambda: fused_moe(x, w13, w2, ids, w, "triton"))
+            sweep = {}
+            for c in [MoEConfig(16, 64, 128, 4, 4), MoEConfig(16, 32, 128, 4, 4), MoEConfig(16, 128, 64, 4, 4),
+                      MoEConfig(32, 64, 128, 4, 4), MoEConfig(64, 128, 64, 8, 3), MoEConfig(128, 128, 64, 8, 3)]:
+                if c.block_m > 16 and T < 64 or c.block_m >= 64 and T < 256:
+                    continue
+                try:
+                    sweep[str(tuple(c))] = round(bench_ms(lambda: fused_moe_triton(x, w13, w2, ids, w, c)), 4)
+                except Exception as e:
+                    sweep[str(tuple(c))] = f"error: {e}"[:120]
+            emit(kernel="fused_moe", model=model, tokens=T, rel_err=err, active_experts=active, triton_ms=t_ms,
+                 weight_gbs=bytes_ / t_ms / 1e6, tflops=2 * T * K * 3 * H * I / t_ms / 1e9,
+                 torch_ms=bench_ms(lambda: fused_moe_ref(x, w13, w2, ids, w)), sweep=sweep)
+
+
+# -- engine -----------------------------------------------------------------------------
+
+def config_dir(model: str, smoke: bool) -> Path:
+    cfg = json.loads((SHAPES / f"{model}.json").read_text())
+    if smoke:   # same families, toy sizes
+        cfg.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512, intermediate_size=128,
+                   moe_intermediate_size=32, max_position_embeddings=2048)
+        cfg.update(dict(num_key_value_heads=2, head_dim=16, num_experts=8) if "qwen" in model else
+                   dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2))
+    folder = Path(tempfile.mkdtemp(prefix=f"{model}-"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def decode_floor(llm, batch: int, ctx: float, bandwidth: float, distinct: float | None) -> dict:
+    """Bytes one decode step must read: non-expert weights (LM head included, the embedding
+    only as rows), the experts the step's tokens touch in each MoE layer, and the KV."""
+    model = llm.engine.model
+    moe = model.moe_layers()
+    expert_params = sum(m.w13.numel() + m.w2.numel() for m in moe)
+    per_expert = (moe[0].w13[0].numel() + moe[0].w2[0].numel()) * 2 if moe else 0
+    other = sum(p.numel() for p in model.parameters()) - expert_params - model.embed_tokens.numel()
+    E = moe[0].num_physical if moe else 1
+    k = model.config.num_experts_per_tok
+    uniform = E * (1 - (1 - k / E) ** batch)
+    used = distinct if distinct is not None else uniform
+    layout = model.cache_layout()
+    kv = batch * ctx * layout.bytes_per_block(1, torch.bfloat16)
+    weights = other * 2 + len(moe) * used * per_expert
+    return dict(floor_ms=(weights + kv) / bandwidth * 1e3, weight_gb=weights / 1e9, kv_gb=kv / 1e9,
+                experts_per_layer=used, experts_if_uniform=uniform)
+
+
+def measured_distinct_experts(llm, prompts: list[list[int]]) -> float:
+    """Experts that saw a token in one decode step of the whole batch, mean over MoE layers."""
+    from engine import SamplingParams
+    from engine.request import Request
+    core = llm.engine
+    sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    ids = [f"probe-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        core.add_request(Request(rid, p, sp, frozenset()))
+    started: set[str] = set()
+    while len(started) < len(ids):        # until every prefill is done
+        started.update(o.request_id for o in core.step() if o.new_token_ids)
+    layers = core.model.moe_layers()
+    for m in layers:
+        m.expert_load.zero_()
+    core.step()                            # one decode token for every request
+    core.abort_requests(ids)
+    return sum((m.expert_load > 0).sum().item() for m in layers) / len(layers)
+
+
+def engine_phase(model: str, batches: list[int], smoke: bool, budget_s: float) -> None:
+    from engine import LLM, SamplingParams
+    start = time.perf_counter()
+    bw = copy_bandwidth(0.25 if smoke else 4.0) if torch.cuda.is_available() else dict(median_tbs=0.1, best_tbs=0.1)
+    emit(phase="copy", **bw)
+    folder = config_dir(model, smoke)
+    prompt_len, new = (32, 8) if smoke else (1024, 256)
+    t0 = time.perf_counter()
+    llm = LLM(str(folder), device="cpu" if smoke else "cuda", dtype="bfloat16", load_format="random", seed=0,
+              max_num_seqs=max(batches), max_num_batched_tokens=16384, max_model_len=2048)
+    emit(phase="engine-start", model=model, seconds=time.perf_counter() - t0, kv_blocks=llm.engine.num_blocks)
+    vocab = llm.engine.model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def prompts(b: int) -> list[list[int]]:
+        return torch.randint(0, vocab, (b, prompt_len), generator=gen).tolist()
+
+    def call(b: int, n: int) -> float:
+        p = prompts(b)
+        sync()
+        t = time.perf_counter()
+        outs = llm.generate(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        sync()
+        assert all(len(o.token_ids) == n for o in outs)
+        return time.perf_counter() - t
+
+    call(4, 32 if not smoke else 4)                       # warm-up, as the anchors
+    for b in batches:
+        warm_new = 32 if not smoke else 4
+        warm = call(b, warm_new)
+        left = budget_s - (time.perf_counter() - start)
+        est = 1.2 * warm * (new / warm_new + 0.3)           # one T(new) and one T(1)
+        if est > left:
+            emit(phase="engine", model=model, batch=b, skipped=f"estimated {est:.0f}s > {left:.0f}s left")
+            continue
+        reps = 2 if 2 * est <= left else 1
+        t_new = [call(b, new) for _ in range(reps)]
+        t_one = [call(b, 1) for _ in range(reps)]
+        step = (min(t_new) - min(t_one)) / (new - 1)
+        try:
+            distinct = measured_distinct_experts(llm, prompts(b)) if llm.engine.model.moe_layers() else None
+        except Exception as e:   # the floor then assumes uniform routing
+            emit(phase="probe-error", error=repr(e)[:200])
+            distinct = None
+        floor = decode_floor(llm, b, prompt_len + new / 2, bw["median_tbs"] * 1e12, distinct)
+        emit(phase="engine", model=model, batch=b, step_ms=step * 1e3, decode_tok_s=b / step,
+             output_tok_s=b * new / min(t_new), prefill_tok_s=b * prompt_len / min(t_one),
+             t_new_s=t_new, t_one_s=t_one, floor_ratio=floor["floor_ms"] / (step * 1e3), **floor)
+
+
+# -- transformers -----------------------------------------------------------------------
+
+def hf_phase(model: str, batches: list[int], smoke: bool, new: int) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    dev = "cpu" if smoke else "cuda"
+    cfg = AutoConfig.from_pretrained(str(config_dir(model, smoke)))
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    emit(phase="hf-start", model=model, seconds=time.perf_counter() - t0,
+         attn=getattr(hf.config, "_attn_implementation", None))
+    plen = 32 if smoke else 1024
+
+    def call(b: int, n: int) -> float:
+        ids = torch.randint(0, cfg.vocab_size, (b, plen), device=dev)
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - t
+
+    call(1, 4)
+    for b in batches:
+        call(b, 8)
+        t_new, t_one = call(b, new), call(b, 1)
+        step = (t_new - t_one) / (new - 1)
+        emit(phase="hf", model=model, batch=b, new_tokens=new, step_ms=step * 1e3, decode_tok_s=b / step,
+             t_new_s=t_new, t_one_s=t_one)
+
+
+def main() -> None:
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["kernels", "engine", "hf", "copy"])
+    ap.add_argument("--model", default="qwen3-30b-a3b", choices=[p.stem for p in SHAPES.glob("*.json")])
+    ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--new-tokens", type=int, default=64, help="hf phase: tokens per timed generate")
+    ap.add_argument("--budget-s", type=float, default=400, help="engine phase: skip batches that would overrun")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    OUT = args.out
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    batches = [int(b) for b in args.batches.split(",")]
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        emit(phase="env", device=p.name, sms=p.multi_processor_count, torch=torch.__version__,
+             triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    torch.manual_seed(0)
+    if args.phase == "kernels":
+        kernels_phase(args.smoke)
+    elif args.phase == "engine":
+        engine_phase(args.model, batches, args.smoke, args.budget_s)
+    elif args.phase == "hf":
+        hf_phase(args.model, batches, args.smoke, args.new_tokens)
+    else:
+        emit(phase="copy", **copy_bandwidth())
+
+
+if __name__ == "__main__":
+    main()
