@@ -151,16 +151,25 @@ def kernels_phase(smoke: bool) -> None:
             t_ms = bench_ms(lambda: paged_attention(q, k, v, meta, scale, "triton"))
             sweep = {}
             wide = s["mla"]
-            configs = ([AttnConfig(16, 32, 4, 2), AttnConfig(16, 32, 8, 2), AttnConfig(16, 16, 4, 2)] if wide else
-                       [AttnConfig(16, 64, 4, 2), AttnConfig(16, 64, 8, 2), AttnConfig(16, 32, 4, 3)])
-            if kind != "decode":
-                configs = ([AttnConfig(32, 32, 8, 2), AttnConfig(32, 16, 8, 2), AttnConfig(16, 32, 8, 2)] if wide else
-                           [AttnConfig(128, 64, 8, 2), AttnConfig(128, 32, 8, 2), AttnConfig(64, 64, 4, 2)])
-            for c in configs:
+            if kind == "decode":
+                configs = [(AttnConfig(16, 32, 4, 2), None), (AttnConfig(16, 32, 8, 2), None),
+                           (AttnConfig(16, 16, 4, 2), None), (AttnConfig(16, 32, 4, 3), None),
+                           (AttnConfig(16, 64, 8, 3), None)] if wide else [
+                           (AttnConfig(16, 64, 4, 2), None), (AttnConfig(16, 64, 8, 2), None),
+                           (AttnConfig(16, 32, 4, 3), None), (AttnConfig(16, 64, 4, 4), None),
+                           (AttnConfig(16, 128, 8, 3), None)]
+                configs += [(None, n) for n in (1, 2, 4, 8)]
+            else:
+                configs = [(AttnConfig(32, 32, 8, 2), None), (AttnConfig(32, 16, 8, 2), None),
+                           (AttnConfig(16, 32, 8, 2), None), (AttnConfig(64, 16, 8, 2), None)] if wide else [
+                           (AttnConfig(128, 64, 8, 2), None), (AttnConfig(128, 32, 8, 2), None),
+                           (AttnConfig(64, 64, 4, 2), None), (AttnConfig(128, 64, 8, 3), None)]
+            for c, n in configs:
+                key = str(tuple(c)) if c else f"splits={n}"
                 try:
-                    sweep[str(tuple(c))] = round(bench_ms(lambda: paged_attention_triton(q, k, v, meta, scale, c)), 4)
+                    sweep[key] = round(bench_ms(lambda: paged_attention_triton(q, k, v, meta, scale, c, n)), 4)
                 except Exception as e:   # a config that fails to compile must not end the run
-                    sweep[str(tuple(c))] = f"error: {e}"[:120]
+                    sweep[key] = f"error: {e}"[:120]
             emit(kernel="paged_attention", model=model, case=kind, batch=b, rel_err=err, triton_ms=t_ms,
                  kv_gbs=kv_bytes / t_ms / 1e6, torch_ms=bench_ms(lambda: paged_attention_ref(q, k, v, meta, scale)),
                  sweep=sweep)

@@ -41,11 +41,11 @@ def _find_request(qsl_ptr, num_reqs, g, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit(do_not_specialize=["num_reqs", "block_size"])
+@triton.jit(do_not_specialize=["num_reqs"])
 def _attn_kernel(q_ptr, sq_t, sq_h, k_ptr, sk_b, sk_s, sk_h, v_ptr, sv_b, sv_s, sv_h,
                  o_ptr, so_t, so_h, po_ptr, pml_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, s_bt,
-                 num_reqs, scale_log2, block_size,
-                 HQ: tl.constexpr, G: tl.constexpr, HPP: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 num_reqs, scale_log2,
+                 BLOCK_SIZE: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, HPP: tl.constexpr, BLOCK_Q: tl.constexpr,
                  BLOCK_N: tl.constexpr, DK: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                  DV: tl.constexpr, DV_P2: tl.constexpr, SHARED_V: tl.constexpr, SPLIT: tl.constexpr,
                  UPCAST: tl.constexpr):
@@ -91,11 +91,16 @@ def _attn_kernel(q_ptr, sq_t, sq_h, k_ptr, sk_b, sk_s, sk_h, v_ptr, sv_b, sv_s, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     bt_row = bt_ptr + req.to(tl.int64) * s_bt
+    # Block-table entries are prefetched one tile ahead, so the page lookup of the next
+    # tile overlaps this tile's loads instead of stalling in front of them.
+    kpos = t_begin * BLOCK_N + tl.arange(0, BLOCK_N)
+    blk_next = tl.load(bt_row + kpos // BLOCK_SIZE, mask=kpos < kv_end, other=0)
     for tile in range(t_begin, t_end):
         kpos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ok = kpos < kv_end
-        blk = tl.load(bt_row + kpos // block_size, mask=k_ok, other=0).to(tl.int64)
-        slot_in = (kpos % block_size).to(tl.int64)
+        blk = blk_next.to(tl.int64)
+        blk_next = tl.load(bt_row + (kpos + BLOCK_N) // BLOCK_SIZE, mask=kpos + BLOCK_N < kv_end, other=0)
+        slot_in = (kpos % BLOCK_SIZE).to(tl.int64)
         k_off = blk * sk_b + slot_in * sk_s + kvh * sk_h
         k1 = tl.load(k_ptr + k_off[:, None] + d1[None, :], mask=k_ok[:, None] & (d1[None, :] < DK), other=0.0)
         s = mma(q1, tl.trans(k1), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)
@@ -228,8 +233,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, q.stride(0), q.stride(1), k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out, out.stride(0), out.stride(1),
         po, pml, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.block_table.stride(0),
-        B, scale * LOG2E, meta.block_size,
-        HQ=HQ, G=group, HPP=hpp, BLOCK_Q=block_q, BLOCK_N=block_n, DK=DK, D1=d1, D2=d2, DV=DV, DV_P2=dv_p2,
+        B, scale * LOG2E, BLOCK_SIZE=meta.block_size, HQ=HQ, G=group, HPP=hpp, BLOCK_Q=block_q,
+        BLOCK_N=block_n, DK=DK, D1=d1, D2=d2, DV=DV, DV_P2=dv_p2,
         SHARED_V=shared_v, SPLIT=split, UPCAST=upcast_dots(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         _merge_kernel[(T, HQ)](po, pml, out, out.stride(0), out.stride(1), num_splits,

@@ -138,13 +138,15 @@ class MoEConfig(NamedTuple):
 
 
 def default_config(num_entries: int, num_experts: int) -> MoEConfig:
-    """Few rows per expert (decode): weight streaming, small M; many: larger tiles."""
+    """Tiles by entries per expert, from a sweep on one H200 (benchmarks/RESULTS.md):
+    few rows (decode) stream weights with small tiles and many programs; many rows are
+    matrix-bound and want large tiles."""
     per_expert = num_entries / num_experts
-    if per_expert <= 16:
-        return MoEConfig(16, 64, 128, 4, 4)
-    if per_expert <= 64:
+    if per_expert <= 8:
+        return MoEConfig(16, 32, 128, 4, 4)
+    if per_expert <= 48:
         return MoEConfig(32, 64, 128, 4, 4)
-    return MoEConfig(64, 128, 64, 8, 3)
+    return MoEConfig(128, 128, 64, 8, 3)
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
@@ -157,6 +159,8 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     if N == 0:
         return torch.zeros_like(x)
     cfg = config or default_config(N, E)
+    if config is None and x.element_size() > 2:
+        cfg = cfg._replace(block_k=cfg.block_k // 2)      # float32 (tests): same tiles in bytes
     bm = cfg.block_m
     dev = x.device
     x = x if x.stride(-1) == 1 else x.contiguous()

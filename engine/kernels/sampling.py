@@ -88,11 +88,18 @@ def _threshold_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr
                 step = (hi - lo) // WAYS + 1
                 cand = lo + ways * step
                 cnt = tl.zeros([WAYS], tl.int32)
+                above = tl.zeros([BLOCK], tl.int32)
                 for off in range(0, V, BLOCK):
                     m = off + offs < V
                     x = tl.div_rn(tl.load(base + off + offs, mask=m, other=0.0).to(tl.float32), t)
                     kx = tl.where(m, _key(x), -1)
-                    cnt += tl.sum((kx[:, None] >= cand[None, :]).to(tl.int32), 0)
+                    # Keys above hi count for every candidate; only keys in [lo, hi] need
+                    # the per-candidate compare, and after a pass or two few chunks have any.
+                    above += (kx > hi).to(tl.int32)
+                    inside = (kx >= lo) & (kx <= hi)
+                    if tl.max(inside.to(tl.int32), 0) > 0:
+                        cnt += tl.sum(((kx[:, None] >= cand[None, :]) & inside[:, None]).to(tl.int32), 0)
+                cnt += tl.sum(above, 0)
                 sel = tl.sum((cnt >= k).to(tl.int32), 0) - 1
                 lo = lo + sel * step
                 hi = tl.minimum(lo + step - 1, hi)
@@ -117,12 +124,18 @@ def _threshold_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr
                 step = (hi - lo) // WAYS + 1
                 cand = lo + ways * step
                 mass = tl.zeros([WAYS], tl.float32)
+                above = tl.zeros([BLOCK], tl.float32)
                 for off in range(0, V, BLOCK):
                     m = off + offs < V
                     x = tl.div_rn(tl.load(base + off + offs, mask=m, other=0.0).to(tl.float32), t)
                     kx = tl.where(m, _key(x), -1)
                     e = tl.where(m, tl.exp(x - x_max), 0.0)
-                    mass += tl.sum(tl.where(kx[:, None] > cand[None, :], e[:, None], 0.0), 0)
+                    above += tl.where(kx > hi, e, 0.0)
+                    inside = (kx >= lo) & (kx <= hi)
+                    if tl.max(inside.to(tl.int32), 0) > 0:
+                        hit = (kx[:, None] > cand[None, :]) & inside[:, None]
+                        mass += tl.sum(tl.where(hit, e[:, None], 0.0), 0)
+                mass += tl.sum(above, 0)
                 sel = tl.sum((mass >= limit).to(tl.int32), 0)
                 new_lo = tl.where(sel == 0, lo, lo + (sel - 1) * step + 1)
                 new_hi = tl.where(sel == 0, lo, tl.where(sel == WAYS, hi, tl.minimum(lo + sel * step, hi)))
