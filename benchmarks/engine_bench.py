@@ -10,6 +10,7 @@ PHASE (run each in its own process, as the anchors ran vLLM and transformers):
            step = (T(256) - T(1)) / 255, fresh prompts per call, faster of two calls, as in
            shared/anchors/h200-vllm-baseline.md), prefill throughput, and the decode-step
            floor = bytes one step must read / copy bandwidth measured in the same process
+  profile  torch profiler over a few decode steps: host time by operator, device busy time
   hf       transformers generate on the same shape (its own random weights), batch 1 and 8
 Each result is a JSON line appended to --out and printed. --smoke: tiny shapes on CPU
 (Triton interpreter), to check this script itself.
@@ -306,6 +307,78 @@ def engine_phase(model: str, batches: list[int], smoke: bool, budget_s: float) -
              t_new_s=t_new, t_one_s=t_one, floor_ratio=floor["floor_ms"] / (step * 1e3), **floor)
 
 
+def profile_phase(model: str, batches: list[int], smoke: bool) -> None:
+    """Where a decode step's time goes: torch profiler over 8 decode steps per batch,
+    host (CPU) time by operator and device time in total."""
+    from torch.profiler import ProfilerActivity, profile
+    from engine import LLM, SamplingParams
+    from engine.request import Request
+    llm = LLM(str(config_dir(model, smoke)), device="cpu" if smoke else "cuda", dtype="bfloat16",
+              load_format="random", seed=0, max_num_seqs=max(batches), max_num_batched_tokens=16384,
+              max_model_len=2048)
+    core, vocab = llm.engine, llm.engine.model.config.vocab_size
+    llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for b in batches:
+        sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        ids = [f"prof-{b}-{i}" for i in range(b)]
+        for rid in ids:
+            core.add_request(Request(rid, torch.randint(0, vocab, (64,)).tolist(), sp, frozenset()))
+        for _ in range(4):                 # prefill and a few decode steps
+            core.step()
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        steps = 8
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                core.step()
+            sync()
+            wall = (time.perf_counter() - t) / steps
+        core.abort_requests(ids)
+        ev = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / steps
+        top = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
+        ops_ms = sum(e.self_cpu_time_total for e in ev) / steps / 1e3
+        emit(phase="profile", model=model, batch=b, step_ms=wall * 1e3, device_busy_ms=dev_us / 1e3,
+             torch_ops_cpu_ms=ops_ms,
+             launches_per_step=sum(e.count for e in ev if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+             / steps, top_cpu_ms_per_step={e.key[:60]: round(e.self_cpu_time_total / steps / 1e3, 3) for e in top})
+
+
+def host_overhead_phase(smoke: bool) -> None:
+    """Host time per call of each dispatcher at decode size (batch 1, Qwen3 shapes), no
+    sync in between: what each kernel costs the CPU-bound eager step."""
+    from engine.ops.attention import paged_attention, write_kv
+    from engine.ops.moe import fused_moe
+    from engine.ops.sampling import sample
+    from tests.engine.kernels.cases import attention_case
+    from tests.engine.kernels.test_sampling_kernels import batch
+    dev = "cpu" if smoke else "cuda"
+    q, k, v, meta = attention_case([(1100, 1)], 32, 4, 128, 128, 16, False, torch.bfloat16, dev)
+    E, H, I = (8, 64, 32) if smoke else (128, 2048, 768)
+    x = torch.randn(1, H, device=dev).bfloat16()
+    w13, w2 = torch.randn(E, 2 * I, H, device=dev).bfloat16(), torch.randn(E, H, I, device=dev).bfloat16()
+    w, ids = torch.randn(1, E, device=dev).softmax(-1).topk(8 if not smoke else 2, dim=-1)
+    vals, slots = torch.randn(1, 4, 128, device=dev).bfloat16(), torch.zeros(1, dtype=torch.int64, device=dev)
+    sargs = batch(3000 if smoke else 151936, dev, rows=1)
+    calls = {"paged_attention": lambda: paged_attention(q, k, v, meta, 0.1, "triton"),
+             "write_kv": lambda: write_kv(k, vals, slots, 16, "triton"),
+             "fused_moe": lambda: fused_moe(x, w13, w2, ids, w.bfloat16(), "triton"),
+             "sample": lambda: sample(*sargs, backend="triton"),
+             "torch_add (reference point)": lambda: x.add(x)}
+    for name, fn in calls.items():
+        for _ in range(3):
+            fn()
+        sync()
+        n = 3 if smoke else 200
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t) / n
+        sync()
+        emit(phase="host-overhead", op=name, host_us_per_call=host * 1e6)
+
+
 # -- transformers -----------------------------------------------------------------------
 
 def hf_phase(model: str, batches: list[int], smoke: bool, new: int) -> None:
@@ -342,7 +415,7 @@ def hf_phase(model: str, batches: list[int], smoke: bool, new: int) -> None:
 def main() -> None:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["kernels", "engine", "hf", "copy"])
+    ap.add_argument("phase", choices=["kernels", "engine", "profile", "hf", "copy"])
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=[p.stem for p in SHAPES.glob("*.json")])
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--new-tokens", type=int, default=64, help="hf phase: tokens per timed generate")
@@ -363,6 +436,9 @@ def main() -> None:
         kernels_phase(args.smoke)
     elif args.phase == "engine":
         engine_phase(args.model, batches, args.smoke, args.budget_s)
+    elif args.phase == "profile":
+        host_overhead_phase(args.smoke)
+        profile_phase(args.model, batches, args.smoke)
     elif args.phase == "hf":
         hf_phase(args.model, batches, args.smoke, args.new_tokens)
     else:
