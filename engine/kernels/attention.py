@@ -183,11 +183,12 @@ class AttnConfig(NamedTuple):
 
 
 def default_config(max_query_len: int, wide: bool) -> AttnConfig:
-    """Spill-free on sm_90 per ptxas (Triton 3.6); wide = 512-wide latent rows (MLA)."""
+    """Spill-free on sm_90 per ptxas (Triton 3.6), the fastest of a sweep on one H200 at
+    real shapes (benchmarks/RESULTS.md); wide = 512-wide latent rows (MLA)."""
     decode = max_query_len <= 4
     if wide:
-        return AttnConfig(16, 32, 4, 2) if decode else AttnConfig(32, 32, 8, 2)
-    return AttnConfig(16, 64, 4, 2) if decode else AttnConfig(128, 64, 8, 2)
+        return AttnConfig(16, 32, 4, 2) if decode else AttnConfig(64, 16, 8, 2)
+    return AttnConfig(16, 64, 4, 2) if decode else AttnConfig(128, 64, 8, 3)
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
@@ -216,12 +217,17 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     grid0 = T // block_q + B
     grid1 = HKV * triton.cdiv(group, hpp)
     if num_splits is None:
-        active = grid1 * (sum(triton.cdiv(n, block_q) for n in meta.query_lens_cpu) if meta.query_lens_cpu
-                          else grid0)
-        max_seq = max(meta.seq_lens_cpu) if meta.seq_lens_cpu else block_n
-        want = triton.cdiv(2 * _num_sms(q.device), max(active, 1))
-        num_splits = 1 if want <= 1 else min(32, triton.next_power_of_2(want),
-                                             max(1, triton.next_power_of_2(triton.cdiv(max_seq, 2 * block_n))))
+        # Split the KV only when the query blocks leave SMs idle and each program would
+        # walk a long context: the merge launch costs more than it saves on short ones.
+        # No per-request Python here: at batch 256 a loop over the host lists cost
+        # ~100 us per layer.
+        tiles = triton.cdiv(max(meta.seq_lens_cpu) if meta.seq_lens_cpu else 0, block_n)
+        active = min(grid0, B * triton.cdiv(max_q, block_q)) * grid1
+        sms = _num_sms(q.device)
+        num_splits = 1
+        if active < sms and tiles >= 32:
+            num_splits = min(triton.next_power_of_2(triton.cdiv(sms, active)), 32,
+                             1 << ((tiles // 16).bit_length() - 1))
     dv_p2 = triton.next_power_of_2(DV)
     split = num_splits > 1
     if split:
