@@ -11,7 +11,7 @@ from engine.core.scheduler_output import SchedulerOutput
 from engine.models.base import CausalLM
 from engine.ops.attention import AttentionMetadata
 from engine.ops.sampling import sample, topn_logprobs
-from engine.runner.inputs import commit_step_ref, prepare_inputs
+from engine.runner.inputs import commit_step, prepare_inputs
 from engine.runner.state import RequestStateTable
 
 
@@ -72,7 +72,7 @@ class ModelRunner:
         sampled = sample(logits, t.temperature[rows], t.top_k[rows], t.top_p[rows], t.min_p[rows],
                          t.seeds[rows], inp.seq_lens.long())
         mask = torch.tensor(samples_cpu, device=self.device)
-        commit_step_ref(t, rows, nsched, sampled, mask)
+        commit_step(t, rows, nsched, sampled, mask)
 
         for row, n, s in zip(rows_cpu, nsched_cpu, samples_cpu):
             t.num_computed_cpu[row] += n
