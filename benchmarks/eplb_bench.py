@@ -19,6 +19,7 @@ Run: .venv/bin/python benchmarks/eplb_bench.py [--json PATH]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -179,12 +180,10 @@ def print_report(balance: list[dict], timing: list[dict], args: argparse.Namespa
 
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):   # no /proc/cpuinfo: fall back to platform
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 

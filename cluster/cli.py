@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -47,10 +48,8 @@ def serve_main(ns: argparse.Namespace) -> int:
           f"Ctrl-C stops it.", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):   # Ctrl-C is the normal way to stop
         stop.wait()
-    except KeyboardInterrupt:
-        pass
     print("shutting down...", flush=True)
     serve.shutdown()
     if started_ray:

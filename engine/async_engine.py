@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore, EngineCoreOutput
-from engine.llm import eos_token_ids, resolve_model_path
+from engine.llm import apply_output, eos_token_ids, resolve_model_path
 from engine.models.loader import load_config
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import Request, RequestStatus
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -168,18 +168,7 @@ class AsyncEngine:
         stream = self._streams.get(out.request_id)
         if stream is None:
             return
-        comp = stream.result.outputs[0]
-        comp.token_ids.extend(out.new_token_ids)
-        if comp.logprobs is not None:
-            comp.logprobs.extend(out.new_logprobs)
-        delta = stream.detok.add(out.new_token_ids, final=out.finish_reason is not None)
-        reason = out.finish_reason
-        if stream.detok.stopped and reason is None:
-            self.core.abort_requests([out.request_id], RequestStatus.FINISHED_STOPPED)
-            reason = "stop"
-        comp.text = stream.detok.text
-        comp.finish_reason = reason
-        stream.result.finished = reason is not None
+        delta = apply_output(self.core, stream.result, stream.detok, out)
         item = StreamDelta(_snapshot(stream.result), delta, list(out.new_token_ids), list(out.new_logprobs),
                            out.num_cached_tokens)
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from engine.config import EngineConfig
-from engine.core.engine_core import EngineCore
+from engine.core.engine_core import EngineCore, EngineCoreOutput
 from engine.default_model import default_model_path
 from engine.models.loader import load_config
 from engine.outputs import CompletionOutput, RequestOutput
@@ -36,6 +36,26 @@ def eos_token_ids(path: Path, model_config, tokenizer) -> frozenset[int]:
     if ids is None:
         return frozenset()
     return frozenset(ids if isinstance(ids, list) else [ids])
+
+
+def apply_output(core: EngineCore, result: RequestOutput, detok: IncrementalDetokenizer,
+                 out: EngineCoreOutput) -> str:
+    """Fold one engine-core update into a request's output: tokens, logprobs, text, and
+    stop strings (a stop string seen by the detokenizer finishes the request in the core).
+    Returns the new text."""
+    comp = result.outputs[0]
+    comp.token_ids.extend(out.new_token_ids)
+    if comp.logprobs is not None:
+        comp.logprobs.extend(out.new_logprobs)
+    delta = detok.add(out.new_token_ids, final=out.finish_reason is not None)
+    reason = out.finish_reason
+    if detok.stopped and reason is None:
+        core.abort_requests([result.request_id], RequestStatus.FINISHED_STOPPED)
+        reason = "stop"
+    comp.text = detok.text
+    comp.finish_reason = reason
+    result.finished = reason is not None
+    return delta
 
 
 class LLM:
@@ -86,20 +106,7 @@ class LLM:
 
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                self._apply(results[out.request_id], detoks[out.request_id], out)
+                apply_output(self.engine, results[out.request_id], detoks[out.request_id], out)
         for rid, res in results.items():
             res.outputs[0].text = detoks[rid].text
         return list(results.values())
-
-    def _apply(self, res: RequestOutput, detok: IncrementalDetokenizer, out) -> None:
-        comp = res.outputs[0]
-        comp.token_ids.extend(out.new_token_ids)
-        if comp.logprobs is not None:
-            comp.logprobs.extend(out.new_logprobs)
-        detok.add(out.new_token_ids, final=out.finish_reason is not None)
-        if detok.stopped and out.finish_reason is None:
-            self.engine.abort_requests([res.request_id], RequestStatus.FINISHED_STOPPED)
-            comp.finish_reason = "stop"
-        else:
-            comp.finish_reason = out.finish_reason or comp.finish_reason
-        res.finished = comp.finish_reason is not None
