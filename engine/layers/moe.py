@@ -29,6 +29,9 @@ class FusedMoE(nn.Module):
         self.register_buffer("log2phy", identity[:, None].clone(), persistent=False)
         self.register_buffer("logcnt", torch.ones(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("expert_load", torch.zeros(self.num_physical, dtype=torch.long), persistent=False)
+        # Expert parallelism (engine/layers/ep_dispatch.py): when set, w13/w2 hold only
+        # this rank's slots and forward dispatches tokens to the slots' owners.
+        self.ep = None
 
     def set_placement(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
         """Swap in a new expert map (weights must already sit in their new slots)."""
@@ -43,6 +46,8 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor) -> torch.Tensor:
         phys = self.to_physical(logical_ids)
         self.expert_load.index_add_(0, phys.flatten(), torch.ones_like(phys.flatten()))
+        if self.ep is not None:
+            return self.ep.forward(self, x, weights, phys, logical_ids)
         return fused_moe(x, self.w13, self.w2, phys, weights)
 
     def _load_expert(self, p: torch.Tensor, w: torch.Tensor, shard: object) -> int:

@@ -1,0 +1,442 @@
+"""The coordinator of a multi-rank expert-parallel engine.
+
+`EPEngine(config, ep_size)` starts one process per rank (engine/distributed/ep_worker),
+gives each rank its share of the requests (attention data-parallel: the rank with
+the fewest unfinished requests gets the next one) and drives all ranks in lockstep:
+each `step()` sends every rank its new requests, aborts and extension fields over
+pyzmq, and gathers what each rank produced. The ranks' MoE layers hold a slice of the
+expert slots each and exchange tokens among themselves (torch.distributed).
+
+Generations: a change of the rank set (start, grow, shrink, a lost rank) forms a new
+torch.distributed group through the coordinator's TCPStore. The primitives for that
+(`_spawn`, `_regroup`, `_retire`) are here; policies that use them (elastic scaling,
+EPLB) live in eplb/. A lost rank is handled here: the survivors drop their requests,
+regroup with the expert slots they hold, and every unfinished request restarts from
+its prompt plus the tokens it already produced; if some expert had all its replicas
+on the lost rank, the engine says so (RankLostError) and refuses further work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import time
+from collections import deque
+from datetime import timedelta
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from engine.config import EngineConfig
+from engine.core.engine_core import EngineCoreOutput
+from engine.distributed.ep_worker import worker_main
+from engine.distributed.protocol import config_to_wire, pack, params_to_wire, unpack
+from engine.llm import Prompt, apply_output, eos_token_ids, resolve_model_path
+from engine.models.loader import load_config
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+
+class RankLostError(RuntimeError):
+    """A rank died and the engine cannot go on without it."""
+
+
+class _RanksDied(Exception):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"ranks {names} died")
+        self.names = names
+
+
+@dataclass
+class _Tracked:
+    """One user request as the coordinator follows it."""
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    result: RequestOutput
+    detok: IncrementalDetokenizer
+    internal_id: str = ""
+    owner: str = ""
+    finished: bool = False
+    error: str | None = None
+
+
+@dataclass
+class _Rank:
+    name: str
+    process: Any
+    pending_add: list = field(default_factory=list)
+    pending_abort: list = field(default_factory=list)
+
+
+class EPEngine:
+    """Attention-DP / MoE-EP engine over `ep_size` rank processes.
+
+    num_redundant_experts: extra physical slots per MoE layer (total slots must split
+        evenly over the ranks; slots per rank stay fixed when the world changes).
+    extensions: worker extensions ('module:Class') loaded in every rank.
+    worker_threads: torch threads per rank process (0 leaves torch's default).
+    timeout_s: how long a collective or a rank's answer may take before it counts as lost.
+    """
+
+    def __init__(self, config: EngineConfig, ep_size: int, *, num_redundant_experts: int = 0,
+                 extensions: tuple[str, ...] = (), worker_threads: int = 1, timeout_s: float = 120.0) -> None:
+        if ep_size < 1:
+            raise ValueError(f"ep_size must be >= 1, got {ep_size}")
+        self.config = config
+        self.path = resolve_model_path(config.model)
+        model_config = load_config(self.path)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.path)
+        self.eos_token_ids = eos_token_ids(self.path, model_config, self.tokenizer)
+        self.extensions = tuple(extensions)
+        self.worker_threads = worker_threads
+        self.timeout_s = timeout_s
+        self.num_redundant_experts = num_redundant_experts
+
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self._store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=timeout_s))
+        self._inbox: dict[str, deque] = {}
+        self._names = (f"rank-{i}" for i in itertools.count())
+        self._internal_ids = (f"q{i}" for i in itertools.count())
+        self._user_ids = itertools.count()
+        self._mp = mp.get_context("spawn")
+
+        self._known: dict[str, _Rank] = {}    # every started, not yet retired rank process
+        self.ranks: list[_Rank] = []          # the current group, in rank order
+        self.accepting: set[str] = set()      # ranks that take new requests
+        self.generation = -1
+        self.step_index = 0
+        self.requests: dict[str, _Tracked] = {}        # user id -> request
+        self._by_internal: dict[str, _Tracked] = {}
+        self._undelivered: list[EngineCoreOutput] = []
+        self.failed: RankLostError | None = None
+        self.num_recoveries = 0
+        self.events: list[str] = []               # what happened to the rank set, in words
+
+        try:
+            ranks, layout = self._spawn(ep_size, keep_serving=False)
+            self.num_moe_layers = layout["moe_layers"]
+            self.num_experts = layout["num_experts"]
+            self.bytes_per_expert = layout["bytes_per_expert"]
+            total = self.num_experts + num_redundant_experts
+            if num_redundant_experts < 0 or total % ep_size:
+                raise ValueError(f"{self.num_experts} experts + {num_redundant_experts} redundant slots do not "
+                                 f"split evenly over {ep_size} ranks; pick num_redundant_experts so they do")
+            self.slots_per_rank = total // ep_size
+            # Start without load knowledge: slot s holds expert s mod E.
+            self.phy2log = (torch.arange(total) % self.num_experts).repeat(self.num_moe_layers, 1)
+            self._regroup(ranks, self.phy2log, weights={r.name: "model" for r in ranks})
+            self.accepting = {r.name for r in ranks}
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- requests -----------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        self._check_usable()
+        params = params or SamplingParams()
+        ids = self._encode(prompt)
+        rid = request_id if request_id is not None else str(next(self._user_ids))
+        if rid in self.requests and not self.requests[rid].finished:
+            raise ValueError(f"request id {rid!r} is already in use")
+        result = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
+                               [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)])
+        tracked = _Tracked(rid, ids, params, result, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self.requests[rid] = tracked
+        self._submit(tracked, ids, params)
+        return rid
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        for rid in request_ids:
+            t = self.requests.get(rid)
+            if t is None or t.finished:
+                continue
+            self._rank(t.owner).pending_abort.append(t.internal_id)
+            t.finished = True
+            t.result.finished = True
+            t.result.outputs[0].finish_reason = t.result.outputs[0].finish_reason or status.value
+
+    def has_unfinished(self) -> bool:
+        return any(not t.finished for t in self.requests.values())
+
+    def num_unfinished_on(self, name: str) -> int:
+        return sum(1 for t in self.requests.values() if not t.finished and t.owner == name)
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while any(not self.requests[r].finished for r in rids):
+            self.step()
+        done = [self.requests.pop(r) for r in rids]
+        for i, t in enumerate(done):
+            if t.error is not None:
+                raise ValueError(f"prompt {i}: {t.error}")
+        return [t.result for t in done]
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """One forward on every rank; returns the updates of user requests (with any
+        produced by steps the engine took on its own, e.g. while scaling)."""
+        self._step_internal()
+        out, self._undelivered = self._undelivered, []
+        return out
+
+    def _step_internal(self) -> dict[str, dict]:
+        self._check_usable()
+        try:
+            answers = self._step_once()
+        except _RanksDied as e:
+            self._recover(e.names)
+            return {}
+        self.step_index += 1
+        return answers
+
+    def _step_once(self) -> dict[str, dict]:
+        self._check_alive()
+        extra = self._step_fields(self.step_index)
+        for r in self.ranks:
+            msg = {"type": "step", "step": self.step_index, "add": r.pending_add, "abort": r.pending_abort, **extra}
+            self._send(r.name, msg)
+            r.pending_add, r.pending_abort = [], []
+        answers = self._gather([r.name for r in self.ranks], allow_errors=True)
+        errors = {n: a for n, a in answers.items() if a["type"] == "error"}
+        for name, a in answers.items():
+            if a["type"] == "done":
+                self._apply(name, a)
+        if errors:
+            self._check_alive()   # a dead peer explains failed collectives
+            name, a = next(iter(errors.items()))
+            raise RuntimeError(f"{name} failed step {self.step_index}: {a['error']}\n{a.get('traceback', '')}")
+        self._on_step_answers(self.step_index, answers)
+        return answers
+
+    def _apply(self, name: str, answer: dict) -> None:
+        for iid, error in answer.get("rejected", []):
+            t = self._by_internal.pop(iid, None)
+            if t is not None:
+                t.finished = True
+                t.result.finished = True
+                t.result.outputs[0].finish_reason = "error"
+                t.error = error
+        for iid, tokens, reason, logprobs in answer["outputs"]:
+            t = self._by_internal.get(iid)
+            if t is None or t.finished:
+                continue
+            out = EngineCoreOutput(t.request_id, list(tokens), reason, [dict(lp) for lp in logprobs])
+            apply_output(self, t.result, t.detok, out)
+            if t.result.finished:
+                t.finished = True
+                self._by_internal.pop(iid, None)
+            self._undelivered.append(out)
+
+    # Hooks for layers above (EPLB): fields added to every step message, and what to do
+    # with the ranks' answers.
+    def _step_fields(self, step_index: int) -> dict[str, Any]:
+        return {}
+
+    def _on_step_answers(self, step_index: int, answers: dict[str, dict]) -> None:
+        pass
+
+    # -- ranks and generations --------------------------------------------------------------
+    def _spawn(self, count: int, keep_serving: bool = True) -> tuple[list[_Rank], dict]:
+        """Start `count` rank processes and wait until each has loaded the model; with
+        keep_serving the current ranks go on stepping meanwhile."""
+        new = []
+        for _ in range(count):
+            name = next(self._names)
+            proc = self._mp.Process(target=worker_main, args=(self.address, name, self.worker_threads),
+                                    daemon=True, name=f"tandem-ep-{name}")
+            proc.start()
+            new.append(_Rank(name, proc))
+            self._known[name] = new[-1]
+        names = [r.name for r in new]
+        hello = self._gather(names, serve=keep_serving)
+        init = {"type": "init", "config": config_to_wire(self.config), "model_path": str(self.path),
+                "eos_token_ids": sorted(self.eos_token_ids), "store_host": "127.0.0.1",
+                "store_port": self._store.port, "timeout_s": self.timeout_s, "extensions": list(self.extensions)}
+        for n in names:
+            assert hello[n]["type"] == "hello", hello[n]
+            self._send(n, init)
+        ready = self._gather(names, serve=keep_serving)
+        return new, ready[names[0]]
+
+    def _regroup(self, ranks: list[_Rank], phy2log: torch.Tensor, weights: dict[str, str] | None = None) -> None:
+        """Form the next generation from `ranks` (in rank order) with expert map phy2log
+        [moe layers, len(ranks) * slots]; weights says, per new rank, where its slots'
+        weights come from: 'model' (its own loaded checkpoint) or 'none' (migration)."""
+        self.generation += 1
+        if phy2log.shape != (self.num_moe_layers, len(ranks) * self.slots_per_rank):
+            raise ValueError(f"phy2log {tuple(phy2log.shape)} does not fit {len(ranks)} ranks of "
+                             f"{self.slots_per_rank} slots")
+        for i, r in enumerate(ranks):
+            self._send(r.name, {"type": "regroup", "generation": self.generation, "rank": i,
+                                "world_size": len(ranks), "slots_per_rank": self.slots_per_rank,
+                                "phy2log": phy2log.tolist(), "weights": (weights or {}).get(r.name, "keep")})
+        self._gather([r.name for r in ranks])
+        self.ranks = list(ranks)
+        self.phy2log = phy2log.clone()
+        self.events.append(f"generation {self.generation}: {len(ranks)} ranks")
+
+    def _retire(self, names: list[str]) -> None:
+        """Stop rank processes that are no longer in the group."""
+        for n in names:
+            if self._known[n].process.is_alive():
+                self._send(n, {"type": "shutdown"})
+        deadline = time.monotonic() + 30
+        for n in names:
+            r = self._known.pop(n)
+            r.process.join(max(0.0, deadline - time.monotonic()))
+            if r.process.is_alive():
+                r.process.kill()
+            self._inbox.pop(n, None)
+
+    # -- lost ranks ---------------------------------------------------------------------
+    def _recover(self, lost: list[str]) -> None:
+        names = [r.name for r in self.ranks]
+        survivors = [r for r in self.ranks if r.name not in lost]
+        self.events.append(f"lost {lost} at step {self.step_index}")
+        s = self.slots_per_rank
+        keep = [self.phy2log[:, i * s:(i + 1) * s] for i, n in enumerate(names) if n not in lost]
+        phy2log = torch.cat(keep, dim=1) if keep else self.phy2log[:, :0]
+        missing = []
+        for layer in range(self.num_moe_layers):
+            held = set(phy2log[layer].tolist())
+            gone = [e for e in range(self.num_experts) if e not in held]
+            if gone:
+                missing.append(f"MoE layer {layer}: experts {gone}")
+        if missing or not survivors:
+            self.failed = RankLostError(
+                f"rank(s) {lost} died and held the only copies of " + "; ".join(missing or ["everything"]) +
+                ". The survivors cannot serve these experts: restart the engine (or give the placement "
+                "redundant replicas on different ranks so it survives a lost rank).")
+            self.events.append(str(self.failed))
+            for r in survivors:
+                self._send(r.name, {"type": "shutdown"})
+            raise self.failed
+        # Survivors answer every message they were sent; collect the stale answers first.
+        for r in survivors:
+            self._send(r.name, {"type": "reset"})
+        self._gather([r.name for r in survivors])
+        for n in lost:
+            r = self._known.pop(n)
+            r.process.join(1)
+            self._inbox.pop(n, None)
+        self.accepting = {n for n in self.accepting if n not in lost}
+        if not self.accepting:
+            self.accepting = {r.name for r in survivors}
+        self._regroup(survivors, phy2log)
+        self.num_recoveries += 1
+        self._on_regrouped()
+        for t in list(self.requests.values()):
+            if t.finished:
+                continue
+            done = t.result.outputs[0].token_ids
+            left = t.params.max_tokens - len(done)
+            self._by_internal.pop(t.internal_id, None)
+            self._submit(t, t.prompt_ids + done, replace(t.params, max_tokens=max(left, 1)))
+        self.events.append(f"recovered on {[r.name for r in survivors]}; unfinished requests restarted")
+
+    def _on_regrouped(self) -> None:
+        """Called after a generation change the engine made on its own (a lost rank)."""
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _submit(self, t: _Tracked, prompt_ids: list[int], params: SamplingParams) -> None:
+        candidates = [r for r in self.ranks if r.name in self.accepting]
+        owner = min(candidates, key=lambda r: (self.num_unfinished_on(r.name), self.ranks.index(r)))
+        t.internal_id, t.owner = next(self._internal_ids), owner.name
+        self._by_internal[t.internal_id] = t
+        owner.pending_add.append([t.internal_id, prompt_ids, params_to_wire(params)])
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer; pass prompts as token-id lists")
+            return self.tokenizer.encode(prompt)
+        if not prompt or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("a prompt must be a string or a non-empty list of token ids")
+        return list(prompt)
+
+    def _rank(self, name: str) -> _Rank:
+        return self._known[name]
+
+    def _send(self, name: str, msg: dict) -> None:
+        self._sock.send_multipart([name.encode(), pack(msg)])
+
+    def _gather(self, names: list[str], allow_errors: bool = False, serve: bool = False) -> dict[str, dict]:
+        """One message from each of `names`. With serve, the current ranks take steps while
+        waiting (for slow starters). Raises _RanksDied if one of them exits."""
+        want = set(names)
+        got: dict[str, dict] = {}
+        procs = {n: r.process for n, r in self._known.items()}
+        deadline = time.monotonic() + max(self.timeout_s, 300.0 if serve else self.timeout_s)
+        while want - got.keys():
+            for n in list(want - got.keys()):
+                if self._inbox.get(n):
+                    got[n] = self._inbox[n].popleft()
+            if not want - got.keys():
+                break
+            if serve and self.has_unfinished() and self.ranks and not (want & {r.name for r in self.ranks}):
+                self._step_internal()
+                continue
+            if self._sock.poll(200):
+                name, data = self._sock.recv_multipart()
+                self._inbox.setdefault(name.decode(), deque()).append(unpack(data))
+                continue
+            dead = [n for n in want - got.keys() if n in procs and not procs[n].is_alive()]
+            dead += [r.name for r in self.ranks if not r.process.is_alive() and r.name not in dead]
+            if dead:
+                raise _RanksDied(sorted(set(dead)))
+            if time.monotonic() > deadline:
+                raise RankLostError(f"no answer from {sorted(want - got.keys())} within {self.timeout_s:.0f} s")
+        for n, a in got.items():
+            if a["type"] == "error" and not allow_errors:
+                raise RuntimeError(f"{n}: {a['error']}\n{a.get('traceback', '')}")
+        return got
+
+    def _check_alive(self) -> None:
+        dead = [r.name for r in self.ranks if not r.process.is_alive()]
+        if dead:
+            raise _RanksDied(dead)
+
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+
+    def shutdown(self) -> None:
+        for r in self._known.values():
+            if r.process.is_alive():
+                self._send(r.name, {"type": "shutdown"})
+        for r in self._known.values():
+            r.process.join(10)
+            if r.process.is_alive():
+                r.process.kill()
+        self._known, self.ranks = {}, []
+        self._sock.close()
+        self._ctx.term()
+
+    def __enter__(self) -> EPEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)

@@ -1,0 +1,163 @@
+"""One rank of a multi-rank EP engine: a process that runs its own EngineCore (its share
+of the requests: attention data-parallel) whose MoE layers hold only this rank's expert
+slots and exchange tokens with the other ranks (expert-parallel).
+
+The rank does what the coordinator's messages say, one at a time, and answers each.
+Every rank runs a forward on every step, even without work of its own (a dummy MoE
+pass), because the MoE collectives need every rank of the group.
+
+Extensions (e.g. EPLB's load statistics and weight migration) plug in by name, so the
+engine layer imports none of the layers above it. An extension is a class built with
+the worker, with optional methods on_regroup(msg), before_step(msg),
+after_step(msg) -> dict (merged into the step's answer) and on_reset().
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import traceback
+from typing import Any
+
+import torch
+import zmq
+
+from engine.core.engine_core import EngineCore
+from engine.distributed.process_group import EPGroups, backend_for, join_generation, leave_group
+from engine.distributed.protocol import config_from_wire, pack, params_from_wire, unpack
+from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, dummy_moe_pass, regroup_layer
+from engine.models.loader import load_config
+from engine.request import Request
+
+
+def load_extension(spec: str):
+    """'package.module:ClassName' -> the class."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"extension {spec!r} must look like 'package.module:ClassName'")
+    return getattr(importlib.import_module(module), name)
+
+
+class EPWorker:
+    def __init__(self, init: dict[str, Any]) -> None:
+        config = config_from_wire(init["config"])
+        path = init["model_path"]
+        self.core = EngineCore(config, load_config(path), path)
+        self.model = self.core.model
+        self.eos = frozenset(init["eos_token_ids"])
+        self.backend = backend_for(config.device)
+        self.store = (init["store_host"], init["store_port"])
+        self.timeout_s = float(init.get("timeout_s", 60.0))
+        self.ep: ExpertParallel | None = None
+        self.groups: EPGroups | None = None
+        self.extensions = [load_extension(spec)(self) for spec in init.get("extensions", [])]
+
+    @property
+    def moe_layers(self) -> list[torch.nn.Module]:
+        return self.model.moe_layers()
+
+    def describe(self) -> dict[str, Any]:
+        layers = self.moe_layers
+        if not layers:
+            raise ValueError("this model has no MoE layers; expert parallelism has nothing to split")
+        w13 = layers[0].w13
+        return {"moe_layers": len(layers), "num_experts": layers[0].num_experts,
+                "bytes_per_expert": (w13[0].numel() + layers[0].w2[0].numel()) * w13.element_size()}
+
+    # -- group changes ------------------------------------------------------------------
+    def regroup(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Join generation msg['generation'] as msg['rank'] of msg['world_size'] and take
+        the expert map msg['phy2log'] ([moe layers, world * slots], -1 = empty slot)."""
+        rank, world, slots = msg["rank"], msg["world_size"], msg["slots_per_rank"]
+        self.groups = join_generation(*self.store, msg["generation"], rank, world, self.backend, self.timeout_s)
+        phy2log = torch.tensor(msg["phy2log"], dtype=torch.long)
+        first = self.ep is None
+        self.ep = ExpertParallel(rank, world, slots, group=self.groups.dispatch)
+        if first:
+            attach_expert_parallel(self.model, self.ep, phy2log, weights_from_model=msg["weights"] == "model")
+        else:
+            for moe, row in zip(self.moe_layers, phy2log):
+                regroup_layer(moe, self.ep, row)
+        self._call("on_regroup", msg)
+        return {}
+
+    def reset(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Drop every request (after a failed collective the survivors restart them)."""
+        ids = list(self.core.scheduler.requests)
+        self.core.abort_requests(ids)
+        self._call("on_reset", msg)
+        return {"aborted": len(ids)}
+
+    # -- steps ----------------------------------------------------------------------
+    def step(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.ep is None:
+            raise RuntimeError("step before the rank joined an EP group")
+        rejected = []
+        if msg.get("abort"):
+            self.core.abort_requests(list(msg["abort"]))
+        for rid, prompt, params in msg.get("add", []):
+            try:
+                self.core.add_request(Request(rid, list(prompt), params_from_wire(params), self.eos))
+            except ValueError as e:
+                rejected.append([rid, str(e)])
+        self._call("before_step", msg)
+        self.ep.num_forwards = 0
+        outputs = self.core.step()
+        ran_forward = self.ep.num_forwards > 0
+        if not ran_forward:
+            dummy_moe_pass(self.model)
+        answer = {"outputs": [[o.request_id, o.new_token_ids, o.finish_reason,
+                               [list(lp.items()) for lp in o.new_logprobs]] for o in outputs],
+                  "rejected": rejected, "unfinished": self.core.scheduler.num_unfinished,
+                  "ran_forward": ran_forward}
+        for ext_answer in self._call("after_step", msg):
+            answer.update(ext_answer or {})
+        return answer
+
+    def _call(self, hook: str, msg: dict[str, Any] | None) -> list[Any]:
+        results = []
+        for ext in self.extensions:
+            fn = getattr(ext, hook, None)
+            if fn is not None:
+                results.append(fn(msg) if msg is not None else fn())
+        return results
+
+
+def worker_main(address: str, name: str, num_threads: int = 0) -> None:
+    """Entry point of a rank process: connect to the coordinator and serve it."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, name.encode())
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(address)
+    sock.send(pack({"type": "hello", "pid": os.getpid()}))
+    worker: EPWorker | None = None
+    try:
+        while True:
+            msg = unpack(sock.recv())
+            kind = msg["type"]
+            try:
+                if kind == "shutdown":
+                    sock.send(pack({"type": "done"}))
+                    return
+                if kind == "init":
+                    worker = EPWorker(msg)
+                    sock.send(pack({"type": "ready", **worker.describe()}))
+                    continue
+                if worker is None:
+                    raise RuntimeError(f"{kind!r} before init")
+                handler = {"regroup": worker.regroup, "step": worker.step, "reset": worker.reset}.get(kind)
+                if handler is None:
+                    raise ValueError(f"unknown message type {kind!r}")
+                with torch.inference_mode():
+                    answer = handler(msg)
+                sock.send(pack({"type": "done", **answer}))
+            except Exception as e:  # the coordinator decides what a failed rank means
+                sock.send(pack({"type": "error", "error": f"{type(e).__name__}: {e}",
+                                "traceback": traceback.format_exc()}))
+    finally:
+        leave_group()
+        sock.close()
+        ctx.term()

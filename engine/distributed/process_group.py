@@ -1,0 +1,45 @@
+"""The torch.distributed groups of one EP generation.
+
+Every change of the EP world (start, grow, shrink, a lost rank) is a new generation:
+ranks leave the old default group and form a new one through the coordinator's
+TCPStore under a per-generation key prefix, so stale keys never mix. Two groups per
+generation: the default group carries the MoE dispatch/combine collectives and the
+load all-reduce; a second one carries expert-weight migration, whose point-to-point
+transfers run while forwards issue their own collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+
+@dataclass
+class EPGroups:
+    generation: int
+    rank: int
+    world_size: int
+    dispatch: object        # ProcessGroup (the default group)
+    migration: object       # ProcessGroup
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def join_generation(host: str, port: int, generation: int, rank: int, world_size: int, backend: str,
+                    timeout_s: float) -> EPGroups:
+    leave_group()
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    prefixed = dist.PrefixStore(f"tandem-ep/{generation}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
+    migration = dist.new_group(backend=backend, timeout=timeout)
+    return EPGroups(generation, rank, world_size, dist.group.WORLD, migration)
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

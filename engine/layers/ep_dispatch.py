@@ -1,0 +1,174 @@
+"""Expert-parallel MoE: send each routed token to the rank that holds its expert slot,
+compute there, send the result back and combine.
+
+Attention runs data-parallel: every rank routes its own tokens. The physical expert
+slots of a layer are split evenly over the EP ranks (rank r holds slots
+[r * S, (r + 1) * S)), so a slot's owner is `slot // S`. One MoE forward is four
+all-to-alls over the EP group: the per-rank pair counts, the token rows, their
+(local slot, weight) metadata, and the weighted expert outputs on the way back. Each
+(token, choice) pair travels on its own, so a token's outputs come back separately and
+are summed in ascending *logical* expert order: the same additions, in the same order,
+as the single-process reference (which visits experts in ascending id), whatever the
+placement and whichever replica served the token.
+
+The same code runs gloo on CPU and NCCL on GPU. The receive sizes come back to the host
+(one sync per layer), as in DeepEP's normal mode; a low-latency decode path would
+write into preallocated peer buffers instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.ops.moe import fused_moe
+
+
+class ExpertParallel:
+    """One rank's place in the EP group, shared by every MoE layer of its model."""
+
+    def __init__(self, rank: int, world_size: int, slots_per_rank: int, group=None) -> None:
+        if not 0 <= rank < world_size or slots_per_rank < 1:
+            raise ValueError(f"bad EP layout: rank {rank} of {world_size}, {slots_per_rank} slots per rank")
+        self.rank, self.world_size, self.slots_per_rank = rank, world_size, slots_per_rank
+        self.group = group
+        # MoE-layer forwards since the caller last reset it; 0 after an engine step means
+        # the rank ran no batch and must run a dummy pass so the collectives still match.
+        self.num_forwards = 0
+
+    @property
+    def first_slot(self) -> int:
+        return self.rank * self.slots_per_rank
+
+    @property
+    def num_physical(self) -> int:
+        return self.world_size * self.slots_per_rank
+
+    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_split: list[int] | None = None,
+                    in_split: list[int] | None = None) -> None:
+        dist.all_to_all_single(out, inp, out_split, in_split, group=self.group)
+
+    def forward(self, moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, phys: torch.Tensor,
+                logical_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/phys/logical_ids [T, k] (phys: global slot ids) -> [T, H]."""
+        self.num_forwards += 1
+        tokens, k = phys.shape
+        hidden = x.shape[1]
+        flat = phys.reshape(-1)
+        owner = torch.div(flat, self.slots_per_rank, rounding_mode="floor")
+        order = torch.argsort(owner, stable=True)
+        send_counts = torch.bincount(owner, minlength=self.world_size)
+        recv_counts = torch.empty_like(send_counts)
+        self._all_to_all(recv_counts, send_counts)
+        send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
+        num_recv = sum(recv_split)
+
+        rows = x[torch.div(order, k, rounding_mode="floor")]
+        # float64 holds a slot id and a float32 (or bf16) weight exactly: one message.
+        meta = torch.stack([(flat - owner * self.slots_per_rank)[order].double(),
+                            weights.reshape(-1)[order].double()], dim=1)
+        recv_rows = x.new_empty(num_recv, hidden)
+        recv_meta = meta.new_empty(num_recv, 2)
+        self._all_to_all(recv_rows, rows, recv_split, send_split)
+        self._all_to_all(recv_meta, meta, recv_split, send_split)
+
+        expert_out = fused_moe(recv_rows, moe.w13, moe.w2, recv_meta[:, :1].long(), recv_meta[:, 1:].float())
+        back = x.new_empty(tokens * k, hidden)
+        self._all_to_all(back, expert_out, send_split, recv_split)
+        return combine_in_logical_order(back, order, logical_ids, x)
+
+
+def combine_in_logical_order(back: torch.Tensor, order: torch.Tensor, logical_ids: torch.Tensor,
+                             like: torch.Tensor) -> torch.Tensor:
+    """Sum each token's k weighted expert outputs (back, in dispatch order) in ascending
+    logical expert id, starting from zero, as the reference's expert loop does."""
+    tokens, k = logical_ids.shape
+    per_pair = torch.empty_like(back)
+    per_pair[order] = back
+    per_pair = per_pair.view(tokens, k, like.shape[1])
+    by_expert = logical_ids.argsort(dim=1, stable=True)
+    out = torch.zeros_like(like)
+    for j in range(k):
+        out += per_pair[torch.arange(tokens, device=like.device), by_expert[:, j]]
+    return out
+
+
+@torch.no_grad()
+def attach_expert_parallel(model: nn.Module, ep: ExpertParallel, phy2log: torch.Tensor | None,
+                           weights_from_model: bool = True) -> None:
+    """Turn every MoE layer of `model` into its EP shard.
+
+    phy2log [moe layers, ep.num_physical]: the expert of each global slot (-1 for a
+    slot with no expert yet); None keeps the layers' current maps. With
+    weights_from_model, the layers hold every logical expert (a freshly loaded model,
+    identity map) and this rank keeps copies of its slots' experts; otherwise its
+    slots start empty (zeros) and their weights arrive by migration.
+    """
+    layers = moe_layers(model)
+    if phy2log is not None and tuple(phy2log.shape) != (len(layers), ep.num_physical):
+        raise ValueError(f"phy2log has shape {tuple(phy2log.shape)}, expected "
+                         f"({len(layers)}, {ep.num_physical}) for {len(layers)} MoE layers")
+    lo, hi = ep.first_slot, ep.first_slot + ep.slots_per_rank
+    for i, moe in enumerate(layers):
+        if weights_from_model:
+            if moe.num_physical != moe.num_experts or not torch.equal(moe.phy2log.cpu(), torch.arange(moe.num_experts)):
+                raise ValueError("weights_from_model needs layers that hold every expert once, in order")
+            local = phy2log[i, lo:hi] if phy2log is not None else torch.arange(lo, hi)
+            if bool((local < 0).any()):
+                raise ValueError("a slot of this rank has no expert; cannot take its weights from the model")
+            idx = local.to(moe.w13.device)
+            w13, w2 = moe.w13.data.index_select(0, idx), moe.w2.data.index_select(0, idx)
+        else:
+            w13 = moe.w13.data.new_zeros(ep.slots_per_rank, *moe.w13.shape[1:])
+            w2 = moe.w2.data.new_zeros(ep.slots_per_rank, *moe.w2.shape[1:])
+        moe.w13 = nn.Parameter(w13, requires_grad=False)
+        moe.w2 = nn.Parameter(w2, requires_grad=False)
+        regroup_layer(moe, ep, phy2log[i] if phy2log is not None else None)
+
+
+def regroup_layer(moe: nn.Module, ep: ExpertParallel, phy2log_row: torch.Tensor | None) -> None:
+    """Point a sharded MoE layer at a (new) EP group: global slot count, load counter,
+    expert map. The local weights stay: slots per rank never change."""
+    if moe.w13.shape[0] != ep.slots_per_rank:
+        raise ValueError(f"the layer holds {moe.w13.shape[0]} slots, the group has {ep.slots_per_rank} per rank")
+    moe.ep = ep
+    moe.num_physical = ep.num_physical
+    moe.expert_load = torch.zeros(ep.num_physical, dtype=torch.long, device=moe.expert_load.device)
+    if phy2log_row is not None:
+        moe.set_placement(*expert_maps(phy2log_row, moe.num_experts))
+
+
+def expert_maps(phy2log_row: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(phy2log, log2phy, logcnt) of one layer; slots marked -1 hold no expert and are
+    never routed to. Every logical expert must have a slot."""
+    row = torch.as_tensor(phy2log_row, dtype=torch.long).cpu()
+    held = row >= 0
+    if bool((row >= num_logical).any()):
+        raise ValueError(f"phy2log names experts outside [0, {num_logical})")
+    logcnt = torch.bincount(row[held], minlength=num_logical)
+    if bool((logcnt == 0).any()):
+        missing = (logcnt == 0).nonzero().flatten().tolist()
+        raise ValueError(f"experts {missing} have no slot in this placement")
+    log2phy = torch.full((num_logical, int(logcnt.max())), -1, dtype=torch.long)
+    seen = [0] * num_logical
+    for slot, e in enumerate(row.tolist()):
+        if e >= 0:
+            log2phy[e, seen[e]] = slot
+            seen[e] += 1
+    return row, log2phy, logcnt
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's MoE layers in forward order (module registration order)."""
+    return model.moe_layers()
+
+
+@torch.inference_mode()
+def dummy_moe_pass(model: nn.Module) -> None:
+    """Enter every MoE layer's collectives with no tokens of our own (an idle rank still
+    serves the tokens other ranks send to its experts)."""
+    for moe in moe_layers(model):
+        x = torch.empty(0, moe.w2.shape[1], dtype=moe.w2.dtype, device=moe.w2.device)
+        ids = torch.empty(0, 1, dtype=torch.long, device=x.device)
+        moe(x, torch.empty(0, 1, dtype=torch.float32, device=x.device), ids)
