@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.dashboard import dashboard_router
 from cluster.metrics import Metrics
 from cluster.request_metrics import SLO, RequestTimer
 from engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, StreamDelta
@@ -73,6 +74,7 @@ def build_api(engine: AsyncEngine, model_name: str, metrics: Metrics, slo: SLO =
               api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="Tandem", description="OpenAI-compatible API")
     app.state.engine = engine
+    app.include_router(dashboard_router(engine, metrics))   # /dashboard: built-in plots
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
