@@ -1,8 +1,10 @@
 """EPLB: expert-load balancing for wide expert parallelism.
 
-The placement policy lives here: `rebalance` turns per-expert load into expert maps,
+The placement policy: `rebalance` turns per-expert load into expert maps,
 `balancedness` scores a placement against a load, `contiguous_placement` is the
-load-oblivious baseline.
+load-oblivious baseline. Serving: `ElasticEPEngine` (an EP engine that aggregates load
+statistics, migrates expert weights layer by layer and grows or shrinks its world),
+with `EplbStats` for its metrics.
 """
 
 from eplb.placement import Placement, balancedness, contiguous_placement, gpu_loads

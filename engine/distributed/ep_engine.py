@@ -254,6 +254,9 @@ class EPEngine:
     def _on_step_answers(self, step_index: int, answers: dict[str, dict]) -> None:
         pass
 
+    def _regroup_fields(self) -> dict[str, Any]:
+        return {}
+
     # -- ranks and generations --------------------------------------------------------------
     def _spawn(self, count: int, keep_serving: bool = True) -> tuple[list[_Rank], dict]:
         """Start `count` rank processes and wait until each has loaded the model; with
@@ -288,7 +291,8 @@ class EPEngine:
         for i, r in enumerate(ranks):
             self._send(r.name, {"type": "regroup", "generation": self.generation, "rank": i,
                                 "world_size": len(ranks), "slots_per_rank": self.slots_per_rank,
-                                "phy2log": phy2log.tolist(), "weights": (weights or {}).get(r.name, "keep")})
+                                "phy2log": phy2log.tolist(), "weights": (weights or {}).get(r.name, "keep"),
+                                **self._regroup_fields()})
         self._gather([r.name for r in ranks])
         self.ranks = list(ranks)
         self.phy2log = phy2log.clone()
