@@ -26,15 +26,19 @@ SCRAPE_S = 1
 
 
 @pytest.fixture(scope="module")
-def server():
+def binary():
+    return system_tool("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="module")
+def server(binary):   # no model load when the test is going to skip
     with tandem_server() as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def prometheus(server, tmp_path_factory):
+def prometheus(binary, server, tmp_path_factory):
     """`prometheus` scraping the server's /metrics every second; yields its API URL."""
-    binary = system_tool("prometheus", "prometheus")
     root = tmp_path_factory.mktemp("prometheus")
     target = server.removeprefix("http://")
     config = {
