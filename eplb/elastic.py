@@ -147,8 +147,11 @@ class ElasticEPEngine(EPEngine):
             self._step_internal()
 
     # -- elastic scaling ------------------------------------------------------------------
-    def scale_to(self, num_ranks: int, load: torch.Tensor | None = None) -> None:
-        """Grow or shrink the EP world to `num_ranks` ranks without dropping requests."""
+    def scale_to(self, num_ranks: int, load: torch.Tensor | None = None, serve_while_loading: bool = True) -> None:
+        """Grow or shrink the EP world to `num_ranks` ranks without dropping requests.
+        load: what to balance the new placement for (default: the last window).
+        serve_while_loading: keep stepping the current ranks while new ones load the
+        model (False pauses them, e.g. to keep requests in flight across the regroup)."""
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         if num_ranks * self.slots_per_rank < self.num_experts:
@@ -157,12 +160,12 @@ class ElasticEPEngine(EPEngine):
         self._finish_migration()
         old = self.world_size
         if num_ranks > old:
-            self._grow(num_ranks - old, load)
+            self._grow(num_ranks - old, load, serve_while_loading)
         elif num_ranks < old:
             self._shrink(num_ranks, load)
 
-    def _grow(self, count: int, load: torch.Tensor | None) -> None:
-        new_ranks, _ = self._spawn(count, keep_serving=True)
+    def _grow(self, count: int, load: torch.Tensor | None, serve: bool) -> None:
+        new_ranks, _ = self._spawn(count, keep_serving=serve)
         self._finish_migration()   # serving while they loaded may have started one
         empty = torch.full((self.num_moe_layers, count * self.slots_per_rank), -1, dtype=torch.long)
         self._regroup(self.ranks + new_ranks, torch.cat([self.phy2log, empty], dim=1),

@@ -34,7 +34,7 @@ class EplbWorkerExtension:
         else:
             self.window.rebind()
 
-    def on_reset(self) -> None:
+    def on_reset(self, msg: dict[str, Any]) -> None:
         self.migration, self.migrating_layer = None, None   # the staged weights are dropped
 
     def before_step(self, msg: dict[str, Any]) -> None:

@@ -106,6 +106,8 @@ class EPEngine:
         self._store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
                                     timeout=timedelta(seconds=timeout_s))
         self._inbox: dict[str, deque] = {}
+        self._seq = 0
+        self._expect: dict[str, int] = {}
         self._names = (f"rank-{i}" for i in itertools.count())
         self._internal_ids = (f"q{i}" for i in itertools.count())
         self._user_ids = itertools.count()
@@ -184,11 +186,13 @@ class EPEngine:
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         while any(not self.requests[r].finished for r in rids):
             self.step()
-        done = [self.requests.pop(r) for r in rids]
-        for i, t in enumerate(done):
-            if t.error is not None:
-                raise ValueError(f"prompt {i}: {t.error}")
-        return [t.result for t in done]
+            bad = [(i, self.requests[r].error) for i, r in enumerate(rids) if self.requests[r].error is not None]
+            if bad:     # a rank refused one: stop the others, leave the engine as it was
+                self.abort_requests(rids)
+                for r in rids:
+                    self.requests.pop(r)
+                raise ValueError(f"prompt {bad[0][0]}: {bad[0][1]}")
+        return [self.requests.pop(r).result for r in rids]
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -381,7 +385,11 @@ class EPEngine:
         return self._known[name]
 
     def _send(self, name: str, msg: dict) -> None:
-        self._sock.send_multipart([name.encode(), pack(msg)])
+        # Each answer echoes its message's seq: answers to messages a failure left
+        # behind are told apart from the answer awaited now, and dropped.
+        self._seq += 1
+        self._expect[name] = self._seq
+        self._sock.send_multipart([name.encode(), pack({**msg, "seq": self._seq})])
 
     def _gather(self, names: list[str], allow_errors: bool = False, serve: bool = False) -> dict[str, dict]:
         """One message from each of `names`. With serve, the current ranks take steps while
@@ -392,8 +400,11 @@ class EPEngine:
         deadline = time.monotonic() + max(self.timeout_s, 300.0 if serve else self.timeout_s)
         while want - got.keys():
             for n in list(want - got.keys()):
-                if self._inbox.get(n):
-                    got[n] = self._inbox[n].popleft()
+                box = self._inbox.get(n)
+                while box and n not in got:
+                    msg = box.popleft()
+                    if msg.get("seq") == self._expect.get(n):
+                        got[n] = msg
             if not want - got.keys():
                 break
             if serve and self.has_unfinished() and self.ranks and not (want & {r.name for r in self.ranks}):

@@ -9,7 +9,7 @@ pass), because the MoE collectives need every rank of the group.
 Extensions (e.g. EPLB's load statistics and weight migration) plug in by name, so the
 engine layer imports none of the layers above it. An extension is a class built with
 the worker, with optional methods on_regroup(msg), before_step(msg),
-after_step(msg) -> dict (merged into the step's answer) and on_reset().
+after_step(msg) -> dict (merged into the step's answer) and on_reset(msg).
 """
 
 from __future__ import annotations
@@ -114,12 +114,12 @@ class EPWorker:
             answer.update(ext_answer or {})
         return answer
 
-    def _call(self, hook: str, msg: dict[str, Any] | None) -> list[Any]:
+    def _call(self, hook: str, msg: dict[str, Any]) -> list[Any]:
         results = []
         for ext in self.extensions:
             fn = getattr(ext, hook, None)
             if fn is not None:
-                results.append(fn(msg) if msg is not None else fn())
+                results.append(fn(msg))
         return results
 
 
@@ -137,14 +137,14 @@ def worker_main(address: str, name: str, num_threads: int = 0) -> None:
     try:
         while True:
             msg = unpack(sock.recv())
-            kind = msg["type"]
+            kind, seq = msg["type"], msg.get("seq")
             try:
                 if kind == "shutdown":
-                    sock.send(pack({"type": "done"}))
+                    sock.send(pack({"type": "done", "seq": seq}))
                     return
                 if kind == "init":
                     worker = EPWorker(msg)
-                    sock.send(pack({"type": "ready", **worker.describe()}))
+                    sock.send(pack({"type": "ready", "seq": seq, **worker.describe()}))
                     continue
                 if worker is None:
                     raise RuntimeError(f"{kind!r} before init")
@@ -153,9 +153,9 @@ def worker_main(address: str, name: str, num_threads: int = 0) -> None:
                     raise ValueError(f"unknown message type {kind!r}")
                 with torch.inference_mode():
                     answer = handler(msg)
-                sock.send(pack({"type": "done", **answer}))
+                sock.send(pack({"type": "done", "seq": seq, **answer}))
             except Exception as e:  # the coordinator decides what a failed rank means
-                sock.send(pack({"type": "error", "error": f"{type(e).__name__}: {e}",
+                sock.send(pack({"type": "error", "seq": seq, "error": f"{type(e).__name__}: {e}",
                                 "traceback": traceback.format_exc()}))
     finally:
         leave_group()

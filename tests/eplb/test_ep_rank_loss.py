@@ -1,0 +1,71 @@
+"""A rank process dies: the survivors serve on when their replicas cover every expert,
+and the engine says clearly when they do not. Bad requests never take it down."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.distributed import RankLostError
+from eplb.elastic import ElasticEPEngine, EplbConfig
+from tests.engine.tiny_models import build
+
+PROMPTS = [[5, 17, 99, 3], list(range(40, 77)), [7] * 23, [200, 1, 2, 3], [9, 8, 7, 6, 5], [100, 101]]
+PARAMS = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=3)
+NO_AUTO = EplbConfig(auto_rebalance=False)
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3_moe")
+    build("qwen3_moe", folder)
+    return folder, LLM(str(folder), max_logprobs=3).generate(PROMPTS, PARAMS)
+
+
+def _kill(eng: ElasticEPEngine, rank: int) -> None:
+    proc = eng.ranks[rank].process
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+
+
+def test_survivors_serve_on_from_their_replicas(qwen3_moe) -> None:
+    folder, refs = qwen3_moe
+    # 16 slots for 8 experts on 4 ranks: slot s holds expert s % 8, so every expert
+    # has copies on two different ranks.
+    with ElasticEPEngine(EngineConfig(model=str(folder), max_logprobs=3), 4, num_redundant_experts=8,
+                         eplb=NO_AUTO, timeout_s=60) as eng:
+        rids = [eng.add_request(p, PARAMS) for p in PROMPTS]
+        for _ in range(4):
+            eng.step()
+        lost = eng.ranks[3].name
+        assert any(eng.requests[r].owner == lost for r in rids), "the lost rank had requests running"
+        _kill(eng, 3)
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.world_size == 3 and eng.num_recoveries == 1
+        assert any("lost" in e for e in eng.events)
+        for rid, ref in zip(rids, refs):
+            assert eng.requests[rid].result.token_ids == ref.token_ids
+        assert [o.token_ids for o in eng.generate(PROMPTS[:2], PARAMS)] == [r.token_ids for r in refs[:2]]
+
+
+def test_bad_requests_are_refused_and_a_lost_sole_copy_is_reported(qwen3_moe) -> None:
+    folder, refs = qwen3_moe
+    with ElasticEPEngine(EngineConfig(model=str(folder), max_logprobs=3), 2, eplb=NO_AUTO, timeout_s=60) as eng:
+        with pytest.raises(ValueError, match=r"prompt 1: .*token ids must be in \[0, 256\)"):
+            eng.generate([[1, 2], [999]], PARAMS)
+        with pytest.raises(ValueError, match="non-empty list of token ids"):
+            eng.add_request([], PARAMS)
+        assert eng.generate(PROMPTS[0], PARAMS)[0].token_ids == refs[0].token_ids
+
+        eng.add_request(PROMPTS[1], PARAMS)
+        eng.step()
+        _kill(eng, 1)
+        with pytest.raises(RankLostError, match=r"only copies of MoE layer 0: experts \[4, 5, 6, 7\]"):
+            while eng.has_unfinished():
+                eng.step()
+        with pytest.raises(RankLostError):
+            eng.add_request(PROMPTS[0], PARAMS)
