@@ -3,8 +3,9 @@
 The manifests are the chart rendered with its default values (the CPU deployment of
 config.yaml) for a release named "tandem", minus the Helm-only labels, one file per
 object, plus a Namespace and kustomization.yaml. The RayService's serveConfigV2 is the
-text of config.yaml itself, comments included; the script refuses to write it unless
-the chart's rendering of serveConfigV2 loads to the same data. Change the chart, then run
+text of config.yaml itself, comments included, followed by the `deployments` entries the
+chart's pool pinning adds; the script refuses to write it unless the chart's rendering of
+serveConfigV2 loads to the same data. Change the chart, then run
 
     python deploy/k8s/generate.py
 
@@ -77,16 +78,32 @@ def _strip_helm_labels(obj: dict) -> dict:
     return obj
 
 
+PINNING_NOTE = (
+    "    # Added by the chart (poolPinning): each pool's replicas need 1 unit of the Ray\n"
+    "    # resource its worker group advertises, so they run only on that group's pods.\n"
+)
+
+
 def _embed_config(rayservice: dict) -> dict:
-    """Put config.yaml's text in serveConfigV2 in place of the chart's rendering."""
+    """Put config.yaml's text in serveConfigV2 in place of the chart's rendering, followed
+    by the `deployments` entries the chart's pool pinning adds to the application."""
     config_text = CONFIG.read_text()
     rendered = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-    if yaml.safe_load(config_text) != rendered:
+    application = dict(rendered["applications"][0])
+    pinning = application.pop("deployments", None)
+    if yaml.safe_load(config_text) != {**rendered, "applications": [application]}:
         raise SystemExit(
             "the chart's default serveConfigV2 differs from config.yaml: make "
             "serveConfig in deploy/helm/tandem/values.yaml match config.yaml"
         )
-    rayservice["spec"]["serveConfigV2"] = config_text
+    text = config_text
+    if pinning:
+        # config.yaml ends inside its one application (keys indented by 4 spaces).
+        block = _dump({"deployments": pinning})
+        text += PINNING_NOTE + "".join("    " + line for line in block.splitlines(True))
+    if yaml.safe_load(text) != rendered:
+        raise SystemExit("cannot append the chart's deployments to config.yaml's text")
+    rayservice["spec"]["serveConfigV2"] = text
     return rayservice
 
 

@@ -91,7 +91,19 @@ def test_rayservice_with_every_option_on_is_valid():
 
 @pytest.mark.parametrize("name", ["default", "cpu"])
 def test_serve_config_is_config_yaml(name):
-    rayservice = one(render_file(name), "RayService")
+    """serveConfigV2 is config.yaml plus, for pools pinned to their own worker group,
+    the `deployments` entries that pin them (test_deploy_pinning.py checks those)."""
+    document = serve_config(one(render_file(name), "RayService"))
+    pinning = document["applications"][0].pop("deployments", None)
+    assert document == load_config()
+    if name == "cpu":   # every pool runs on the head: nothing to pin
+        assert pinning is None
+    else:
+        assert [d["name"] for d in pinning] == ["Colocated"]
+
+
+def test_serve_config_is_exactly_config_yaml_without_pool_resources():
+    rayservice = one(render_file("default", {"poolPinning": {"resourcePrefix": ""}}), "RayService")
     assert serve_config(rayservice) == load_config()
 
 
@@ -194,7 +206,9 @@ def test_gpu_pd_puts_gpus_on_prefill_and_decode_groups():
         assert resources["requests"][GPU] == want
         assert group["rayStartParams"]["num-gpus"] == str(want)
         spec = group["template"]["spec"]
-        assert spec["nodeSelector"] == values["workerGroups"][name]["nodeSelector"]
+        # The values file's node selector, plus the pool's own node label.
+        assert spec["nodeSelector"] == {**values["workerGroups"][name]["nodeSelector"],
+                                        "tandem.io/pool": name}
         assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
         gpus_available += want * group["replicas"]
         # Each pool's own group can hold that pool's engines.

@@ -71,9 +71,14 @@ def test_kustomize_builds_the_deployment(built):
 def test_rayservice_is_valid_and_serves_config_yaml(built):
     rayservice = one(built, "RayService")
     validate_rayservice(rayservice)
-    assert serve_config(rayservice) == load_config()
-    # The manifest embeds config.yaml's text itself, comments included.
-    assert rayservice["spec"]["serveConfigV2"] == CONFIG.read_text()
+    document = serve_config(rayservice)
+    pinning = document["applications"][0].pop("deployments")
+    assert document == load_config()
+    # The manifest embeds config.yaml's text itself, comments included, then the
+    # chart's pool pinning of the colocated pool.
+    assert rayservice["spec"]["serveConfigV2"].startswith(CONFIG.read_text())
+    assert pinning == [{"name": "Colocated", "ray_actor_options": {
+        "num_cpus": 1, "num_gpus": 0, "resources": {"tandem_pool_colocated": 1}}}]
     groups = pod_groups(rayservice)
     assert list(groups) == ["head", "colocated"]
     assert "nvidia.com/gpu" not in json.dumps(rayservice)

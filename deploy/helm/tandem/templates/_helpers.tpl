@@ -57,14 +57,90 @@ The application's args (serveConfig.application.args).
 
 {{/*
 The Serve config (the document `serve deploy` takes): serveConfig with its
-`application` map turned back into config.yaml's one-element `applications` list.
+`application` map turned back into config.yaml's one-element `applications` list, plus,
+for each pinned pool, a `deployments` entry whose ray_actor_options are the pool's
+num_cpus and num_gpus and 1 unit of the pool's Ray resource (Serve replaces a
+deployment's ray_actor_options with the config's, so all three are given). An entry the
+values already have for that deployment keeps its own options, merged on top.
 */}}
 {{- define "tandem.serveConfig" -}}
 {{- $config := deepCopy .Values.serveConfig -}}
 {{- $app := $config.application -}}
 {{- $_ := unset $config "application" -}}
+{{- $pins := dict -}}
+{{- $order := list -}}
+{{- range $pool := include "tandem.pinnedPools" . | fromJsonArray -}}
+{{- $name := get $.Values.poolPinning.deployments $pool -}}
+{{- if not $name -}}
+{{- fail (printf "poolPinning.deployments.%s: name the Serve deployment that runs pool %s" $pool $pool) -}}
+{{- end -}}
+{{- $p := get $app.args.pools $pool -}}
+{{- $resource := dict (include "tandem.poolResource" (dict "root" $ "pool" $pool)) 1 -}}
+{{- $_ := set $pins $name (dict "num_cpus" $p.num_cpus "num_gpus" $p.num_gpus "resources" $resource) -}}
+{{- $order = append $order $name -}}
+{{- end -}}
+{{- if $order -}}
+{{- $deployments := list -}}
+{{- range $d := ($app.deployments | default list) -}}
+{{- $d = deepCopy $d -}}
+{{- if hasKey $pins $d.name -}}
+{{- $_ := set $d "ray_actor_options" (merge (deepCopy ($d.ray_actor_options | default dict)) (get $pins $d.name)) -}}
+{{- $order = without $order $d.name -}}
+{{- end -}}
+{{- $deployments = append $deployments $d -}}
+{{- end -}}
+{{- range $name := $order -}}
+{{- $deployments = append $deployments (dict "name" $name "ray_actor_options" (get $pins $name)) -}}
+{{- end -}}
+{{- $_ := set $app "deployments" $deployments -}}
+{{- end -}}
 {{- $_ := set $config "applications" (list $app) -}}
 {{- toYaml $config -}}
+{{- end -}}
+
+{{/*
+Pools kept on their own worker group (poolPinning): the pools the app's mode uses whose
+worker group of the same name is rendered, when poolPinning.resourcePrefix is set.
+A JSON list of pool names.
+*/}}
+{{- define "tandem.pinnedPools" -}}
+{{- $pinned := list -}}
+{{- if .Values.poolPinning.resourcePrefix -}}
+{{- range $pool := include "tandem.activePools" . | fromJsonArray -}}
+{{- $group := get $.Values.workerGroups $pool -}}
+{{- if and $group (eq (include "tandem.groupEnabled" (dict "root" $ "name" $pool "group" $group)) "true") -}}
+{{- $pinned = append $pinned $pool -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $pinned -}}
+{{- end -}}
+
+{{/*
+The Ray custom resource of a pool's worker group. Call with dict "root" $ "pool" NAME.
+*/}}
+{{- define "tandem.poolResource" -}}
+{{- printf "%s%s" .root.Values.poolPinning.resourcePrefix .pool -}}
+{{- end -}}
+
+{{/*
+rayStartParams `resources` of a worker group: the pool resource and the group's
+rayResources, as the string KubeRay passes to `ray start --resources=` and its
+autoscaler parses ("{\"name\": amount}", quotes included); "" when there are none.
+Call with dict "root" $ "name" GROUPNAME "group" GROUPVALUES.
+*/}}
+{{- define "tandem.groupResources" -}}
+{{- $v := .root.Values -}}
+{{- $res := deepCopy (.group.rayResources | default dict) -}}
+{{- if $v.poolPinning.resourcePrefix -}}
+{{- $_ := set $res (include "tandem.poolResource" (dict "root" .root "pool" .name)) (int $v.poolPinning.unitsPerPod) -}}
+{{- end -}}
+{{- if $res -}}
+{{- if hasKey (.group.rayStartParams | default dict) "resources" -}}
+{{- fail (printf "workerGroups.%s.rayStartParams.resources: the chart renders this parameter (the pool resource and rayResources); put custom resources in workerGroups.%s.rayResources" .name .name) -}}
+{{- end -}}
+{{- printf "%q" (toJson $res) -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -300,7 +376,11 @@ spec:
     {{- with $v.common.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- with $node.nodeSelector }}
+  {{- $nodeSelector := deepCopy ($node.nodeSelector | default dict) }}
+  {{- if and (not $isHead) $v.poolPinning.nodeLabel }}
+  {{- $nodeSelector = merge $nodeSelector (dict $v.poolPinning.nodeLabel .pool) }}
+  {{- end }}
+  {{- with $nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
