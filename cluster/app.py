@@ -2,7 +2,8 @@
 
 Colocated mode: one Serve deployment whose replicas (Ray actors) each own an engine
 and serve the OpenAI API built around it; Serve's proxy spreads requests over the
-replicas by their ongoing-request counts.
+replicas by their ongoing-request counts. PD mode: a prefill pool and a decode pool
+(cluster/pools.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from ray.util import metrics as ray_metrics
 
 from cluster.metrics import Metrics
 from cluster.openai_api import build_api
+from cluster.pools import build_pd_app
 from cluster.settings import AppSettings, parse_settings
 from engine.async_engine import AsyncEngine
 
@@ -37,6 +39,8 @@ class EngineServer:
 
 def build_app(args: dict | None = None):
     settings = parse_settings(args)
+    if settings.mode == "pd":
+        return build_pd_app(settings)
     pool = settings.pool("colocated")
     deployment = serve.deployment(
         EngineServer, name="Colocated", num_replicas=pool.replicas,

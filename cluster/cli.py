@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", help="Hugging Face checkpoint folder (default: the embedded default model)")
     s.add_argument("--served-model-name")
     s.add_argument("--device", choices=["cpu", "cuda"])
-    s.add_argument("--mode", default="colocated", choices=["colocated"],
-                   help="colocated: one pool does prefill and decode")
+    s.add_argument("--mode", default="pd", choices=["pd", "colocated"],
+                   help="pd: a prefill engine hands KV to a decode engine over NIXL (default); "
+                        "colocated: one pool does prefill and decode")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")

@@ -18,6 +18,7 @@ from cluster.dashboard import dashboard_router
 from cluster.metrics import Metrics
 from cluster.request_metrics import SLO, RequestTimer
 from engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, StreamDelta
+from engine.kv_transfer import KVTransferFailed
 from engine.sampling_params import SamplingParams
 
 # Used when a tokenizer has no chat template: role-tagged turns, then the assistant tag.
@@ -140,6 +141,8 @@ def build_api(engine: AsyncEngine, model_name: str, metrics: Metrics, slo: SLO =
             raise APIError(503, str(e), "server_error") from None
         except EngineDead as e:
             raise APIError(500, str(e), "server_error") from None
+        except KVTransferFailed as e:     # disaggregated, fail policy: the client may retry
+            raise APIError(503, str(e), "server_error") from None
         finally:
             if last is not None:
                 reason = last.output.finish_reason or "abort"

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field, fields
 from cluster.request_metrics import SLO
 from engine.config import EngineConfig
 
-MODES = ("colocated",)
+MODES = ("colocated", "pd")
+# Connector settings an app may set (`kv_transfer:`), with their defaults in disagg.
+KV_TRANSFER_KEYS = ("lease_s", "handshake_timeout_s", "transfer_timeout_s")
 
 
 @dataclass
@@ -22,11 +24,12 @@ class PoolSettings:
 class AppSettings:
     model: str = "default"
     served_model_name: str | None = None
-    mode: str = "colocated"
+    mode: str = "colocated"         # colocated: one pool; pd: prefill pool -> decode pool (NIXL)
     engine: dict = field(default_factory=dict)
     pools: dict[str, PoolSettings] = field(default_factory=dict)
     slo: SLO = field(default_factory=SLO)
     api_key: str | None = None
+    kv_transfer: dict = field(default_factory=dict)
     max_waiting: int = 256
 
     @property
@@ -51,6 +54,9 @@ def parse_settings(args: dict | None) -> AppSettings:
     settings = AppSettings(pools=pools, slo=slo, **args)
     if settings.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {settings.mode!r}")
+    bad = set(settings.kv_transfer) - set(KV_TRANSFER_KEYS)
+    if bad:
+        raise ValueError(f"unknown kv_transfer settings: {', '.join(sorted(bad))} (known: {', '.join(KV_TRANSFER_KEYS)})")
     engine_fields = {f.name for f in fields(EngineConfig)} - {"model"}
     bad = set(settings.engine) - engine_fields
     if bad:

@@ -14,10 +14,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore, EngineCoreOutput
+from engine.kv_transfer import KVTransferFailed, KVTransferHook
 from engine.llm import apply_output, eos_token_ids, resolve_model_path
 from engine.models.loader import load_config
 from engine.outputs import CompletionOutput, RequestOutput
@@ -51,13 +53,17 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, max_waiting: int = 256) -> None:
+    def __init__(self, config: EngineConfig, max_waiting: int = 256,
+                 kv_transfer: Callable[[EngineCore], KVTransferHook] | None = None) -> None:
         path = resolve_model_path(config.model)
         model_config = load_config(path)
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer or path)
         self.eos_token_ids = eos_token_ids(path, model_config, self.tokenizer)
         self.core = EngineCore(config, model_config, str(path))
+        self.kv_transfer = kv_transfer(self.core) if kv_transfer is not None else None
+        if self.kv_transfer is not None:
+            self.core.set_kv_transfer(self.kv_transfer)
         self.max_model_len = self.core.max_model_len
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -76,8 +82,8 @@ class AsyncEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[StreamDelta]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       kv_transfer_params: dict | None = None) -> AsyncIterator[StreamDelta]:
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error!r}")
         ids = self.encode(prompt)
@@ -90,7 +96,8 @@ class AsyncEngine:
                                    [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)])
             stream = _Stream(asyncio.get_running_loop(), IncrementalDetokenizer(self.tokenizer, params.stop), result)
             self._streams[request_id] = stream
-        req = Request(request_id, ids, params, self.eos_token_ids, arrival_time=time.monotonic())
+        req = Request(request_id, ids, params, self.eos_token_ids, arrival_time=time.monotonic(),
+                      kv_transfer_params=kv_transfer_params)
         added = asyncio.get_running_loop().create_future()
         self._commands.put(("add", req, added))
         try:
@@ -108,6 +115,10 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
 
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request this engine would refuse, without running it."""
+        self.core.validate(Request("check", prompt_token_ids, params))
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
 
@@ -115,6 +126,8 @@ class AsyncEngine:
         self._stopped.set()
         self._commands.put(("wake", None, None))
         self._thread.join(timeout=10)
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
 
     @property
     def num_running(self) -> int:
@@ -129,7 +142,8 @@ class AsyncEngine:
         try:
             while not self._stopped.is_set():
                 self._drain_commands(block=not self.core.has_unfinished())
-                if self.core.has_unfinished():
+                # Held prefill blocks are polled for release even when idle.
+                if self.core.has_unfinished() or self.core.has_held_blocks:
                     for out in self.core.step():
                         self._deliver(out)
         except BaseException as e:  # report to every waiter instead of hanging them
@@ -168,6 +182,10 @@ class AsyncEngine:
         stream = self._streams.get(out.request_id)
         if stream is None:
             return
+        if out.error is not None:
+            stream.result.finished = True
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, KVTransferFailed(out.error))
+            return
         delta = apply_output(self.core, stream.result, stream.detok, out)
         item = StreamDelta(_snapshot(stream.result), delta, list(out.new_token_ids), list(out.new_logprobs),
                            out.num_cached_tokens)
@@ -187,4 +205,4 @@ def _snapshot(r: RequestOutput) -> RequestOutput:
     c = r.outputs[0]
     comp = CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
                             None if c.logprobs is None else list(c.logprobs))
-    return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [comp], r.finished)
+    return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [comp], r.finished, r.kv_transfer_params)

@@ -28,6 +28,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0     # CPU: memory for the KV cache
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory the engine may hold
     max_logprobs: int = 20
+    kv_load_failure_policy: str = "recompute"  # remote-prefill KV lost: recompute here, or "fail"
 
     def __post_init__(self) -> None:
         problems = []
@@ -46,6 +47,8 @@ class EngineConfig:
             problems.append("max_model_len must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             problems.append("num_kv_blocks must be >= 1")
+        if self.kv_load_failure_policy not in ("recompute", "fail"):
+            problems.append(f"kv_load_failure_policy must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
         if problems:
             raise ValueError("invalid engine settings: " + "; ".join(problems))
 

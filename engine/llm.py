@@ -55,11 +55,15 @@ def apply_output(core: EngineCore, result: RequestOutput, detok: IncrementalDeto
     comp.text = detok.text
     comp.finish_reason = reason
     result.finished = reason is not None
+    if out.kv_transfer_params is not None:
+        result.kv_transfer_params = out.kv_transfer_params
     return delta
 
 
 class LLM:
     def __init__(self, model: str = "default", **engine_args) -> None:
+        if "cuda_graphs" in engine_args:        # short name for enable_cuda_graphs
+            engine_args["enable_cuda_graphs"] = engine_args.pop("cuda_graphs")
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(engine_args) - known
         if unknown:

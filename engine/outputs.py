@@ -24,6 +24,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    kv_transfer_params: dict | None = None   # a prefill for another engine: its KV handle
 
     # Shortcuts to the single completion (n=1 is the only mode).
     @property

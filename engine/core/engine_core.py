@@ -11,6 +11,7 @@ import torch
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.kv_cache import KVCacheManager, PagedCacheSpec
+from engine.kv_transfer import KVTransferHook, is_consumer
 from engine.models.loader import load_model
 from engine.request import Request, RequestStatus
 from engine.runner.model_runner import ModelRunner
@@ -23,6 +24,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_cached_tokens: int = 0
+    kv_transfer_params: dict | None = None   # producer: the handle of the held KV
+    error: str | None = None                 # why the request failed (KV transfer, fail policy)
 
 
 class EngineCore:
@@ -39,7 +42,8 @@ class EngineCore:
         self.kv = KVCacheManager(PagedCacheSpec(config.block_size, bytes_per_block), self.num_blocks,
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len, config.enable_chunked_prefill), self.kv)
+                                                   self.max_model_len, config.enable_chunked_prefill,
+                                                   config.kv_load_failure_policy), self.kv)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, config.max_num_seqs,
                                   self.max_model_len, self.dtype, self.device)
         self._rng = random.Random(config.seed)
@@ -68,6 +72,20 @@ class EngineCore:
         """Validate and queue a request; a bad one raises ValueError and changes nothing."""
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.validate(req)
+        if is_consumer(req):
+            # The producer sampled the first token; this engine continues after it.
+            first = req.kv_transfer_params.get("first_token_ids")
+            if (not isinstance(first, list) or len(first) != 1 or not isinstance(first[0], int)
+                    or not 0 <= first[0] < self.model.config.vocab_size):
+                raise ValueError("a remote-prefill request needs kv_transfer_params['first_token_ids'] = [token id]")
+            req.output_token_ids = list(first)
+        req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self._rng.getrandbits(63)
+        self.scheduler.add_request(req)
+
+    def validate(self, req: Request) -> None:
+        """Raise ValueError, saying what to change, for a request this engine cannot run.
+        Reads only settings, so any thread may call it."""
         n = req.num_prompt_tokens
         if n == 0:
             raise ValueError("the prompt is empty; send at least one token")
@@ -83,8 +101,10 @@ class EngineCore:
         lp = req.sampling_params.logprobs
         if lp is not None and lp > self.config.max_logprobs:
             raise ValueError(f"logprobs={lp} is above the engine's max_logprobs={self.config.max_logprobs}")
-        req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self._rng.getrandbits(63)
-        self.scheduler.add_request(req)
+
+    def set_kv_transfer(self, hook: KVTransferHook) -> None:
+        """Plug in a KV-transfer connector (disaggregated prefill/decode)."""
+        self.scheduler.kv_transfer = hook
 
     def abort_requests(self, req_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         for rid in req_ids:
@@ -93,15 +113,33 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    @property
+    def has_held_blocks(self) -> bool:
+        """Finished prefills whose blocks wait for a reader (need polling, not compute)."""
+        return bool(self.scheduler.held)
+
     # -- the step --------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         sched_out = self.scheduler.schedule()
+        outputs = self._remote_prefill_outputs()
         result = self.runner.execute(sched_out)
         changed = self.scheduler.update_from_output(result.sampled)
-        outputs = []
         for req in changed:
             rid = req.request_id
             lps = [result.logprobs[rid]] if rid in result.logprobs else []
             outputs.append(EngineCoreOutput(rid, [req.output_token_ids[-1]], req.finish_reason(), lps,
-                                            req.num_cached_tokens))
+                                            req.num_cached_tokens, req.kv_transfer_params if rid in self.scheduler.held
+                                            else None))
+        return outputs
+
+    def _remote_prefill_outputs(self) -> list[EngineCoreOutput]:
+        """The producer's first token, emitted once its KV is here (or is being
+        recomputed); failed loads under the fail policy finish with an error."""
+        s = self.scheduler
+        outputs = [EngineCoreOutput(r.request_id, list(r.output_token_ids), None,
+                                    list(r.kv_transfer_params.get("first_logprobs") or []), r.num_cached_tokens)
+                   for r in s.remote_admitted]
+        outputs += [EngineCoreOutput(r.request_id, [], r.finish_reason(), error=reason)
+                    for r, reason in s.remote_failed]
+        s.remote_admitted, s.remote_failed = [], []
         return outputs

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from engine.core.scheduler_output import NewRequestData, SchedulerOutput
 from engine.kv_cache import KVCacheManager
+from engine.kv_transfer import KVTransferHook, is_consumer, is_producer
 from engine.request import Request, RequestStatus
 
 
@@ -23,6 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    kv_load_failure_policy: str = "recompute"   # or "fail": see engine/kv_transfer.py
 
 
 class Scheduler:
@@ -34,9 +36,20 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished: set[str] = set()   # rows the runner still holds
         self.num_preemptions = 0
+        # KV transfer (disaggregated prefill/decode); see engine/kv_transfer.py.
+        self.kv_transfer: KVTransferHook | None = None
+        self.loading: dict[str, Request] = {}   # consumer: remote KV being read
+        self.held: dict[str, Request] = {}      # producer: finished, blocks kept for a reader
+        self.remote_admitted: list[Request] = []    # loaded (or falling back) since last step
+        self.remote_failed: list[tuple[Request, str]] = []   # failed under the fail policy
+        self.num_recomputed = 0
 
     # -- admission -----------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        if is_consumer(req):
+            if self.kv_transfer is None:
+                raise ValueError("this engine has no KV-transfer connector; it cannot take a remote prefill")
+            req.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -49,12 +62,14 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.loading)
 
     # -- one step ------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished)
         self._finished = set()
+        if self.kv_transfer is not None:
+            self._poll_transfers()
         budget = self.config.max_num_batched_tokens
         preempted = False
 
@@ -65,6 +80,7 @@ class Scheduler:
             if n <= 0:      # everything computed (sampled token pending); nothing to do
                 i += 1
                 continue
+            new = not req.runner_block_counts    # just loaded from a remote prefill
             while not self.kv.allocate(req, n):
                 victim = self.running.pop()
                 self._preempt(victim, out)
@@ -72,7 +88,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                self._schedule(req, n, out, new=False)
+                self._schedule(req, n, out, new=new)
                 budget -= n
                 i += 1
                 continue
@@ -81,9 +97,13 @@ class Scheduler:
         # Admit waiting requests only when nobody was preempted this step, so a
         # preempted request is not starved by newcomers taking its blocks.
         while (self.waiting and budget > 0 and not preempted
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) + len(self.loading) < self.config.max_num_seqs):
             req = self.waiting[0]
             cached, num_cached = self.kv.find_cached_prefix(req)
+            if req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+                if not self._start_load(req, cached, num_cached):
+                    break
+                continue
             n = req.num_tokens - num_cached
             if n > budget and not self.config.enable_chunked_prefill:
                 break
@@ -127,6 +147,56 @@ class Scheduler:
         out.num_scheduled_tokens.pop(req.request_id, None)
         self.waiting.appendleft(req)
 
+    # -- KV transfer -----------------------------------------------------------------
+    def _start_load(self, req: Request, cached: list[int], num_cached: int) -> bool:
+        """Allocate local blocks for a remotely prefilled prompt and start reading into
+        them; takes no token budget (nothing is computed here)."""
+        n = req.num_prompt_tokens - num_cached
+        if not self.kv.allocate(req, n, cached):
+            return False
+        self.waiting.popleft()
+        req.num_cached_tokens = num_cached
+        self.loading[req.request_id] = req
+        self.kv_transfer.start_load(req, list(self.kv.block_ids(req.request_id)[0]), num_cached)
+        return True
+
+    def _poll_transfers(self) -> None:
+        for rid in self.kv_transfer.released():
+            held = self.held.pop(rid, None)
+            if held is not None:
+                self.kv.free(held)
+        done, failed = self.kv_transfer.finished_loads()
+        for rid in done:
+            req = self.loading.pop(rid, None)
+            if req is None:
+                continue
+            # The prompt's KV is here; the producer's first token is computed next.
+            req.num_computed_tokens = req.num_prompt_tokens
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            req.status = RequestStatus.RUNNING
+            req.runner_block_counts = []
+            self.running.append(req)
+            self.remote_admitted.append(req)
+        for rid, reason in failed.items():
+            req = self.loading.pop(rid, None)
+            if req is None:
+                continue
+            self.kv.free(req)
+            req.kv_transfer_params = {**req.kv_transfer_params, "do_remote_prefill": False, "error": reason}
+            if self.config.kv_load_failure_policy == "recompute":
+                # Prefill it here: prompt and the producer's first token, from scratch
+                # (or from local prefix hits); the sampler's noise does not depend on
+                # which engine computes, so the answer stays the same.
+                self.num_recomputed += 1
+                req.status = RequestStatus.WAITING
+                req.num_computed_tokens = 0
+                self.waiting.appendleft(req)
+                self.remote_admitted.append(req)
+            else:
+                req.status = RequestStatus.FINISHED_ABORTED
+                del self.requests[rid]
+                self.remote_failed.append((req, reason))
+
     # -- results -------------------------------------------------------------------
     def update_from_output(self, sampled: dict[str, int]) -> list[Request]:
         """Append each request's sampled token, apply stop rules; returns the requests
@@ -160,11 +230,20 @@ class Scheduler:
             self._finish(req, status)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        rid = req.request_id
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
-            self._finished.add(req.request_id)
+            self._finished.add(rid)
+        elif rid in self.loading:
+            self.kv_transfer.cancel_load(rid)    # no READ may land in freed blocks
+            del self.loading[rid]
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
+        del self.requests[rid]
+        if status == RequestStatus.FINISHED_LENGTH and self.kv_transfer is not None and is_producer(req):
+            # A prefill for another engine: keep the blocks until the reader is done.
+            req.kv_transfer_params = self.kv_transfer.hold(req, list(self.kv.block_ids(rid)[0]))
+            self.held[rid] = req
+            return
         self.kv.free(req)
-        del self.requests[req.request_id]

@@ -1,0 +1,306 @@
+"""The NIXL connector: the engine's KV-transfer hook over the `nixl` package (UCX).
+
+Each engine registers its whole KV cache once (DRAM on CPU, VRAM on GPU) and serves its
+agent metadata and block layout on a side channel. A producer keeps a finished
+prefill's blocks under a lease and hands out a KVHandle. A consumer fetches the
+producer's metadata once per peer (in a background thread, so a dead peer never stalls
+the engine loop), checks the layouts match, then pulls the blocks with one NIXL READ
+per request, in as few descriptors as there are runs of adjacent blocks. The READ
+carries a notification that tells the producer to free the blocks; an unread lease
+expires on its own.
+
+Every hook method runs on the engine-core thread: NIXL is not called concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from nixl._api import nixl_agent, nixl_agent_config
+
+from disagg.handle import KVHandle
+from disagg.layout import BlockLayout, block_runs, model_fingerprint
+from disagg.side_channel import SideChannelError, SideChannelServer, fetch_metadata
+from engine.core.engine_core import EngineCore
+from engine.kv_transfer import KVTransferHook
+from engine.request import Request
+
+log = logging.getLogger(__name__)
+
+_DONE = b"done:"    # consumer -> producer: this request's blocks may be freed
+
+
+class TransferObserver(Protocol):
+    """Told of every finished or failed load, on the engine thread (metrics)."""
+
+    def transferred(self, nbytes: int, seconds: float, descriptors: int) -> None: ...
+
+    def failed(self, reason: str) -> None: ...
+
+
+@dataclass
+class TransferStats:
+    """Running totals the serving layer exports as metrics (it reads the deltas)."""
+    bytes_total: int = 0
+    descriptors_total: int = 0
+    transfers_total: int = 0
+    failures: Counter = field(default_factory=Counter)           # reason -> count
+    durations: deque = field(default_factory=lambda: deque(maxlen=4096))   # recent loads, seconds
+
+
+@dataclass
+class _Peer:
+    agent_name: str
+    base: int
+    dev_id: int
+    mem_type: str
+    layout: BlockLayout
+
+
+@dataclass
+class _Load:
+    req_id: str
+    handle: KVHandle | None
+    local: list[int]
+    remote: list[int]
+    deadline: float
+    num_tokens: int = 0
+    first_block: int = 0
+    descriptors: int = 0
+    started: float = 0.0
+    xfer: object | None = None
+    nbytes: int = 0
+    peer: _Peer | None = None
+
+
+class NixlConnector(KVTransferHook):
+    def __init__(self, kv_cache: torch.Tensor, model: str, host: str = "127.0.0.1", port: int = 0,
+                 lease_s: float = 30.0, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 30.0,
+                 observer: TransferObserver | None = None) -> None:
+        self.engine_id = f"tandem-{uuid.uuid4().hex[:12]}"
+        self.layout = BlockLayout.of(kv_cache, model)
+        self.lease_s, self.transfer_timeout_s = lease_s, transfer_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
+        self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
+        self.dev_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
+        self.base = kv_cache.data_ptr()
+        self._kv_cache = kv_cache     # keep the registered memory alive
+        self.agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
+        self._registration = self.agent.register_memory(kv_cache)
+        self.side_channel = SideChannelServer(
+            {"engine_id": self.engine_id, "agent_metadata": self.agent.get_agent_metadata(), "base": self.base,
+             "dev_id": self.dev_id, "mem_type": self.mem_type, "layout": self.layout.to_dict()}, host, port)
+        self.host, self.port = host, self.side_channel.port
+        self.stats = TransferStats()
+        self.observer = observer
+        self._held: dict[str, float] = {}               # producer: request id -> lease expiry
+        self._peers: dict[str, _Peer] = {}              # consumer: engine id -> connected peer
+        self._handshakes: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-handshake")
+        self._loads: dict[str, _Load] = {}
+        self._done: list[str] = []
+        self._failed: dict[str, str] = {}
+
+    @classmethod
+    def for_engine(cls, core: EngineCore, **kwargs) -> NixlConnector:
+        """A connector over an engine core's KV cache; plug it in with core.set_kv_transfer."""
+        return cls(core.runner.kv_cache, model_fingerprint(core.model.config), **kwargs)
+
+    # -- producer ------------------------------------------------------------------------
+    def hold(self, req: Request, block_ids: list[int]) -> dict:
+        self._held[req.request_id] = time.monotonic() + self.lease_s
+        return {"handle": KVHandle(self.engine_id, self.host, self.port, req.request_id, block_ids,
+                                   req.num_prompt_tokens, self.layout.hash).to_dict()}
+
+    def released(self) -> list[str]:
+        out = []
+        for msgs in self.agent.get_new_notifs().values():
+            for msg in msgs:
+                rid = msg[len(_DONE):].decode(errors="replace") if msg.startswith(_DONE) else None
+                if rid in self._held:
+                    del self._held[rid]
+                    out.append(rid)
+        now = time.monotonic()
+        for rid in [r for r, expiry in self._held.items() if expiry < now]:
+            log.warning("KV lease of request %s expired before a reader took it; freeing its blocks", rid)
+            del self._held[rid]
+            out.append(rid)
+        return out
+
+    # -- consumer ------------------------------------------------------------------------
+    def start_load(self, req: Request, block_ids: list[int], num_local_tokens: int) -> None:
+        rid = req.request_id
+        load = _Load(rid, None, [], [], time.monotonic() + self.handshake_timeout_s + self.transfer_timeout_s)
+        self._loads[rid] = load
+        try:
+            load.handle = handle = KVHandle.from_dict((req.kv_transfer_params or {}).get("handle"))
+        except ValueError as e:
+            return self._fail(load, "bad_handle", str(e))
+        load.num_tokens = req.num_prompt_tokens
+        load.first_block = num_local_tokens // self.layout.block_size   # blocks before it are prefix hits
+        load.local = block_ids[load.first_block:]
+        if handle.engine_id not in self._peers and handle.engine_id not in self._handshakes:
+            self._handshakes[handle.engine_id] = self._pool.submit(
+                fetch_metadata, handle.host, handle.port, self.handshake_timeout_s)
+
+    def finished_loads(self) -> tuple[list[str], dict[str, str]]:
+        for load in list(self._loads.values()):
+            if load.xfer is None:
+                self._try_start(load)
+            else:
+                self._check(load)
+        done, failed = self._done, self._failed
+        self._done, self._failed = [], {}
+        return done, failed
+
+    def cancel_load(self, req_id: str) -> None:
+        load = self._loads.pop(req_id, None)
+        if load is None:
+            return
+        self._release_xfer(load)
+        self._notify_done(load)
+
+    def close(self) -> None:
+        for load in list(self._loads.values()):
+            self._release_xfer(load)
+        self._loads.clear()
+        self.side_channel.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for peer in self._peers.values():
+            self._forget_agent(peer.agent_name)
+        self.agent.deregister_memory(self._registration)
+
+    # -- the life of one load ------------------------------------------------------------
+    def _try_start(self, load: _Load) -> None:
+        """Issue the READ once the producer's metadata is here."""
+        eid = load.handle.engine_id
+        peer = self._peers.get(eid)
+        if peer is None:
+            fut = self._handshakes.get(eid)
+            if fut is None or not fut.done():
+                if time.monotonic() > load.deadline:
+                    self._fail(load, "timeout", "handshake did not finish in time")
+                return
+            del self._handshakes[eid]
+            try:
+                peer = self._connect(fut.result())
+            except (SideChannelError, ValueError) as e:
+                reason = "layout" if "layouts differ" in str(e) else "handshake"
+                self._fail(load, reason, str(e))
+                for other in [x for x in self._loads.values() if x.xfer is None and x.handle.engine_id == eid]:
+                    self._fail(other, reason, str(e))
+                return
+        load.peer = peer
+        if load.handle.layout_hash != peer.layout.hash:
+            return self._fail(load, "layout", "the handle's layout hash does not match its engine's layout")
+        # Layouts match, so block counts are comparable.
+        handle = load.handle
+        n_blocks = -(-handle.num_tokens // self.layout.block_size)
+        if handle.num_tokens != load.num_tokens or len(handle.block_ids) != n_blocks:
+            return self._fail(load, "bad_handle", f"the handle covers {handle.num_tokens} tokens in "
+                              f"{len(handle.block_ids)} blocks; the prompt has {load.num_tokens} tokens")
+        if any(b >= peer.layout.num_blocks for b in handle.block_ids):
+            return self._fail(load, "bad_handle", f"block ids beyond the producer's {peer.layout.num_blocks} blocks")
+        load.remote = handle.block_ids[load.first_block:]
+        if not load.local:                   # every block was a local prefix-cache hit
+            self._notify_done(load)
+            self._finish(load)
+            return
+        size = self.layout.block_bytes
+        runs = block_runs(load.local, load.remote)
+        local = self.agent.get_xfer_descs([(self.base + lo * size, n * size, self.dev_id) for lo, _, n in runs],
+                                          self.mem_type)
+        remote = self.agent.get_xfer_descs([(peer.base + ro * size, n * size, peer.dev_id) for _, ro, n in runs],
+                                           peer.mem_type)
+        load.nbytes = len(load.local) * size
+        load.started = time.monotonic()
+        load.deadline = load.started + self.transfer_timeout_s
+        try:
+            load.xfer = self.agent.initialize_xfer("READ", local, remote, peer.agent_name,
+                                                   _DONE + load.handle.request_id.encode())
+            state = self.agent.transfer(load.xfer)
+        except Exception as e:   # NIXL raises typed errors (remote disconnect, backend)
+            return self._fail(load, "transfer", f"{type(e).__name__}: {e}", drop_peer=True)
+        load.descriptors = len(runs)
+        self.stats.descriptors_total += len(runs)
+        if state == "ERR":
+            return self._fail(load, "transfer", "NIXL refused the READ")
+        self._check(load)
+
+    def _check(self, load: _Load) -> None:
+        try:
+            state = self.agent.check_xfer_state(load.xfer)
+        except Exception as e:
+            return self._fail(load, "transfer", f"{type(e).__name__}: {e}", drop_peer=True)
+        if state == "DONE":
+            seconds = time.monotonic() - load.started
+            self.stats.bytes_total += load.nbytes
+            self.stats.transfers_total += 1
+            self.stats.durations.append(seconds)
+            if self.observer is not None:
+                self.observer.transferred(load.nbytes, seconds, load.descriptors)
+            self._release_xfer(load)
+            self._finish(load)
+        elif state == "ERR":
+            self._fail(load, "transfer", "the READ ended in error", drop_peer=True)
+        elif time.monotonic() > load.deadline:
+            self._fail(load, "timeout", f"the READ took over {self.transfer_timeout_s} s")
+
+    def _connect(self, meta: dict) -> _Peer:
+        layout = BlockLayout.from_dict(meta["layout"])
+        why = self.layout.mismatch(layout)
+        if why is not None:
+            raise ValueError(f"refusing KV from engine {meta['engine_id']}: {why}")
+        name = self.agent.add_remote_agent(meta["agent_metadata"])
+        name = name.decode() if isinstance(name, bytes) else name
+        peer = _Peer(name, meta["base"], meta["dev_id"], meta["mem_type"], layout)
+        self._peers[meta["engine_id"]] = peer
+        return peer
+
+    def _finish(self, load: _Load) -> None:
+        del self._loads[load.req_id]
+        self._done.append(load.req_id)
+
+    def _fail(self, load: _Load, reason: str, detail: str, drop_peer: bool = False) -> None:
+        log.warning("KV load of request %s failed (%s): %s", load.req_id, reason, detail)
+        self._release_xfer(load)
+        self._notify_done(load)
+        if drop_peer and load.peer is not None:
+            # A disconnected agent stays broken; the next request handshakes afresh.
+            self._peers.pop(load.handle.engine_id, None)
+            self._forget_agent(load.peer.agent_name)
+        self._loads.pop(load.req_id, None)
+        self.stats.failures[reason] += 1
+        if self.observer is not None:
+            self.observer.failed(reason)
+        self._failed[load.req_id] = f"KV transfer failed ({reason}): {detail}"
+
+    def _release_xfer(self, load: _Load) -> None:
+        if load.xfer is not None:
+            try:
+                self.agent.release_xfer_handle(load.xfer)   # cancels a READ still in flight
+            except Exception as e:
+                log.warning("releasing the READ of request %s: %s", load.req_id, e)
+            load.xfer = None
+
+    def _notify_done(self, load: _Load) -> None:
+        """Best effort: tell the producer to free its blocks now (else its lease does)."""
+        if load.peer is None or load.handle is None:
+            return
+        try:
+            self.agent.send_notif(load.peer.agent_name, _DONE + load.handle.request_id.encode())
+        except Exception as e:
+            log.info("could not notify engine %s: %s", load.handle.engine_id, e)
+
+    def _forget_agent(self, name: str) -> None:
+        try:
+            self.agent.remove_remote_agent(name)
+        except Exception as e:
+            log.info("removing remote agent %s: %s", name, e)

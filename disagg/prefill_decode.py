@@ -1,0 +1,124 @@
+"""Prefill on one engine, decode on another.
+
+The decode side drives it: `PrefillDecodeEngine.generate` asks a prefill engine (through
+any async callable: a Ray handle under `cluster/`, a local engine in tests) to compute
+the prompt and sample the first token, keeping its KV under a lease; then it admits the
+request on the local decode engine with the returned KV handle, which pulls the blocks
+and continues from the first token. The prefill engine runs `prefill_request`.
+
+Both engines must draw the same sampling noise, so the decode side fixes the seed before
+asking: the answer is then the same as if one engine had done everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, replace
+
+from disagg.nixl_connector import TransferObserver
+from engine.async_engine import AsyncEngine, StreamDelta
+from engine.kv_transfer import KVTransferFailed
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+PrefillFn = Callable[[dict], Awaitable[dict]]
+log = logging.getLogger(__name__)
+
+
+async def prefill_request(engine: AsyncEngine, request: dict) -> dict:
+    """Run one prefill on this engine. `request`: request_id, prompt_token_ids, sampling
+    (SamplingParams fields), remote_decode (keep the KV for a reader). Returns the
+    finished output as plain data, with the KV handle when one is held."""
+    params = SamplingParams(**request["sampling"])
+    final = None
+    async for delta in engine.generate(request["prompt_token_ids"], params, request["request_id"],
+                                       {"do_remote_decode": True} if request.get("remote_decode") else None):
+        final = delta
+    out = final.output
+    return {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
+            "logprobs": out.logprobs, "num_cached_tokens": final.num_cached_tokens,
+            "kv_transfer_params": out.kv_transfer_params}
+
+
+class PrefillDecodeEngine:
+    """An AsyncEngine look-alike for the API layer: local decode, remote prefill."""
+
+    def __init__(self, decode: AsyncEngine, prefill: PrefillFn, observer: TransferObserver | None = None) -> None:
+        self.decode = decode
+        self.prefill = prefill
+        self.observer = observer
+        self.num_local_prefills = 0     # the prefill pool failed us; computed here instead
+        self.tokenizer = decode.tokenizer
+        self.max_model_len = decode.max_model_len
+        self.config = decode.config
+        self.core = decode.core
+        self._rng = random.Random()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.decode.error
+
+    @property
+    def num_running(self) -> int:
+        return self.decode.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.decode.num_waiting
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        return self.decode.encode(prompt)
+
+    def abort(self, request_id: str) -> None:
+        self.decode.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.decode.shutdown()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[StreamDelta]:
+        ids = self.encode(prompt)
+        self.decode.check_request(ids, params)   # refuse bad input before using a prefill engine
+        if params.seed is None:
+            params = replace(params, seed=self._rng.getrandbits(63))
+        text_prompt = prompt if isinstance(prompt, str) else None
+        try:
+            if params.max_tokens == 1:          # nothing to decode: the prefill is the answer
+                result = await self.prefill({"request_id": request_id, "prompt_token_ids": ids,
+                                             "sampling": asdict(params)})
+                yield _delta_from(request_id, text_prompt, ids, result)
+                return
+            # Stop strings are applied here, on the whole text; the prefill side only
+            # needs to know about stop tokens.
+            first = await self.prefill({"request_id": request_id, "prompt_token_ids": ids, "remote_decode": True,
+                                        "sampling": asdict(replace(params, max_tokens=1, stop=[]))})
+        except ValueError:
+            raise
+        except Exception as e:      # the prefill pool is down, overloaded or broken
+            if self.observer is not None:
+                self.observer.failed("prefill")
+            if self.decode.config.kv_load_failure_policy != "recompute":
+                raise KVTransferFailed(f"the prefill engine failed: {e}") from e
+            log.warning("prefill of %s failed (%s); computing it on the decode engine", request_id, e)
+            self.num_local_prefills += 1
+            async for delta in self.decode.generate(prompt, params, request_id):
+                yield delta
+            return
+        handle = (first.get("kv_transfer_params") or {}).get("handle")
+        if first["finish_reason"] != "length" or handle is None:   # EOS or a stop token: done
+            yield _delta_from(request_id, text_prompt, ids, first)
+            return
+        kv = {"do_remote_prefill": True, "handle": handle, "first_token_ids": first["token_ids"],
+              "first_logprobs": first["logprobs"]}
+        async for delta in self.decode.generate(prompt, params, request_id, kv):
+            yield delta
+
+
+def _delta_from(request_id: str, prompt: str | None, ids: list[int], result: dict) -> StreamDelta:
+    comp = CompletionOutput(0, result["text"], list(result["token_ids"]), result["finish_reason"],
+                            result["logprobs"])
+    out = RequestOutput(request_id, prompt, ids, [comp], True)
+    return StreamDelta(out, result["text"], list(result["token_ids"]), list(result["logprobs"] or []),
+                       result.get("num_cached_tokens", 0))
