@@ -9,9 +9,12 @@ would in serving:
   zipf-S   fixed popularity with exponent S; the next window is a fresh sample;
   shift    exponent 0.6, log-popularity does a random walk between windows;
            scores are averaged over consecutive window pairs.
-Columns: the contiguous baseline (no EPLB), hierarchical and global rebalancing,
-global without the swap pass (plain LPT packing), and global scored on the window it
-was computed from (what perfect load prediction would give).
+Columns: the contiguous baseline (no EPLB), DeepSeek's published algorithm (its mode
+choice, hierarchical when groups divide over nodes, with plain LPT packing; it
+reproduces the README example of deepseek-ai/EPLB exactly), our hierarchical and global
+rebalancing, global without the swap pass (plain LPT packing), and global scored on the
+window it was computed from (what perfect load prediction would give). The summary
+line compares global (what the EP engine uses) with DeepSeek's on the same traces.
 
 Run: .venv/bin/python benchmarks/eplb_bench.py [--json PATH]
 """
@@ -42,7 +45,7 @@ REDUNDANT = (0, 32, 64)
 # what TRT-LLM measured for DeepSeek-R1 (10.95). 0.4 is milder, 0.8 harsher.
 EXPONENTS = (0.4, 0.6, 0.8)
 SHIFT_EXPONENT = 0.6
-COLUMNS = ("baseline", "hier", "global", "global_lpt", "global_same")
+COLUMNS = ("baseline", "deepseek", "hier", "global", "global_lpt", "global_same")
 
 
 def selection_probability(logits: Tensor, topk: int) -> Tensor:
@@ -102,6 +105,7 @@ def evaluate(windows: list[Tensor], gpus: int, redundant: int, args: argparse.Na
     for past, nxt in zip(windows, windows[1:]):
         glob = rebalance(past, replicas, args.groups, nodes, gpus, hierarchical=False)
         sums["baseline"] += score(nxt, base, gpus)
+        sums["deepseek"] += score(nxt, rebalance(past, replicas, args.groups, nodes, gpus, refine=False), gpus)
         sums["hier"] += score(nxt, rebalance(past, replicas, args.groups, nodes, gpus), gpus)
         sums["global"] += score(nxt, glob, gpus)
         lpt = rebalance(past, replicas, args.groups, nodes, gpus, hierarchical=False, refine=False)
@@ -170,6 +174,10 @@ def print_report(balance: list[dict], timing: list[dict], args: argparse.Namespa
             print(f"{lead}{'-':>6}  skipped: {row['skipped']}")
         else:
             print(f"{lead}{row['slots_per_gpu']:>6}  " + "".join(f"{row[c]:>12.3f}" for c in COLUMNS))
+    scored = [r for r in balance if "skipped" not in r]
+    gaps = [r["global"] - r["deepseek"] for r in scored]
+    print(f"\nglobal - deepseek over {len(gaps)} rows: min {min(gaps):+.4f}, mean {statistics.mean(gaps):+.4f}, "
+          f"max {max(gaps):+.4f}")
     print(f"\nTime to compute a placement ({args.layers} layers x {args.experts} experts, "
           f"{args.timing_runs} runs; wall time, and median CPU time of all threads)")
     print(f"{'GPUs':>5}{'nodes':>6}{'replicas':>9}{'variant':>8}{'median ms':>11}{'min ms':>8}{'max ms':>8}"

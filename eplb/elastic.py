@@ -57,6 +57,7 @@ class ElasticEPEngine(EPEngine):
         self._migrating: tuple[int, list[int]] | None = None
         self._committing: tuple[int, list[int]] | None = None
         self._rebalance_started: float | None = None
+        self._scaling = False          # no automatic rebalance while the world changes
         extensions = tuple(kwargs.pop("extensions", ())) + (EXTENSION,)
         super().__init__(config, ep_size, extensions=extensions, **kwargs)
 
@@ -90,7 +91,7 @@ class ElasticEPEngine(EPEngine):
         if load is not None:
             self.last_load = torch.tensor(load["logical"], dtype=torch.float64)
             self.stats.set_balancedness(measured_balancedness(torch.tensor(load["physical"]), self.world_size))
-            if self.eplb.auto_rebalance and not self.migrating:
+            if self.eplb.auto_rebalance and not self.migrating and not self._scaling:
                 self.rebalance(force=False, wait=False)
 
     def _on_regrouped(self) -> None:
@@ -159,10 +160,14 @@ class ElasticEPEngine(EPEngine):
                              f"{self.num_experts} experts")
         self._finish_migration()
         old = self.world_size
-        if num_ranks > old:
-            self._grow(num_ranks - old, load, serve_while_loading)
-        elif num_ranks < old:
-            self._shrink(num_ranks, load)
+        self._scaling = True
+        try:
+            if num_ranks > old:
+                self._grow(num_ranks - old, load, serve_while_loading)
+            elif num_ranks < old:
+                self._shrink(num_ranks, load)
+        finally:
+            self._scaling = False
 
     def _grow(self, count: int, load: torch.Tensor | None, serve: bool) -> None:
         new_ranks, _ = self._spawn(count, keep_serving=serve)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import random
 import time
 from collections import deque
 from datetime import timedelta
@@ -70,6 +71,7 @@ class _Tracked:
 class _Rank:
     name: str
     process: Any
+    device: str = ""
     pending_add: list = field(default_factory=list)
     pending_abort: list = field(default_factory=list)
 
@@ -82,10 +84,12 @@ class EPEngine:
     extensions: worker extensions ('module:Class') loaded in every rank.
     worker_threads: torch threads per rank process (0 leaves torch's default).
     timeout_s: how long a collective or a rank's answer may take before it counts as lost.
+    start_timeout_s: how long a new rank may take to start and load the model.
     """
 
     def __init__(self, config: EngineConfig, ep_size: int, *, num_redundant_experts: int = 0,
-                 extensions: tuple[str, ...] = (), worker_threads: int = 1, timeout_s: float = 120.0) -> None:
+                 extensions: tuple[str, ...] = (), worker_threads: int = 1, timeout_s: float = 120.0,
+                 start_timeout_s: float = 900.0) -> None:
         if ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {ep_size}")
         self.config = config
@@ -96,6 +100,7 @@ class EPEngine:
         self.extensions = tuple(extensions)
         self.worker_threads = worker_threads
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
         self.num_redundant_experts = num_redundant_experts
 
         self._ctx = zmq.Context()
@@ -112,6 +117,7 @@ class EPEngine:
         self._internal_ids = (f"q{i}" for i in itertools.count())
         self._user_ids = itertools.count()
         self._mp = mp.get_context("spawn")
+        self._rng = random.Random(config.seed)
 
         self._known: dict[str, _Rank] = {}    # every started, not yet retired rank process
         self.ranks: list[_Rank] = []          # the current group, in rank order
@@ -148,6 +154,8 @@ class EPEngine:
                     request_id: str | None = None) -> str:
         self._check_usable()
         params = params or SamplingParams()
+        if params.seed is None:     # fixed here, so a restarted request samples the same way
+            params = replace(params, seed=self._rng.getrandbits(63))
         ids = self._encode(prompt)
         rid = request_id if request_id is not None else str(next(self._user_ids))
         if rid in self.requests and not self.requests[rid].finished:
@@ -274,15 +282,26 @@ class EPEngine:
             new.append(_Rank(name, proc))
             self._known[name] = new[-1]
         names = [r.name for r in new]
-        hello = self._gather(names, serve=keep_serving)
-        init = {"type": "init", "config": config_to_wire(self.config), "model_path": str(self.path),
-                "eos_token_ids": sorted(self.eos_token_ids), "store_host": "127.0.0.1",
-                "store_port": self._store.port, "timeout_s": self.timeout_s, "extensions": list(self.extensions)}
-        for n in names:
-            assert hello[n]["type"] == "hello", hello[n]
-            self._send(n, init)
-        ready = self._gather(names, serve=keep_serving)
+        self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)      # hello
+        for r in new:
+            init = {"type": "init", "config": config_to_wire(self._rank_config(r)), "model_path": str(self.path),
+                    "eos_token_ids": sorted(self.eos_token_ids), "store_host": "127.0.0.1",
+                    "store_port": self._store.port, "timeout_s": self.timeout_s, "extensions": list(self.extensions)}
+            self._send(r.name, init)
+        ready = self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)
         return new, ready[names[0]]
+
+    def _rank_config(self, rank: _Rank) -> EngineConfig:
+        """A rank's engine settings: its own GPU, and no CUDA graphs (the MoE dispatch
+        reads receive counts on the host, which a graph cannot replay)."""
+        changes = {}
+        if self.config.device.startswith("cuda"):
+            used = {r.device for r in self._known.values() if r is not rank}
+            rank.device = next(f"cuda:{i}" for i in range(len(self._known) + 1) if f"cuda:{i}" not in used)
+            changes["device"] = rank.device
+        if getattr(self.config, "enable_cuda_graphs", None):
+            changes["enable_cuda_graphs"] = False
+        return replace(self.config, **changes)
 
     def _regroup(self, ranks: list[_Rank], phy2log: torch.Tensor, weights: dict[str, str] | None = None) -> None:
         """Form the next generation from `ranks` (in rank order) with expert map phy2log
@@ -317,16 +336,23 @@ class EPEngine:
 
     # -- lost ranks ---------------------------------------------------------------------
     def _recover(self, lost: list[str]) -> None:
-        names = [r.name for r in self.ranks]
         survivors = [r for r in self.ranks if r.name not in lost]
         self.events.append(f"lost {lost} at step {self.step_index}")
-        s = self.slots_per_rank
-        keep = [self.phy2log[:, i * s:(i + 1) * s] for i, n in enumerate(names) if n not in lost]
+        # Each survivor drops its requests and says which expert each of its slots holds
+        # (its own map is the truth: a commit may have landed in the failed step).
+        for r in survivors:
+            self._send(r.name, {"type": "reset"})
+        held = self._gather([r.name for r in survivors]) if survivors else {}
+        for n in lost:
+            r = self._known.pop(n)
+            r.process.join(1)
+            self._inbox.pop(n, None)
+        keep = [torch.tensor(held[r.name]["local_phy2log"], dtype=torch.long) for r in survivors]
         phy2log = torch.cat(keep, dim=1) if keep else self.phy2log[:, :0]
         missing = []
         for layer in range(self.num_moe_layers):
-            held = set(phy2log[layer].tolist())
-            gone = [e for e in range(self.num_experts) if e not in held]
+            present = set(phy2log[layer].tolist())
+            gone = [e for e in range(self.num_experts) if e not in present]
             if gone:
                 missing.append(f"MoE layer {layer}: experts {gone}")
         if missing or not survivors:
@@ -338,14 +364,6 @@ class EPEngine:
             for r in survivors:
                 self._send(r.name, {"type": "shutdown"})
             raise self.failed
-        # Survivors answer every message they were sent; collect the stale answers first.
-        for r in survivors:
-            self._send(r.name, {"type": "reset"})
-        self._gather([r.name for r in survivors])
-        for n in lost:
-            r = self._known.pop(n)
-            r.process.join(1)
-            self._inbox.pop(n, None)
         self.accepting = {n for n in self.accepting if n not in lost}
         if not self.accepting:
             self.accepting = {r.name for r in survivors}
@@ -391,13 +409,14 @@ class EPEngine:
         self._expect[name] = self._seq
         self._sock.send_multipart([name.encode(), pack({**msg, "seq": self._seq})])
 
-    def _gather(self, names: list[str], allow_errors: bool = False, serve: bool = False) -> dict[str, dict]:
+    def _gather(self, names: list[str], allow_errors: bool = False, serve: bool = False,
+                timeout_s: float | None = None) -> dict[str, dict]:
         """One message from each of `names`. With serve, the current ranks take steps while
         waiting (for slow starters). Raises _RanksDied if one of them exits."""
         want = set(names)
         got: dict[str, dict] = {}
         procs = {n: r.process for n, r in self._known.items()}
-        deadline = time.monotonic() + max(self.timeout_s, 300.0 if serve else self.timeout_s)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while want - got.keys():
             for n in list(want - got.keys()):
                 box = self._inbox.get(n)
@@ -419,7 +438,8 @@ class EPEngine:
             if dead:
                 raise _RanksDied(sorted(set(dead)))
             if time.monotonic() > deadline:
-                raise RankLostError(f"no answer from {sorted(want - got.keys())} within {self.timeout_s:.0f} s")
+                raise RankLostError(f"no answer from {sorted(want - got.keys())} within "
+                                    f"{timeout_s or self.timeout_s:.0f} s")
         for n, a in got.items():
             if a["type"] == "error" and not allow_errors:
                 raise RuntimeError(f"{n}: {a['error']}\n{a.get('traceback', '')}")

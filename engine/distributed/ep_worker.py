@@ -82,11 +82,13 @@ class EPWorker:
         return {}
 
     def reset(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Drop every request (after a failed collective the survivors restart them)."""
+        """Drop every request (after a failed collective the survivors restart them) and
+        report which expert each local slot holds."""
         ids = list(self.core.scheduler.requests)
         self.core.abort_requests(ids)
         self._call("on_reset", msg)
-        return {"aborted": len(ids)}
+        lo, hi = self.ep.first_slot, self.ep.first_slot + self.ep.slots_per_rank
+        return {"aborted": len(ids), "local_phy2log": [moe.phy2log[lo:hi].tolist() for moe in self.moe_layers]}
 
     # -- steps ----------------------------------------------------------------------
     def step(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -73,10 +73,15 @@ class ExpertParallel:
         self._all_to_all(recv_rows, rows, recv_split, send_split)
         self._all_to_all(recv_meta, meta, recv_split, send_split)
 
-        expert_out = fused_moe(recv_rows, moe.w13, moe.w2, recv_meta[:, :1].long(), recv_meta[:, 1:].float())
+        expert_out = self.compute(moe, recv_rows, recv_meta[:, :1].long(), recv_meta[:, 1:].float())
         back = x.new_empty(tokens * k, hidden)
         self._all_to_all(back, expert_out, send_split, recv_split)
         return combine_in_logical_order(back, order, logical_ids, x)
+
+    def compute(self, moe: nn.Module, rows: torch.Tensor, local_slots: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """The received rows through this rank's experts, one (slot, weight) per row."""
+        return fused_moe(rows, moe.w13, moe.w2, local_slots, weights)
 
 
 def combine_in_logical_order(back: torch.Tensor, order: torch.Tensor, logical_ids: torch.Tensor,

@@ -1,0 +1,142 @@
+"""Expert-parallel dispatch/combine: time per MoE layer call and payload throughput.
+
+One process per rank (gloo on CPU, NCCL when run with --device cuda on a GPU host);
+each rank routes `tokens` tokens to top-k of E experts spread evenly over the ranks
+and runs ExpertParallel.forward: four all-to-alls (counts, token rows, slot/weight
+metadata, outputs back) around the local expert compute. Two modes:
+  comm   the experts return their input (all-to-all cost and the host sync only);
+  moe    the real fused MoE on each rank's slots (SwiGLU, intermediate size --inter).
+Payload = token rows out and back (tokens * k * hidden * bytes * 2) plus metadata, per
+rank; GB/s is that over the median time.
+
+Run: .venv/bin/python benchmarks/ep_bench.py [--ranks 2 4] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel  # noqa: E402
+from engine.layers.moe import FusedMoE  # noqa: E402
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, moe: FusedMoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def moe_layers(self) -> list[FusedMoE]:
+        return [self.moe]
+
+
+class _CommOnly(ExpertParallel):
+    def compute(self, moe, rows, local_slots, weights):
+        return rows
+
+
+def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.Queue) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    dtype = getattr(torch, args.dtype)
+    results = []
+    try:
+        for mode in args.modes:
+            torch.manual_seed(0)
+            with torch.device(device):
+                moe = FusedMoE(args.experts, args.hidden, args.inter).to(dtype)
+            cls = _CommOnly if mode == "comm" else ExpertParallel
+            ep = cls(rank, world, args.experts // world)
+            attach_expert_parallel(_Model(moe), ep, None)
+            for tokens in args.tokens:
+                g = torch.Generator().manual_seed(rank)
+                x = torch.randn(tokens, args.hidden, generator=g).to(device, dtype)
+                ids = torch.rand(tokens, args.experts, generator=g).argsort(1)[:, :args.topk].to(device)
+                w = torch.rand(tokens, args.topk, generator=g).to(device)
+                times = []
+                with torch.inference_mode():
+                    for i in range(args.warmup + args.iters):
+                        dist.barrier()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        moe(x, w, ids)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        if i >= args.warmup:
+                            times.append(time.perf_counter() - start)
+                # The slowest rank sets the pace of a collective: report the max median.
+                med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+                dist.all_reduce(med, op=dist.ReduceOp.MAX)
+                payload = tokens * args.topk * (2 * args.hidden * x.element_size() + 16)
+                results.append({"mode": mode, "ranks": world, "tokens_per_rank": tokens,
+                                "median_ms": med.item() * 1e3, "payload_mib": payload / 2**20,
+                                "gb_per_s": payload / med.item() / 1e9,
+                                "tokens_per_s_per_rank": tokens / med.item()})
+        if rank == 0:
+            out.put(results)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(world: int, args: argparse.Namespace) -> list[dict]:
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, world, store.port, args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = out.get(timeout=1800)
+    for p in procs:
+        p.join()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 512])
+    parser.add_argument("--modes", nargs="+", default=["comm", "moe"], choices=["comm", "moe"])
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--inter", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for world in args.ranks:
+        rows += run(world, args)
+    print(f"EP dispatch/combine ({args.device}, {'nccl' if args.device == 'cuda' else 'gloo'}): "
+          f"{args.experts} experts, hidden {args.hidden}, inter {args.inter}, top-{args.topk}, {args.dtype}, "
+          f"{os.cpu_count()} cores, {args.threads} thread(s) per rank")
+    print(f"{'mode':>5}{'ranks':>6}{'tokens':>8}{'median ms':>11}{'MiB':>8}{'GB/s':>8}{'tok/s/rank':>12}")
+    for r in rows:
+        print(f"{r['mode']:>5}{r['ranks']:>6}{r['tokens_per_rank']:>8}{r['median_ms']:>11.2f}"
+              f"{r['payload_mib']:>8.2f}{r['gb_per_s']:>8.2f}{r['tokens_per_s_per_rank']:>12.0f}")
+    if args.json:
+        args.json.write_text(json.dumps({"config": {k: str(v) if isinstance(v, Path) else v
+                                                    for k, v in vars(args).items()}, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
