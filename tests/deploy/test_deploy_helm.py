@@ -99,7 +99,9 @@ def test_serve_config_is_config_yaml(name):
     if name == "cpu":   # every pool runs on the head: nothing to pin
         assert pinning is None
     else:
-        assert [d["name"] for d in pinning] == ["Colocated"]
+        mode = document["applications"][0]["args"]["mode"]
+        assert [d["name"] for d in pinning] == {"pd": ["Prefill", "Decode"],
+                                                 "colocated": ["Colocated"]}[mode]
 
 
 def test_serve_config_is_exactly_config_yaml_without_pool_resources():

@@ -77,10 +77,16 @@ def test_rayservice_is_valid_and_serves_config_yaml(built):
     # The manifest embeds config.yaml's text itself, comments included, then the
     # chart's pool pinning of the colocated pool.
     assert rayservice["spec"]["serveConfigV2"].startswith(CONFIG.read_text())
-    assert pinning == [{"name": "Colocated", "ray_actor_options": {
-        "num_cpus": 1, "num_gpus": 0, "resources": {"tandem_pool_colocated": 1}}}]
+    args = document["applications"][0]["args"]
+    pools = ["prefill", "decode"] if args["mode"] == "pd" else ["colocated"]
+    assert pinning == [
+        {"name": pool.capitalize(), "ray_actor_options": {
+            "num_cpus": args["pools"][pool]["num_cpus"], "num_gpus": args["pools"][pool]["num_gpus"],
+            "resources": {f"tandem_pool_{pool}": 1}}}
+        for pool in pools
+    ]
     groups = pod_groups(rayservice)
-    assert list(groups) == ["head", "colocated"]
+    assert sorted(groups) == sorted(["head", *pools])
     assert "nvidia.com/gpu" not in json.dumps(rayservice)
 
 
