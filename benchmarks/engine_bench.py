@@ -11,6 +11,8 @@ PHASE (run each in its own process, as the anchors ran vLLM and transformers):
            shared/anchors/h200-vllm-baseline.md), prefill throughput, and the decode-step
            floor = bytes one step must read / copy bandwidth measured in the same process
   profile  torch profiler over a few decode steps: host time by operator, device busy time
+  idle     GPU idle time between decode steps (CUDA events around each step's device work),
+           async scheduling on vs off, with the step time of each
   hf       transformers generate on the same shape (its own random weights), batch 1 and 8
 Each result is a JSON line appended to --out and printed. --smoke: tiny shapes on CPU
 (Triton interpreter), to check this script itself.
@@ -203,6 +205,32 @@ def kernels_phase(smoke: bool) -> None:
                  torch_ms=bench_ms(lambda: fused_moe_ref(x, w13, w2, ids, w)), sweep=sweep)
 
 
+    from engine.ops.norm import rms_norm, rms_norm_ref
+    from engine.ops.rotary import rotary, rotary_ref
+    H = 64 if smoke else 2048
+    for T in ([3] if smoke else [1, 256, 8192]):
+        x, r = torch.randn(T, H, device=dev).bfloat16(), torch.randn(T, H, device=dev).bfloat16()
+        w = torch.randn(H, device=dev).bfloat16()
+        out, res = rms_norm(x, w, 1e-6, r, backend="triton")
+        ref, ref_res = rms_norm_ref(x.double(), w.double(), 1e-6, r.double())
+        emit(kernel="rms_norm+residual", tokens=T, hidden=H, rel_err=rel(out, ref), residual_exact=torch.equal(res, x + r),
+             triton_ms=bench_ms(lambda: rms_norm(x, w, 1e-6, r, backend="triton")),
+             torch_ms=bench_ms(lambda: rms_norm_ref(x, w, 1e-6, r)))
+        for name, hq, hk, d, inter, norm in (("qwen3 qk-norm+rope", 32, 4, 128, False, True),
+                                             ("deepseek rope", 16, 1, 64, True, False)):
+            q, k = torch.randn(T, hq, d, device=dev).bfloat16(), torch.randn(T, hk, d, device=dev).bfloat16()
+            pos = torch.randint(0, 2048, (T,), device=dev)
+            freqs = torch.arange(2048, device=dev).float()[:, None] * (1e-4 ** (torch.arange(0, d, 2, device=dev) / d))
+            cos, sin = freqs.cos(), freqs.sin()
+            nw = (torch.randn(d, device=dev).bfloat16(), torch.randn(d, device=dev).bfloat16()) if norm else (None, None)
+            qo, _ = rotary(pos, q, k, cos, sin, inter, *nw, backend="triton")
+            qr, _ = rotary_ref(pos, q.double(), k.double(), cos.double(), sin.double(), inter,
+                               *(x.double() if x is not None else None for x in nw))
+            emit(kernel="rotary", case=name, tokens=T, rel_err=rel(qo, qr),
+                 triton_ms=bench_ms(lambda: rotary(pos, q, k, cos, sin, inter, *nw, backend="triton")),
+                 torch_ms=bench_ms(lambda: rotary_ref(pos, q, k, cos, sin, inter, *nw)))
+
+
 # -- engine -----------------------------------------------------------------------------
 
 def config_dir(model: str, smoke: bool) -> Path:
@@ -257,17 +285,30 @@ def measured_distinct_experts(llm, prompts: list[list[int]]) -> float:
     return sum((m.expert_load > 0).sum().item() for m in layers) / len(layers)
 
 
+ENGINE_FLAGS: dict = {}     # --eager / --sync: graphs and async scheduling off
+
+
+def make_llm(model: str, batches: list[int], smoke: bool):
+    from engine import LLM
+    t0 = time.perf_counter()
+    llm = LLM(str(config_dir(model, smoke)), device="cpu" if smoke else "cuda", dtype="bfloat16",
+              load_format="random", seed=0, max_num_seqs=max(batches), max_num_batched_tokens=16384,
+              max_model_len=2048, **ENGINE_FLAGS)
+    c = llm.engine.config
+    graphs = llm.engine.runner.graphs
+    emit(phase="engine-start", model=model, seconds=time.perf_counter() - t0, kv_blocks=llm.engine.num_blocks,
+         cuda_graphs=c.enable_cuda_graphs, async_scheduling=c.async_scheduling,
+         graph_sizes=sorted(graphs.graphs) if graphs is not None else None)
+    return llm
+
+
 def engine_phase(model: str, batches: list[int], smoke: bool, budget_s: float) -> None:
-    from engine import LLM, SamplingParams
+    from engine import SamplingParams
     start = time.perf_counter()
     bw = copy_bandwidth(0.25 if smoke else 4.0) if torch.cuda.is_available() else dict(median_tbs=0.1, best_tbs=0.1)
     emit(phase="copy", **bw)
-    folder = config_dir(model, smoke)
     prompt_len, new = (32, 8) if smoke else (1024, 256)
-    t0 = time.perf_counter()
-    llm = LLM(str(folder), device="cpu" if smoke else "cuda", dtype="bfloat16", load_format="random", seed=0,
-              max_num_seqs=max(batches), max_num_batched_tokens=16384, max_model_len=2048)
-    emit(phase="engine-start", model=model, seconds=time.perf_counter() - t0, kv_blocks=llm.engine.num_blocks)
+    llm = make_llm(model, batches, smoke)
     vocab = llm.engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -307,15 +348,48 @@ def engine_phase(model: str, batches: list[int], smoke: bool, budget_s: float) -
              t_new_s=t_new, t_one_s=t_one, floor_ratio=floor["floor_ms"] / (step * 1e3), **floor)
 
 
+def idle_phase(model: str, batches: list[int], smoke: bool) -> None:
+    """GPU idle time between decode steps: each step records a CUDA event before its
+    first device work and one after the copy of its tokens; the idle time between
+    steps i and i+1 is the time from the first's end to the second's start on the
+    device (zero when the host had queued step i+1 before step i finished)."""
+    from engine import SamplingParams
+    llm = make_llm(model, batches, smoke)
+    core, runner = llm.engine, llm.engine.runner
+    vocab = core.model.config.vocab_size
+    plen, new, keep = (16, 12, 6) if smoke else (1024, 96, 64)
+    llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for b in batches:
+        for async_on in (True, False):
+            core.config.async_scheduling = async_on
+            runner.step_events = []
+            prompts = torch.randint(0, vocab, (b, plen)).tolist()
+            sync()
+            t = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+            sync()
+            wall = time.perf_counter() - t
+            events = runner.step_events[-keep - 2:-2]   # decode steps (the last ones may be empty)
+            runner.step_events = None
+            if not torch.cuda.is_available():
+                emit(phase="idle", model=model, batch=b, async_scheduling=async_on, steps=len(events), wall_s=wall)
+                continue
+            gaps = [max(0.0, e1.elapsed_time(s2)) for (_, e1), (s2, _) in zip(events, events[1:])]
+            span = events[0][0].elapsed_time(events[-1][1])
+            busy = [s.elapsed_time(e) for s, e in events]
+            emit(phase="idle", model=model, batch=b, async_scheduling=async_on, steps=len(events),
+                 step_ms=span / len(events), idle_ms_per_step=sum(gaps) / len(gaps),
+                 idle_fraction=sum(gaps) / span, step_device_span_ms=sorted(busy)[len(busy) // 2], wall_s=wall)
+    core.config.async_scheduling = True
+
+
 def profile_phase(model: str, batches: list[int], smoke: bool) -> None:
     """Where a decode step's time goes: torch profiler over 8 decode steps per batch,
     host (CPU) time by operator and device time in total."""
     from torch.profiler import ProfilerActivity, profile
-    from engine import LLM, SamplingParams
+    from engine import SamplingParams
     from engine.request import Request
-    llm = LLM(str(config_dir(model, smoke)), device="cpu" if smoke else "cuda", dtype="bfloat16",
-              load_format="random", seed=0, max_num_seqs=max(batches), max_num_batched_tokens=16384,
-              max_model_len=2048)
+    llm = make_llm(model, batches, smoke)
     core, vocab = llm.engine, llm.engine.model.config.vocab_size
     llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     for b in batches:
@@ -415,14 +489,20 @@ def hf_phase(model: str, batches: list[int], smoke: bool, new: int) -> None:
 def main() -> None:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["kernels", "engine", "profile", "hf", "copy"])
+    ap.add_argument("phase", choices=["kernels", "engine", "profile", "idle", "hf", "copy"])
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=[p.stem for p in SHAPES.glob("*.json")])
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--new-tokens", type=int, default=64, help="hf phase: tokens per timed generate")
     ap.add_argument("--budget-s", type=float, default=400, help="engine phase: skip batches that would overrun")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="CUDA graphs off")
+    ap.add_argument("--sync", action="store_true", help="async scheduling off")
     args = ap.parse_args()
+    if args.eager:
+        ENGINE_FLAGS["enable_cuda_graphs"] = False
+    if args.sync:
+        ENGINE_FLAGS["async_scheduling"] = False
     OUT = args.out
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -439,6 +519,8 @@ def main() -> None:
     elif args.phase == "profile":
         host_overhead_phase(args.smoke)
         profile_phase(args.model, batches, args.smoke)
+    elif args.phase == "idle":
+        idle_phase(args.model, batches, args.smoke)
     elif args.phase == "hf":
         hf_phase(args.model, batches, args.smoke, args.new_tokens)
     else:

@@ -28,6 +28,10 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0     # CPU: memory for the KV cache
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory the engine may hold
     max_logprobs: int = 20
+    # CUDA graphs for pure decode steps, and one step in flight (the host schedules
+    # step N+1 while the device runs step N). None: on for CUDA, off on CPU.
+    enable_cuda_graphs: bool | None = None
+    async_scheduling: bool | None = None
     kv_load_failure_policy: str = "recompute"  # remote-prefill KV lost: recompute here, or "fail"
 
     def __post_init__(self) -> None:
@@ -49,6 +53,13 @@ class EngineConfig:
             problems.append("num_kv_blocks must be >= 1")
         if self.kv_load_failure_policy not in ("recompute", "fail"):
             problems.append(f"kv_load_failure_policy must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
+        on_cuda = self.device.startswith("cuda")
+        if self.enable_cuda_graphs is None:
+            self.enable_cuda_graphs = on_cuda
+        elif self.enable_cuda_graphs and not on_cuda:
+            problems.append("enable_cuda_graphs needs device='cuda'")
+        if self.async_scheduling is None:
+            self.async_scheduling = on_cuda
         if problems:
             raise ValueError("invalid engine settings: " + "; ".join(problems))
 

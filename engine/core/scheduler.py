@@ -36,6 +36,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished: set[str] = set()   # rows the runner still holds
         self.num_preemptions = 0
+        # Async scheduling: tokens being sampled by steps in flight, per request. They
+        # count as known tokens (placeholders) when scheduling; the real token replaces
+        # one when its step's output arrives.
+        self.pending: dict[str, int] = {}
         # KV transfer (disaggregated prefill/decode); see engine/kv_transfer.py.
         self.kv_transfer: KVTransferHook | None = None
         self.loading: dict[str, Request] = {}   # consumer: remote KV being read
@@ -76,8 +80,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:      # everything computed (sampled token pending); nothing to do
+            pending = self.pending.get(req.request_id, 0)
+            n = min(req.num_tokens + pending - req.num_computed_tokens, budget)
+            if n <= 0 or (pending and self._finishes_on_length(req, pending)):
+                # Everything computed and the sampled token pending, or the pending
+                # tokens finish it anyway: nothing to do.
                 i += 1
                 continue
             new = not req.runner_block_counts    # just loaded from a remote prefill
@@ -135,12 +142,21 @@ class Scheduler:
         req.runner_block_counts = [len(g) for g in self.kv.block_ids(rid)]
         out.num_scheduled_tokens[rid] = n
         req.num_computed_tokens += n
-        self.kv.cache_full_blocks(req, req.num_computed_tokens)
+        pending = self.pending.get(rid, 0)
+        if req.num_computed_tokens >= req.num_tokens + pending:
+            self.pending[rid] = pending + 1     # this step samples a token
+        # Only blocks of known tokens are hashed (a placeholder's value is not known yet).
+        self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+
+    def _finishes_on_length(self, req: Request, pending: int) -> bool:
+        return (len(req.output_token_ids) + pending >= req.sampling_params.max_tokens
+                or req.num_tokens + pending >= self.config.max_model_len)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        self.pending.pop(req.request_id, None)   # its in-flight token is dropped; resampled later
         req.num_preemptions += 1
         self.num_preemptions += 1
         out.finished_req_ids.add(req.request_id)   # the runner drops its row
@@ -205,7 +221,11 @@ class Scheduler:
         for rid, token in sampled.items():
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
-                continue   # aborted while its step was in flight
+                continue   # finished, aborted or preempted while its step was in flight
+            if self.pending.get(rid, 0) > 1:
+                self.pending[rid] -= 1
+            else:
+                self.pending.pop(rid, None)
             req.output_token_ids.append(token)
             reason = self._stop_reason(req, token)
             if reason is not None:
@@ -231,6 +251,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         rid = req.request_id
+        self.pending.pop(rid, None)
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
             self._finished.add(rid)

@@ -15,12 +15,16 @@ The backend is forced per call (`backend=` argument of a dispatcher), for a regi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
 
 _BACKENDS = ("torch", "triton")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+log = logging.getLogger("engine.kernels")
+_warned: set[str] = set()
 _forced: str | None = os.environ.get("TANDEM_KERNEL_BACKEND") or None
 
 
@@ -58,3 +62,23 @@ def use_triton(t: torch.Tensor, backend: str | None = None) -> bool:
             raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
         return True
     return t.is_cuda
+
+
+def unsupported(op: str, reason: str | None) -> bool:
+    """True when a kernel cannot take these inputs (reason given): the dispatcher then
+    runs the torch reference, and the first time per (op, reason) a warning says so.
+    Never a wrong answer, never a crash for a shape the kernel does not handle."""
+    if reason is None:
+        return False
+    key = f"{op}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s: the Triton kernel does not support %s; using the torch reference (slower)", op, reason)
+    return True
+
+
+def dtype_problem(*tensors: torch.Tensor) -> str | None:
+    for t in tensors:
+        if t.dtype not in KERNEL_DTYPES:
+            return f"dtype {t.dtype}"
+    return None

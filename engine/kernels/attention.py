@@ -154,18 +154,30 @@ def _merge_kernel(po_ptr, pml_ptr, o_ptr, so_t, so_h, num_splits,
 
 
 @triton.jit
-def _write_kv_kernel(val_ptr, sv_t, sv_h, cache_ptr, sc_b, sc_s, sc_h, slot_ptr, block_size, H, D,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _write_kv_kernel(val_ptr, sv_t, sv_h, cache_ptr, sc_b, sc_s, sc_h,
+                     val2_ptr, sv2_t, sv2_h, cache2_ptr, sc2_b, sc2_s, sc2_h,
+                     slot_ptr, block_size, H, D, D2,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR: tl.constexpr):
+    """One token per program; PAIR writes a second (values, cache) pair, V beside K,
+    in the same launch."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
+    blk = slot // block_size
+    pos = slot % block_size
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     m = (h < H)[:, None] & (d < D)[None, :]
     v = tl.load(val_ptr + t * sv_t + h[:, None] * sv_h + d[None, :], mask=m)
-    dst = cache_ptr + (slot // block_size) * sc_b + (slot % block_size) * sc_s + h[:, None] * sc_h + d[None, :]
+    dst = cache_ptr + blk * sc_b + pos * sc_s + h[:, None] * sc_h + d[None, :]
     tl.store(dst, v.to(cache_ptr.dtype.element_ty), mask=m)
+    if PAIR:
+        d2 = tl.arange(0, BLOCK_D2)
+        m2 = (h < H)[:, None] & (d2 < D2)[None, :]
+        v2 = tl.load(val2_ptr + t * sv2_t + h[:, None] * sv2_h + d2[None, :], mask=m2)
+        dst2 = cache2_ptr + blk * sc2_b + pos * sc2_s + h[:, None] * sc2_h + d2[None, :]
+        tl.store(dst2, v2.to(cache2_ptr.dtype.element_ty), mask=m2)
 
 
 @functools.cache
@@ -191,6 +203,64 @@ def default_config(max_query_len: int, wide: bool) -> AttnConfig:
     return AttnConfig(16, 64, 4, 2) if decode else AttnConfig(128, 64, 8, 3)
 
 
+class _Plan(NamedTuple):
+    d1: int
+    d2: int
+    shared_v: bool
+    cfg: AttnConfig
+    hpp: int
+    block_q: int
+    grid: tuple[int, int, int]
+    dv_p2: int
+
+
+def _plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, config: AttnConfig | None,
+          num_splits: int | None) -> _Plan:
+    """Tiles, grid and split count of one launch; depends only on shapes and the step's
+    maxima, so the runner's step computes it once for all layers (meta.plans)."""
+    T, HQ, DK = q.shape
+    HKV, DV = k_cache.shape[2], v_cache.shape[-1]
+    group = HQ // HKV
+    d1 = triton.next_power_of_2(DK)
+    d2 = 0
+    if d1 != DK and DK - d1 // 2 >= 16 and triton.next_power_of_2(DK - d1 // 2) == DK - d1 // 2:
+        d1, d2 = d1 // 2, DK - d1 // 2                # e.g. 576 = 512 + 64
+    shared_v = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
+                and DV == d1 and d2 > 0)
+    max_q = meta.max_query_len or T
+    wide = max(d1, DV) > 256
+    cfg = config or default_config(max_q, wide)
+    hpp = min(triton.next_power_of_2(group), cfg.rows, 16 if wide else 64)
+    block_q, block_n = max(1, cfg.rows // hpp), cfg.block_n
+    B = meta.num_reqs
+    grid0 = T // block_q + B
+    grid1 = HKV * triton.cdiv(group, hpp)
+    if num_splits is None:
+        num_splits = meta.num_splits
+    active = min(grid0, B * triton.cdiv(max_q, block_q)) * grid1
+    sms = _num_sms(q.device)
+    if num_splits is None:
+        # Split the KV only when the query blocks leave SMs idle and each program would
+        # walk a long context: the merge launch costs more than it saves on short ones.
+        tiles = triton.cdiv(meta.max_seq_len or 0, block_n)
+        num_splits = 1
+        if active < sms and tiles >= 32:
+            num_splits = min(triton.next_power_of_2(triton.cdiv(sms, active)), 32,
+                             1 << ((tiles // 16).bit_length() - 1))
+    return _Plan(d1, d2, shared_v, cfg, hpp, block_q, (grid0, grid1, num_splits), triton.next_power_of_2(DV))
+
+
+def graph_num_splits(num_reqs: int, num_q_heads: int, num_kv_heads: int, wide: bool, device: torch.device) -> int:
+    """A fixed split count for a captured decode batch (the real lengths are unknown at
+    capture): enough programs to cover the SMs; the kernel divides the step's real
+    tiles among the splits, so short contexts leave the spare splits empty."""
+    group = num_q_heads // num_kv_heads
+    hpp = min(triton.next_power_of_2(group), 16)
+    active = num_reqs * num_kv_heads * triton.cdiv(group, hpp)
+    sms = _num_sms(device)
+    return 1 if active >= sms else min(triton.next_power_of_2(triton.cdiv(sms, active)), 16 if wide else 32)
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
                            config: AttnConfig | None = None, num_splits: int | None = None) -> torch.Tensor:
     T, HQ, DK = q.shape
@@ -201,61 +271,55 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
-    group = HQ // HKV
-    d1 = triton.next_power_of_2(DK)
-    d2 = 0
-    if d1 != DK and DK - d1 // 2 >= 16 and triton.next_power_of_2(DK - d1 // 2) == DK - d1 // 2:
-        d1, d2 = d1 // 2, DK - d1 // 2                # e.g. 576 = 512 + 64
-    shared_v = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
-                and DV == d1 and d2 > 0)
-    max_q = max(meta.query_lens_cpu) if meta.query_lens_cpu else T
-    wide = max(d1, DV) > 256
-    cfg = config or default_config(max_q, wide)
-    hpp = min(triton.next_power_of_2(group), cfg.rows, 16 if wide else 64)
-    block_q, block_n = max(1, cfg.rows // hpp), cfg.block_n
-    B = meta.num_reqs
-    grid0 = T // block_q + B
-    grid1 = HKV * triton.cdiv(group, hpp)
-    if num_splits is None:
-        # Split the KV only when the query blocks leave SMs idle and each program would
-        # walk a long context: the merge launch costs more than it saves on short ones.
-        # No per-request Python here: at batch 256 a loop over the host lists cost
-        # ~100 us per layer.
-        tiles = triton.cdiv(max(meta.seq_lens_cpu) if meta.seq_lens_cpu else 0, block_n)
-        active = min(grid0, B * triton.cdiv(max_q, block_q)) * grid1
-        sms = _num_sms(q.device)
-        num_splits = 1
-        if active < sms and tiles >= 32:
-            num_splits = min(triton.next_power_of_2(triton.cdiv(sms, active)), 32,
-                             1 << ((tiles // 16).bit_length() - 1))
-    dv_p2 = triton.next_power_of_2(DV)
+    if config is None and num_splits is None:
+        key = (T, HQ, DK, HKV, DV, k_cache.data_ptr() == v_cache.data_ptr())
+        plan = meta.plans.get(key)
+        if plan is None:
+            plan = meta.plans[key] = _plan(q, k_cache, v_cache, meta, None, None)
+    else:
+        plan = _plan(q, k_cache, v_cache, meta, config, num_splits)
+    cfg, num_splits = plan.cfg, plan.grid[2]
     split = num_splits > 1
     if split:
-        po = torch.empty(T, HQ, num_splits, dv_p2, dtype=torch.float32, device=q.device)
+        po = torch.empty(T, HQ, num_splits, plan.dv_p2, dtype=torch.float32, device=q.device)
         pml = torch.empty(T, HQ, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         po = pml = out
-    _attn_kernel[(grid0, grid1, num_splits)](
+    _attn_kernel[plan.grid](
         q, q.stride(0), q.stride(1), k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out, out.stride(0), out.stride(1),
         po, pml, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.block_table.stride(0),
-        B, scale * LOG2E, BLOCK_SIZE=meta.block_size, HQ=HQ, G=group, HPP=hpp, BLOCK_Q=block_q,
-        BLOCK_N=block_n, DK=DK, D1=d1, D2=d2, DV=DV, DV_P2=dv_p2,
-        SHARED_V=shared_v, SPLIT=split, UPCAST=upcast_dots(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        meta.num_reqs, scale * LOG2E, BLOCK_SIZE=meta.block_size, HQ=HQ, G=HQ // HKV, HPP=plan.hpp,
+        BLOCK_Q=plan.block_q, BLOCK_N=cfg.block_n, DK=DK, D1=plan.d1, D2=plan.d2, DV=DV, DV_P2=plan.dv_p2,
+        SHARED_V=plan.shared_v, SPLIT=split, UPCAST=upcast_dots(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if split:
         _merge_kernel[(T, HQ)](po, pml, out, out.stride(0), out.stride(1), num_splits,
-                               HQ=HQ, S_P2=max(2, triton.next_power_of_2(num_splits)), DV=DV, DV_P2=dv_p2,
+                               HQ=HQ, S_P2=max(2, triton.next_power_of_2(num_splits)), DV=DV, DV_P2=plan.dv_p2,
                                num_warps=4)
     return out
 
 
-def write_kv_triton(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int) -> None:
+def write_kv_triton(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
+                    cache2: torch.Tensor | None = None, values2: torch.Tensor | None = None) -> None:
+    """cache[slot] = values (and cache2[slot] = values2, same heads) for every token
+    whose slot is not -1."""
     T, H, D = values.shape
     if T == 0:
         return
     if values.stride(-1) != 1:
         values = values.contiguous()
     assert cache.stride(-1) == 1, "cache rows must be contiguous"
+    pair = values2 is not None
+    if pair:
+        if values2.stride(-1) != 1:
+            values2 = values2.contiguous()
+        assert cache2.stride(-1) == 1 and values2.shape[:2] == values.shape[:2]
+    else:
+        cache2, values2 = cache, values
+    D2 = values2.shape[-1]
     _write_kv_kernel[(T,)](values, values.stride(0), values.stride(1), cache, cache.stride(0), cache.stride(1),
-                           cache.stride(2), slot_mapping, block_size, H, D,
-                           BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+                           cache.stride(2), values2, values2.stride(0), values2.stride(1), cache2,
+                           cache2.stride(0), cache2.stride(1), cache2.stride(2), slot_mapping, block_size, H, D, D2,
+                           BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
+                           BLOCK_D2=triton.next_power_of_2(D2), PAIR=pair, num_warps=4)

@@ -1,5 +1,9 @@
 """Triton kernels that build a step's inputs from the request state table and write
-the sampled tokens back into it: one program per scheduled request, no host reads."""
+the sampled tokens back into it: one program per scheduled request, no host reads.
+
+The prepare kernel has one extra program that pads the token arrays past the
+scheduled tokens (input id 0, position 0, slot -1: no KV written), so a CUDA graph
+captured for a padded batch never writes a stale slot."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _prepare_kernel(rows_ptr, nsched_ptr, num_reqs,
+def _prepare_kernel(rows_ptr, nsched_ptr, num_reqs, num_tokens,
                     tok_ptr, tok_stride, computed_ptr, bt_ptr, bt_stride, max_blocks, block_size,
                     ids_out, pos_out, qsl_out, seq_lens_out, slot_out, logits_idx_out, bt_out, bt_out_stride,
                     BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BT: tl.constexpr):
@@ -18,6 +22,16 @@ def _prepare_kernel(rows_ptr, nsched_ptr, num_reqs,
     # This request's first token: the scheduled counts of the requests before it.
     counts = tl.load(nsched_ptr + r, mask=r < num_reqs, other=0)
     start = tl.sum(tl.where(r < i, counts, 0), 0)
+    offs = tl.arange(0, BLOCK)
+    if i == num_reqs:
+        # Padding: tokens past the scheduled ones.
+        for off in range(start, num_tokens, BLOCK):
+            j = off + offs
+            m = j < num_tokens
+            tl.store(ids_out + j, tl.zeros([BLOCK], tl.int64), mask=m)
+            tl.store(pos_out + j, tl.zeros([BLOCK], tl.int64), mask=m)
+            tl.store(slot_out + j, tl.full([BLOCK], -1, tl.int64), mask=m)
+        return
     n = tl.load(nsched_ptr + i)
     row = tl.load(rows_ptr + i).to(tl.int64)
     computed = tl.load(computed_ptr + row)
@@ -25,8 +39,7 @@ def _prepare_kernel(rows_ptr, nsched_ptr, num_reqs,
         tl.store(qsl_out, 0)
     tl.store(qsl_out + i + 1, start + n)
     tl.store(seq_lens_out + i, computed + n)
-    tl.store(logits_idx_out + i, (start + n - 1).to(tl.int64))
-    offs = tl.arange(0, BLOCK)
+    tl.store(logits_idx_out + i, tl.maximum(start + n - 1, 0).to(tl.int64))
     for off in range(0, n, BLOCK):
         j = off + offs
         m = j < n
@@ -74,8 +87,8 @@ def prepare_inputs_triton(table, rows: torch.Tensor, num_scheduled: torch.Tensor
     if num_reqs == 0:
         out["query_start_loc"].zero_()
         return out
-    _prepare_kernel[(num_reqs,)](
-        rows, num_scheduled.to(torch.int32), num_reqs,
+    _prepare_kernel[(num_reqs + 1,)](
+        rows, num_scheduled.to(torch.int32), num_reqs, num_tokens,
         table.token_ids, table.token_ids.stride(0), table.num_computed, table.block_table,
         table.block_table.stride(0), max_blocks, block_size,
         out["input_ids"], out["positions"], out["query_start_loc"], out["seq_lens"], out["slot_mapping"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.ops.attention import AttentionMetadata, paged_attention, write_kv
+from engine.ops.attention import AttentionMetadata, paged_attention, write_kv, write_kv_pair
 
 
 class PagedAttention(nn.Module):
@@ -25,7 +25,8 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D]; k [T, Hkv, D]; v [T, Hkv, Dv], or None when V is a prefix of
         the K entry (MLA latent cache) -> [T, Hq, Dv]."""
-        write_kv(self.k_cache, k, meta.slot_mapping, meta.block_size)
-        if v is not None:
-            write_kv(self.v_cache, v, meta.slot_mapping, meta.block_size)
+        if v is None:
+            write_kv(self.k_cache, k, meta.slot_mapping, meta.block_size)
+        else:
+            write_kv_pair(self.k_cache, self.v_cache, k, v, meta.slot_mapping, meta.block_size)
         return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -1,4 +1,5 @@
-"""RMSNorm, computed in float32 whatever the activation dtype."""
+"""RMSNorm, computed in float32 whatever the activation dtype; optionally fused with
+the residual add before it (engine/ops/norm.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from engine.layers.params import param
+from engine.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,8 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = param(dim)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with a residual, (norm(x + residual), x + residual)."""
+        return rms_norm(x, self.weight, self.eps, residual)

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from engine.ops.rotary import rotary
+
 
 def rope_parameters(config) -> dict:
     """The rope settings of a Hugging Face config, old (`rope_scaling`) or new style."""
@@ -78,24 +80,41 @@ def _yarn(dim: int, base: float, factor: float, p: dict, max_position: int) -> t
     return inv, float(scaling)
 
 
+# cos/sin tables shared by every layer with the same schedule (one per model, not per
+# layer): key -> (cos, sin), each [positions, dim/2] float32 with the scaling folded in.
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, params: dict, max_position: int, interleaved: bool = False) -> None:
         super().__init__()
         inv, self.scaling = inv_frequencies(dim, params, max_position)
         self.register_buffer("inv_freq", inv, persistent=False)
         self.interleaved = interleaved
+        self.max_position = max_position
+        self._key = (tuple(inv.tolist()), self.scaling)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate each x [T, heads, dim] by its token's position."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        cos = (freqs.cos() * self.scaling)[:, None, :]
-        sin = (freqs.sin() * self.scaling)[:, None, :]
-        return tuple(self._rotate(x, cos.to(x.dtype), sin.to(x.dtype)) for x in xs)
+    def reserve(self, num_positions: int) -> None:
+        """Make the cos/sin table cover positions [0, num_positions)."""
+        n = max(num_positions, self.max_position)
+        if self._table is not None and self._table[0].shape[0] >= n and self._table[0].device == self.inv_freq.device:
+            return
+        key = (*self._key, self.inv_freq.device)
+        table = _TABLES.get(key)
+        if table is None or table[0].shape[0] < n:
+            # Same float32 arithmetic as computing from the positions each step.
+            freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+            table = _TABLES[key] = (freqs.cos() * self.scaling, freqs.sin() * self.scaling)
+        self._table = table
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, Hq, dim] and k [T, Hk, dim] by their token's position; with
+        q_norm/k_norm (RMSNorm modules), normalise each head first (one fused launch)."""
+        if self._table is None or self._table[0].device != self.inv_freq.device:
+            self.reserve(self.max_position)
+        cos, sin = self._table
+        if q_norm is None:
+            return rotary(positions, q, k, cos, sin, self.interleaved)
+        return rotary(positions, q, k, cos, sin, self.interleaved, q_norm.weight, k_norm.weight, q_norm.eps)

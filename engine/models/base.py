@@ -64,12 +64,19 @@ class CausalLM(nn.Module):
         """The PagedAttention module of each layer, in cache order."""
         return [layer.self_attn.attn for layer in self.layers]
 
+    def reserve_positions(self, num_positions: int) -> None:
+        """Size every rotary cos/sin table for positions up to num_positions."""
+        from engine.layers.rotary import RotaryEmbedding
+        for m in self.modules():
+            if isinstance(m, RotaryEmbedding):
+                m.reserve(num_positions)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens[input_ids]
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, positions, meta)
-        return self.norm(h + residual)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
@@ -118,7 +125,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = h if residual is None else h + residual
-        h = self.self_attn(self.input_layernorm(residual), positions, meta)
-        residual = h + residual
-        return self.mlp(self.post_attention_layernorm(residual)), residual
+        # Each norm adds the residual in the same launch (engine/ops/norm.py).
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, positions, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual

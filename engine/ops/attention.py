@@ -8,7 +8,7 @@ kv_heads, dim] with arbitrary strides (the engine keeps a block's layers togethe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,21 @@ class AttentionMetadata:
     # Host copies for the reference path and for launch grids (known to the scheduler).
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Computed once per step (not per layer); a CUDA graph passes upper bounds.
+    max_query_len: int | None = None
+    max_seq_len: int | None = None
+    # Fixed split-KV count (CUDA-graph capture: the grid cannot depend on the step's
+    # lengths); None lets the kernel choose from the lengths.
+    num_splits: int | None = None
+    # Launch plans of the Triton dispatcher, filled by the first layer of the step and
+    # reused by the others (same shapes in every layer).
+    plans: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_query_len is None:
+            self.max_query_len = max(self.query_lens_cpu, default=0)
+        if self.max_seq_len is None:
+            self.max_seq_len = max(self.seq_lens_cpu, default=0)
 
 
 def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
@@ -35,6 +50,17 @@ def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tens
         write_kv_triton(cache, values, slot_mapping, block_size)
         return
     write_kv_ref(cache, values, slot_mapping, block_size)
+
+
+def write_kv_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  slot_mapping: torch.Tensor, block_size: int, backend: str | None = None) -> None:
+    """write_kv of K and of V; on the device one launch for both."""
+    if use_triton(k, backend):
+        from engine.kernels.attention import write_kv_triton
+        write_kv_triton(k_cache, k, slot_mapping, block_size, v_cache, v)
+        return
+    write_kv_ref(k_cache, k, slot_mapping, block_size)
+    write_kv_ref(v_cache, v, slot_mapping, block_size)
 
 
 def write_kv_ref(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int) -> None:

@@ -1,43 +1,86 @@
 """Runs one scheduled step: update the state table, build inputs on the device,
-run the model, sample, and write the sampled tokens back into the table."""
+run the model, sample, and write the sampled tokens back into the table.
+
+`execute` only launches work: it returns a `PendingOutput` whose tokens arrive through
+a non-blocking copy, so the engine core can schedule the next step while this one
+runs. Pure decode steps replay a CUDA graph when graphs are on (cuda_graphs.py).
+Per-step host work is a handful of numpy operations over the batch, no Python loop
+per request beyond the row lookup.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import numpy as np
 import torch
 
 from engine.core.scheduler_output import SchedulerOutput
 from engine.models.base import CausalLM
 from engine.ops.attention import AttentionMetadata
 from engine.ops.sampling import sample, topn_logprobs
+from engine.runner.cuda_graphs import DecodeGraphs, EagerPaddedSteps, graph_batch_sizes
 from engine.runner.inputs import commit_step, prepare_inputs
 from engine.runner.state import RequestStateTable
+from engine.runner.step_output import PendingOutput, RunnerOutput
 
-
-@dataclass
-class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)          # requests that produced a token
-    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+__all__ = ["ModelRunner", "RunnerOutput", "PendingOutput"]
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_model_len: int, dtype: torch.dtype, device: torch.device) -> None:
+                 max_model_len: int, dtype: torch.dtype, device: torch.device,
+                 kv_cache: torch.Tensor | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.max_model_len = max_model_len
         max_blocks = -(-max_model_len // block_size)
         self.table = RequestStateTable(max_num_seqs, max_model_len, max_blocks, device)
         layout = model.cache_layout()
         # [blocks, layers, entries, block_size, heads, dim]: a block's data for every
         # layer is contiguous, so a request's KV moves in few large transfers.
-        self.kv_cache = torch.zeros(num_blocks, layout.num_layers, layout.entries, block_size,
-                                    layout.kv_heads, layout.dim, dtype=dtype, device=device)
+        if kv_cache is None:
+            kv_cache = torch.zeros(num_blocks, layout.num_layers, layout.entries, block_size,
+                                   layout.kv_heads, layout.dim, dtype=dtype, device=device)
+        self.kv_cache = kv_cache
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = self.kv_cache[:, i, 0]
             attn.v_cache = self.kv_cache[:, i, 1] if layout.entries == 2 else attn.k_cache[..., :attn.v_head_dim]
+        model.reserve_positions(max_model_len)
+        self.graphs: DecodeGraphs | None = None
+        # When a list, each step appends (start, end) CUDA events around its device work
+        # (benchmarks measure the idle time between steps with them).
+        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
+    # -- CUDA graphs ------------------------------------------------------------------
+    def capture_cuda_graphs(self, sizes: list[int] | None = None, eager: bool = False) -> None:
+        """Capture the decode graphs; eager=True runs the same padded steps without
+        graphs (any device: how CPU tests check the padding)."""
+        if self.device.type != "cuda" and not eager:
+            raise ValueError("CUDA graphs need a CUDA device")
+        sizes = sizes or graph_batch_sizes(self.table.max_reqs)
+        cls = EagerPaddedSteps if eager else DecodeGraphs
+        graphs = cls(self._graph_step, sizes, self.table.pad_row, self.device)
+        with torch.inference_mode():
+            graphs.capture()
+        self.graphs = graphs
+
+    def _graph_step(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,
+                    size: int, seq_lens_cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded decode step. Captured, it sees only upper bounds of the lengths
+        (max_model_len); run eagerly, the real ones (pad entries: 0 tokens)."""
+        splits = None
+        if self.device.type == "cuda":
+            from engine.kernels.attention import graph_num_splits
+            attn = self.model.attention_layers()[0]
+            splits = graph_num_splits(size, attn.num_heads, attn.num_kv_heads,
+                                      max(attn.head_dim, attn.v_head_dim) > 256, self.device)
+        if seq_lens_cpu is None:
+            query_lens, seq_lens_cpu = [1] * size, [self.max_model_len] * size
+        else:
+            query_lens = [int(n > 0) for n in seq_lens_cpu]
+        return self._forward_sample(rows, nsched, mask, num_tokens, query_lens, seq_lens_cpu, num_splits=splits)
+
+    # -- one step ---------------------------------------------------------------------
     def _update_table(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
             self.table.remove(rid)
@@ -45,55 +88,62 @@ class ModelRunner:
             self.table.add(new)
         for rid, blocks in out.new_block_ids.items():
             self.table.append_blocks(rid, blocks[0])
+        self.table.flush()
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self._update_table(out)
-        if out.is_empty:
-            return RunnerOutput()
+    def _forward_sample(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,
+                        query_lens_cpu: list[int], seq_lens_cpu: list[int], num_splits: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.table
-        req_ids = list(out.num_scheduled_tokens)
-        rows_cpu = [t.rows[r] for r in req_ids]
-        nsched_cpu = [out.num_scheduled_tokens[r] for r in req_ids]
-        seq_lens_cpu = [t.num_computed_cpu[row] + n for row, n in zip(rows_cpu, nsched_cpu)]
-        samples_cpu = [s >= t.num_tokens_cpu[row] for row, s in zip(rows_cpu, seq_lens_cpu)]
-
-        rows = torch.tensor(rows_cpu, dtype=torch.long, device=self.device)
-        nsched = torch.tensor(nsched_cpu, dtype=torch.int32, device=self.device)
-        num_tokens = sum(nsched_cpu)
         inp = prepare_inputs(t, rows, nsched, num_tokens, self.block_size)
         meta = AttentionMetadata(
-            num_reqs=len(req_ids), query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
+            num_reqs=rows.shape[0], query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
             block_table=inp.block_table, slot_mapping=inp.slot_mapping, block_size=self.block_size,
-            query_lens_cpu=nsched_cpu, seq_lens_cpu=seq_lens_cpu)
-
+            query_lens_cpu=query_lens_cpu, seq_lens_cpu=seq_lens_cpu, num_splits=num_splits)
         hidden = self.model(inp.input_ids, inp.positions, meta)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
         sampled = sample(logits, t.temperature[rows], t.top_k[rows], t.top_p[rows], t.min_p[rows],
                          t.seeds[rows], inp.seq_lens.long())
-        mask = torch.tensor(samples_cpu, device=self.device)
         commit_step(t, rows, nsched, sampled, mask)
+        return logits, sampled
 
-        for row, n, s in zip(rows_cpu, nsched_cpu, samples_cpu):
-            t.num_computed_cpu[row] += n
-            t.num_tokens_cpu[row] += int(s)
-        return self._collect(req_ids, rows_cpu, samples_cpu, logits, sampled)
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> PendingOutput:
+        events = None
+        if self.step_events is not None and self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        self._update_table(out)
+        if out.is_empty:
+            if events is not None:
+                self.step_events.append((events[0], events[0]))
+            return PendingOutput()
+        t = self.table
+        batch = len(out.num_scheduled_tokens)
+        req_ids = list(out.num_scheduled_tokens)
+        rows = np.fromiter((t.rows[r] for r in req_ids), dtype=np.int64, count=batch)
+        nsched = np.fromiter(out.num_scheduled_tokens.values(), dtype=np.int64, count=batch)
+        seq_lens = t.num_computed_cpu[rows] + nsched
+        samples = seq_lens >= t.num_tokens_cpu[rows]
+        t.num_computed_cpu[rows] = seq_lens          # rows are distinct
+        t.num_tokens_cpu[rows] += samples
+        num_tokens = int(nsched.sum())
+        want = np.array([-1 if t.logprobs_cpu[r] is None else t.logprobs_cpu[r] for r in rows], dtype=np.int64)
 
-    def _collect(self, req_ids: list[str], rows_cpu: list[int], samples_cpu: list[bool],
-                 logits: torch.Tensor, sampled: torch.Tensor) -> RunnerOutput:
-        result = RunnerOutput()
-        tokens = sampled.tolist()
-        want = [self.table.logprobs_cpu[row] for row in rows_cpu]
-        n_max = max((w for w, s in zip(want, samples_cpu) if w is not None and s), default=None)
-        if n_max is not None:
-            lp, top_ids, top_lps = (x.tolist() for x in topn_logprobs(logits, sampled, n_max))
-        for i, (rid, s) in enumerate(zip(req_ids, samples_cpu)):
-            if not s:
-                continue
-            result.sampled[rid] = tokens[i]
-            if want[i] is not None:
-                entry = dict(zip(top_ids[i][:want[i]], top_lps[i][:want[i]]))
-                entry[tokens[i]] = lp[i]
-                result.logprobs[rid] = entry
-        return result
-
+        size = self.graphs.size_for(batch) if self.graphs is not None and num_tokens == batch else None
+        if size is not None:
+            logits, sampled, host = self.graphs.replay(rows, samples, size, seq_lens)
+            logits, sampled = logits[:batch], sampled[:batch]
+        else:
+            host = np.stack([rows, nsched, samples.astype(np.int64)])
+            dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+            logits, sampled = self._forward_sample(dev[0], dev[1], dev[2], num_tokens, nsched.tolist(),
+                                                   seq_lens.tolist())
+        lp = None
+        wanted = want[samples]
+        if wanted.size and wanted.max() >= 0:
+            lp = topn_logprobs(logits, sampled, int(wanted.max()))
+        pending = PendingOutput(req_ids, samples, want, sampled, lp, keep_alive=host)
+        if events is not None:
+            events[1].record()
+            self.step_events.append(events)
+        return pending

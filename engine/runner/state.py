@@ -5,10 +5,19 @@ many are computed, its block table and its sampling settings. Rows change only w
 requests enter or leave or get new blocks; a step's inputs are gathered from the
 table on the device, and the sampled token is written back into it there, so the
 next step reads it without the host ever touching token values.
+
+Host-side changes are staged and applied once per step in a few launches (one
+scatter for token ids, one for block-table entries, one per scalar field), through
+non-blocking copies from fresh host arrays, so applying them never waits for the
+device (the previous step may still be running under async scheduling).
+
+One extra row, `pad_row`, stays all zeros: padded batch entries of a CUDA-graph
+replay point at it with no tokens scheduled, so they read and write nothing real.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.core.scheduler_output import NewRequestData
@@ -18,55 +27,100 @@ class RequestStateTable:
     def __init__(self, max_reqs: int, max_model_len: int, max_blocks: int, device: torch.device) -> None:
         self.max_reqs, self.max_model_len = max_reqs, max_model_len
         self.device = device
+        self.pad_row = max_reqs
+        rows = max_reqs + 1
         z = lambda *shape, dtype=torch.int32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.token_ids = z(max_reqs, max_model_len)
-        self.num_tokens = z(max_reqs)           # known tokens, sampled ones included
-        self.num_computed = z(max_reqs)         # authoritative on the device
-        self.block_table = z(max_reqs, max_blocks)
-        self.temperature = z(max_reqs, dtype=torch.float32)
-        self.top_k = z(max_reqs)
-        self.top_p = z(max_reqs, dtype=torch.float32)
-        self.min_p = z(max_reqs, dtype=torch.float32)
-        self.seeds = z(max_reqs, dtype=torch.int64)
-        # Host mirrors of what the host decides anyway (no device reads needed).
+        self.token_ids = z(rows, max_model_len)
+        self.num_tokens = z(rows)           # known tokens, sampled ones included
+        self.num_computed = z(rows)         # authoritative on the device
+        self.block_table = z(rows, max_blocks)
+        self.temperature = z(rows, dtype=torch.float32)
+        self.top_k = z(rows)
+        self.top_p = z(rows, dtype=torch.float32)
+        self.min_p = z(rows, dtype=torch.float32)
+        self.seeds = z(rows, dtype=torch.int64)
+        # Host mirrors of what the host decides anyway (no device reads needed). The
+        # counts are optimistic under async scheduling: they include tokens still
+        # being sampled.
         self.rows: dict[str, int] = {}
         self._free = list(range(max_reqs - 1, -1, -1))
-        self.num_blocks_cpu = [0] * max_reqs
-        self.num_tokens_cpu = [0] * max_reqs
-        self.num_computed_cpu = [0] * max_reqs
-        self.logprobs_cpu = [None] * max_reqs
+        self.num_blocks_cpu = np.zeros(rows, dtype=np.int64)
+        self.num_tokens_cpu = np.zeros(rows, dtype=np.int64)
+        self.num_computed_cpu = np.zeros(rows, dtype=np.int64)
+        self.logprobs_cpu: list[int | None] = [None] * rows
+        self._staged_new: list[tuple[int, NewRequestData]] = []
+        self._staged_blocks: list[tuple[int, int, list[int]]] = []   # (row, first column, block ids)
 
+    # -- host-side changes (staged) ------------------------------------------------
     def add(self, new: NewRequestData) -> int:
-        row = self._free.pop()
-        self.rows[new.req_id] = row
         n = len(new.token_ids)
         if n > self.max_model_len:
             raise ValueError(f"request {new.req_id} has {n} tokens, above max_model_len {self.max_model_len}")
-        self.token_ids[row, :n] = torch.tensor(new.token_ids, dtype=torch.int32)
-        self.num_tokens[row] = n
-        self.num_computed[row] = new.num_computed_tokens
-        sp = new.sampling_params
-        self.temperature[row] = sp.temperature
-        self.top_k[row] = sp.top_k
-        self.top_p[row] = sp.top_p
-        self.min_p[row] = sp.min_p
-        self.seeds[row] = new.seed
+        row = self._free.pop()
+        self.rows[new.req_id] = row
         self.num_blocks_cpu[row] = 0
-        self.append_blocks(new.req_id, new.block_ids[0])
         self.num_tokens_cpu[row] = n
         self.num_computed_cpu[row] = new.num_computed_tokens
-        self.logprobs_cpu[row] = sp.logprobs
+        self.logprobs_cpu[row] = new.sampling_params.logprobs
+        self._staged_new.append((row, new))
+        self.append_blocks(new.req_id, new.block_ids[0])
         return row
 
     def append_blocks(self, req_id: str, block_ids: list[int]) -> None:
         if not block_ids:
             return
         row = self.rows[req_id]
-        start = self.num_blocks_cpu[row]
-        self.block_table[row, start:start + len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
+        start = int(self.num_blocks_cpu[row])
+        self._staged_blocks.append((row, start, block_ids))
         self.num_blocks_cpu[row] = start + len(block_ids)
 
     def remove(self, req_id: str) -> None:
         row = self.rows.pop(req_id, None)
         if row is not None:
             self._free.append(row)
+
+    # -- applying the staged changes on the device -------------------------------------
+    def flush(self) -> None:
+        if self._staged_new:
+            self._flush_new(self._staged_new)
+            self._staged_new = []
+        if self._staged_blocks:
+            rows, cols, vals = [], [], []
+            for row, start, ids in self._staged_blocks:
+                rows.append(np.full(len(ids), row, dtype=np.int64))
+                cols.append(np.arange(start, start + len(ids), dtype=np.int64))
+                vals.append(np.asarray(ids, dtype=np.int64))
+            flat = np.concatenate(rows) * self.block_table.shape[1] + np.concatenate(cols)
+            self._scatter(self.block_table, flat, np.concatenate(vals))
+            self._staged_blocks = []
+
+    def _flush_new(self, staged: list[tuple[int, NewRequestData]]) -> None:
+        rows = np.array([r for r, _ in staged], dtype=np.int64)
+        lens = np.array([len(n.token_ids) for _, n in staged], dtype=np.int64)
+        # Token ids: one flat scatter into token_ids.view(-1).
+        starts = np.repeat(rows * self.max_model_len - np.concatenate(([0], np.cumsum(lens)[:-1])), lens)
+        flat = starts + np.arange(int(lens.sum()), dtype=np.int64)
+        tokens = np.fromiter((t for _, n in staged for t in n.token_ids), dtype=np.int64, count=int(lens.sum()))
+        self._scatter(self.token_ids, flat, tokens)
+        ints = np.array([[len(n.token_ids), n.num_computed_tokens, n.sampling_params.top_k, n.seed]
+                         for _, n in staged], dtype=np.int64)
+        floats = np.array([[n.sampling_params.temperature, n.sampling_params.top_p, n.sampling_params.min_p]
+                           for _, n in staged], dtype=np.float32)
+        idx = self._to_device(rows)
+        ints_d, floats_d = self._to_device(ints), self._to_device(floats)
+        self.num_tokens[idx] = ints_d[:, 0].to(torch.int32)
+        self.num_computed[idx] = ints_d[:, 1].to(torch.int32)
+        self.top_k[idx] = ints_d[:, 2].to(torch.int32)
+        self.seeds[idx] = ints_d[:, 3]
+        self.temperature[idx] = floats_d[:, 0]
+        self.top_p[idx] = floats_d[:, 1]
+        self.min_p[idx] = floats_d[:, 2]
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        # A fresh host array per call, never written again: the non-blocking copy is
+        # staged by the driver (pageable memory) and cannot race the next step's writes.
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    def _scatter(self, dst: torch.Tensor, flat_idx: np.ndarray, values: np.ndarray) -> None:
+        both = self._to_device(np.stack([flat_idx, values]))
+        dst.view(-1)[both[0]] = both[1].to(dst.dtype)

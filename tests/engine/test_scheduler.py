@@ -64,3 +64,33 @@ def test_abort_frees_everything():
     s.schedule()
     s.abort("a")
     assert s.kv.num_free_blocks == 64 and s.num_unfinished == 0
+
+
+def test_async_placeholders_schedule_ahead_and_stop_on_length():
+    """With one step in flight the scheduler counts the token being sampled as known
+    (a placeholder) and schedules its decode; it schedules nothing that the pending
+    tokens already finish."""
+    s = make(budget=16)
+    add(s, "a", 4, max_tokens=3)
+    assert s.schedule().num_scheduled_tokens == {"a": 4}
+    assert s.schedule().num_scheduled_tokens == {"a": 1}      # the placeholder's decode
+    assert s.pending == {"a": 2}
+    s.update_from_output({"a": 7})
+    assert s.schedule().num_scheduled_tokens == {"a": 1}
+    s.update_from_output({"a": 8})
+    assert s.schedule().num_scheduled_tokens == {}              # its last token is pending
+    changed = s.update_from_output({"a": 9})
+    assert changed[0].output_token_ids == [7, 8, 9] and changed[0].finish_reason() == "length"
+    assert s.pending == {} and s.num_unfinished == 0
+    assert s.update_from_output({"a": 10}) == []                # a discarded extra step's token
+
+
+def test_preemption_drops_the_placeholder():
+    s = make(num_blocks=4, budget=64)
+    add(s, "a", 8, max_tokens=20)
+    add(s, "b", 7, max_tokens=20)
+    s.schedule()
+    s.update_from_output({"a": 1, "b": 1})
+    s.schedule()                       # b preempted; a's decode is in flight
+    assert "b" not in s.pending and s.pending == {"a": 1}
+    assert s.update_from_output({"b": 5}) == []                 # b's late token is dropped

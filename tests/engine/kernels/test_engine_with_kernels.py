@@ -40,6 +40,23 @@ def test_interpreted_kernels_match_transformers(family):
             assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
 
 
+@interpreted
+def test_interpreted_padded_async_steps_match_transformers(family):
+    """The CUDA-graph decode path (padded batch, pad row, prepare kernel's padding
+    program) run eagerly through the interpreter, with async scheduling."""
+    folder, hf = family
+    n = 4
+    with kernel_backend("triton"):
+        llm = LLM(str(folder), block_size=4, max_num_batched_tokens=8, async_scheduling=True)
+        llm.engine.runner.capture_cuda_graphs(sizes=[4], eager=True)
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=3))
+    for out, prompt in zip(outs, PROMPTS):
+        ref_tokens, ref_lp = hf_greedy(hf, prompt, n)
+        assert out.token_ids == ref_tokens
+        for step, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_match_transformers(family):
     folder, hf = family

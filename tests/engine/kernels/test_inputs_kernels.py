@@ -30,9 +30,9 @@ def table_case(device: str = "cpu", max_reqs: int = 12, max_len: int = 96, block
     return t, rows.to(device), torch.tensor(scheduled, dtype=torch.int32, device=device), block_size
 
 
-def _check_prepare(device, **kw):
+def _check_prepare(device, pad: int = 0, **kw):
     table, rows, nsched, bs = table_case(device, **kw)
-    num_tokens = int(nsched.sum())
+    num_tokens = int(nsched.sum()) + pad
     ref = prepare_inputs_ref(table, rows, nsched, num_tokens, bs)
     out = prepare_inputs(table, rows, nsched, num_tokens, bs, backend="triton")
     for name in FIELDS:
@@ -59,6 +59,16 @@ def test_prepare_inputs():
 @interpreted
 def test_prepare_inputs_single_request_long_prefill():
     _check_prepare("cpu", computed=(3,), scheduled=(600,), max_len=700)
+
+
+@interpreted
+def test_prepare_inputs_padded_batch():
+    """A CUDA-graph batch: entries with no tokens and a padded token tail (id 0,
+    position 0, slot -1), stale values in the tail never survive."""
+    _check_prepare("cpu", pad=7, computed=(0, 7, 30, 0, 12), scheduled=(9, 1, 0, 1, 0))
+    table, rows, nsched, bs = table_case("cpu", computed=(4, 8), scheduled=(1, 1))
+    out = prepare_inputs(table, rows, nsched, 6, bs, backend="triton")
+    assert out.slot_mapping[2:].tolist() == [-1] * 4 and out.input_ids[2:].tolist() == [0] * 4
 
 
 @interpreted

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call (nvidia-h200): checks first, then timings; each phase its own process
+# with its own time limit, so a failure leaves the other phases' results.
+#   bash benchmarks/h200_engine_run.sh "tests engine:qwen3-30b-a3b:280 idle:qwen3-30b-a3b:1,64"
+# Results: $OUT/*.jsonl and logs (what the device tool brings back).
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+for job in $1; do
+  IFS=: read -r phase model arg <<<"$job"
+  start=$(date +%s)
+  case $phase in
+    tests)  timeout "${model:-170}" python3 -m pytest -q -m gpu tests/engine -p no:cacheprovider 2>&1 \
+              | tail -25 | tee "$OUT/gpu_tests.log" ;;
+    engine) timeout $((arg + 60)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
+              --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
+    idle|profile) timeout 150 python3 benchmarks/engine_bench.py "$phase" --model "$model" --batches "$arg" \
+              --out "$OUT/$phase.jsonl" 2>&1 | grep -v Warning | tail -8 ;;
+    eager)  timeout $((arg + 60)) python3 benchmarks/engine_bench.py engine --eager --model "$model" \
+              --budget-s "$arg" --batches 1,64 --out "$OUT/engine_eager.jsonl" 2>&1 | tail -6 ;;
+    kernels) timeout 200 python3 benchmarks/engine_bench.py kernels --out "$OUT/kernels.jsonl" 2>&1 \
+              | grep -E "rms_norm|rotary" | cut -c1-240 ;;
+  esac
+  echo "== $job: $(( $(date +%s) - start )) s"
+done

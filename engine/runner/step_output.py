@@ -1,0 +1,66 @@
+"""A step's sampled tokens (and logprobs) on their way to the host.
+
+The runner launches the step and starts a non-blocking device-to-host copy of the
+sampled tokens into pinned memory, recording a CUDA event after it; the engine core
+calls `result()` one step later (async scheduling) or at once (sync). That copy is the
+only device-to-host traffic of a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)          # requests that produced a token
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying a device tensor to (pinned) host memory without waiting."""
+    return t.to("cpu", non_blocking=True) if t.is_cuda else t
+
+
+class PendingOutput:
+    def __init__(self, req_ids: list[str] | None = None, samples: np.ndarray | None = None,
+                 want_logprobs: np.ndarray | None = None, sampled: torch.Tensor | None = None,
+                 logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 keep_alive: object = None) -> None:
+        self.req_ids = req_ids or []
+        self.samples = samples
+        self.want = want_logprobs
+        self._sampled = to_host(sampled) if sampled is not None else None
+        self._logprobs = tuple(to_host(x) for x in logprobs) if logprobs is not None else None
+        self._keep_alive = keep_alive   # host arrays an in-flight copy may still read
+        self._event = None
+        if sampled is not None and sampled.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._result: RunnerOutput | None = None
+
+    def result(self) -> RunnerOutput:
+        """Wait for the copy (a no-op when it is done) and build the per-request output."""
+        if self._result is not None:
+            return self._result
+        out = RunnerOutput()
+        if self._sampled is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            tokens = self._sampled.tolist()
+            if self._logprobs is not None:
+                lp, top_ids, top_lps = (x.tolist() for x in self._logprobs)
+            for i in np.flatnonzero(self.samples).tolist():
+                rid = self.req_ids[i]
+                out.sampled[rid] = tokens[i]
+                n = int(self.want[i])
+                if n >= 0:
+                    entry = dict(zip(top_ids[i][:n], top_lps[i][:n]))
+                    entry[tokens[i]] = lp[i]
+                    out.logprobs[rid] = entry
+        self._result = out
+        self._sampled = self._logprobs = self._keep_alive = None
+        return out
