@@ -100,12 +100,14 @@ def evaluate(windows: list[Tensor], gpus: int, redundant: int, args: argparse.Na
     """Mean balancedness over layers and over (past window, next window) pairs."""
     replicas = args.experts + redundant
     nodes = max(1, gpus // args.gpus_per_node)
-    sums = dict.fromkeys(COLUMNS, 0.0)
+    sums = dict.fromkeys(COLUMNS + ("deepseek_same",), 0.0)
     base = contiguous_placement(args.layers, args.experts, gpus)
     for past, nxt in zip(windows, windows[1:]):
         glob = rebalance(past, replicas, args.groups, nodes, gpus, hierarchical=False)
         sums["baseline"] += score(nxt, base, gpus)
-        sums["deepseek"] += score(nxt, rebalance(past, replicas, args.groups, nodes, gpus, refine=False), gpus)
+        deepseek = rebalance(past, replicas, args.groups, nodes, gpus, refine=False)
+        sums["deepseek"] += score(nxt, deepseek, gpus)
+        sums["deepseek_same"] += score(past, deepseek, gpus)
         sums["hier"] += score(nxt, rebalance(past, replicas, args.groups, nodes, gpus), gpus)
         sums["global"] += score(nxt, glob, gpus)
         lpt = rebalance(past, replicas, args.groups, nodes, gpus, hierarchical=False, refine=False)
@@ -175,9 +177,12 @@ def print_report(balance: list[dict], timing: list[dict], args: argparse.Namespa
         else:
             print(f"{lead}{row['slots_per_gpu']:>6}  " + "".join(f"{row[c]:>12.3f}" for c in COLUMNS))
     scored = [r for r in balance if "skipped" not in r]
-    gaps = [r["global"] - r["deepseek"] for r in scored]
-    print(f"\nglobal - deepseek over {len(gaps)} rows: min {min(gaps):+.4f}, mean {statistics.mean(gaps):+.4f}, "
-          f"max {max(gaps):+.4f}")
+    print()
+    for label, ours, theirs in (("next window", "global", "deepseek"),
+                                ("same window", "global_same", "deepseek_same")):
+        gaps = [r[ours] - r[theirs] for r in scored]
+        print(f"global - deepseek ({label}, {len(gaps)} rows): min {min(gaps):+.4f}, "
+              f"mean {statistics.mean(gaps):+.4f}, max {max(gaps):+.4f}")
     print(f"\nTime to compute a placement ({args.layers} layers x {args.experts} experts, "
           f"{args.timing_runs} runs; wall time, and median CPU time of all threads)")
     print(f"{'GPUs':>5}{'nodes':>6}{'replicas':>9}{'variant':>8}{'median ms':>11}{'min ms':>8}{'max ms':>8}"

@@ -124,7 +124,7 @@ class EPEngine:
         self.accepting: set[str] = set()      # ranks that take new requests
         self.generation = -1
         self.step_index = 0
-        self.requests: dict[str, _Tracked] = {}        # user id -> request
+        self.requests: dict[str, _Tracked] = {}        # user id -> request, until popped
         self._by_internal: dict[str, _Tracked] = {}
         self._undelivered: list[EngineCoreOutput] = []
         self.failed: RankLostError | None = None
@@ -179,6 +179,12 @@ class EPEngine:
 
     def has_unfinished(self) -> bool:
         return any(not t.finished for t in self.requests.values())
+
+    def pop_finished(self) -> list[RequestOutput]:
+        """Results of finished requests, which the engine then forgets (a caller that
+        drives step() itself collects them here; generate() does it for its own)."""
+        done = [rid for rid, t in self.requests.items() if t.finished]
+        return [self.requests.pop(rid).result for rid in done]
 
     def num_unfinished_on(self, name: str) -> int:
         return sum(1 for t in self.requests.values() if not t.finished and t.owner == name)
