@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,12 +63,19 @@ def ray_node(command: list[str], log: Path) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)    # raylet and GCS stop on SIGTERM
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+            os.killpg(proc.pid, signal.SIGTERM)    # raylet and GCS stop on SIGTERM...
+        time.sleep(1)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)    # `ray start --block` itself ignores it
+            os.killpg(proc.pid, signal.SIGKILL)    # ...`ray start --block` itself ignores it
         proc.wait(timeout=10)
+
+
+def gcs_listening(port: int):
+    def check():
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", port)) == 0, f"nothing listens on {port}"
+    return check
 
 
 def wait_until(check, what: str, timeout: float) -> str:
@@ -109,11 +117,11 @@ def cluster(tmp_path_factory):
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(ray_node(head, tmp / "head.log"))
-        wait_until(nodes(1), "the head", 90)
-        for i, pool in enumerate(POOLS):
+        wait_until(gcs_listening(gcs), "the head's GCS", 90)
+        for pool in POOLS:
             command = ["bash", "-lc", ray_start_command(groups[pool]["rayStartParams"], address)]
             stack.enter_context(ray_node(command, tmp / f"{pool}.log"))
-            wait_until(nodes(2 + i), f"the {pool} group's node", 90)
+        wait_until(nodes(1 + len(POOLS)), "the worker groups' nodes", 90)
         yield address, f"http://127.0.0.1:{dashboard}", rayservice
 
 
