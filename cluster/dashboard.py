@@ -41,7 +41,7 @@ class Panel:
     id: str
     title: str                     # the Grafana panel's title
     unit: str                      # reqps | s | tokps | short | ratio | Bps
-    queries: tuple[Line, ...]
+    lines: tuple[Line, ...]
 
 
 def _quantiles(histogram: str) -> tuple[Line, ...]:
@@ -76,13 +76,13 @@ PANELS: tuple[Panel, ...] = (
 _AGG = {"sum": sum, "max": max, "min": min, "mean": statistics.fmean}
 
 
-def _series(samples: list[mh.Sample], query: Line, window: int) -> dict[tuple[str, ...], mh.Series]:
-    if query.kind == "rate":
-        # Prometheus-client exports counters with the _total suffix the table names them by.
-        return mh.counter_rate(samples, query.metric, window, query.by)
-    if query.kind == "quantile":
-        return mh.histogram_quantile(samples, query.metric, query.q, window, query.by)
-    return mh.gauge(samples, query.metric, query.by, _AGG[query.agg])
+def _series(samples: list[mh.Sample], line: Line, window: int) -> dict[tuple[str, ...], mh.Series]:
+    if line.kind == "rate":
+        # Counter samples carry the _total suffix, as the metric table names them.
+        return mh.counter_rate(samples, line.metric, window, line.by)
+    if line.kind == "quantile":
+        return mh.histogram_quantile(samples, line.metric, line.q, window, line.by)
+    return mh.gauge(samples, line.metric, line.by, _AGG[line.agg])
 
 
 def _round(v: float | None) -> float | None:
@@ -94,15 +94,14 @@ def panel_data(samples: list[mh.Sample], window: int, first: int = 0) -> list[di
     points' windows), as JSON-ready dicts."""
     out = []
     for panel in PANELS:
-        lines = []
-        for query in panel.queries:
-            for key, values in _series(samples, query, window).items():
-                legend = query.legend.format(**dict(zip(query.by, key)))
-                lines.append({"name": legend, "dashed": query.dashed,
-                              "values": [_round(v) for v in values[first:]]})
-        points = sum(v is not None for line in lines for v in line["values"])
+        series = []
+        for line in panel.lines:
+            for key, values in _series(samples, line, window).items():
+                series.append({"name": line.legend.format(**dict(zip(line.by, key))), "dashed": line.dashed,
+                               "values": [_round(v) for v in values[first:]]})
+        points = sum(v is not None for s in series for v in s["values"])
         out.append({"id": panel.id, "title": panel.title, "unit": panel.unit,
-                    "series": lines, "points": points})
+                    "series": series, "points": points})
     return out
 
 

@@ -110,7 +110,7 @@ def test_panels_are_the_grafana_dashboards_panels():
     for panel in PANELS:
         assert panel.title in grafana, panel.title
         exprs = " ".join(t["expr"] for t in grafana[panel.title]["targets"])
-        for line in panel.queries:
+        for line in panel.lines:
             assert line.metric in METRICS
             assert line.metric in exprs, (panel.title, line.metric)
     headline = {"Goodput vs request rate", "Time to first token (TTFT)", "Inter-token latency (ITL)",
