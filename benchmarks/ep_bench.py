@@ -2,14 +2,19 @@
 
 One process per rank (gloo on CPU, NCCL when run with --device cuda on a GPU host);
 each rank routes `tokens` tokens to top-k of E experts spread evenly over the ranks
-and runs ExpertParallel.forward: four all-to-alls (counts, token rows, slot/weight
-metadata, outputs back) around the local expert compute. Two modes:
+and runs ExpertParallel.forward: three all-to-alls (counts, token rows with their
+slot/weight metadata, outputs back) around the local expert compute. Two modes:
   comm   the experts return their input (all-to-all cost and the host sync only);
   moe    the real fused MoE on each rank's slots (SwiGLU, intermediate size --inter).
 Payload = token rows out and back (tokens * k * hidden * bytes * 2) plus metadata, per
 rank; GB/s is that over the median time.
 
-Run: .venv/bin/python benchmarks/ep_bench.py [--ranks 2 4] [--json PATH]
+--rebalance adds a serving run: an ElasticEPEngine (random weights at the shape given
+by --engine-*) decodes a batch while a forced rebalance moves every MoE layer's
+experts, one layer per step; it reports the decode step time before, during and after,
+the bytes moved and the rebalance time.
+
+Run: .venv/bin/python benchmarks/ep_bench.py [--ranks 2 4] [--rebalance] [--json PATH]
 """
 
 from __future__ import annotations
@@ -107,6 +112,69 @@ def run(world: int, args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def rebalance_run(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    import transformers
+
+    from engine import EngineConfig, SamplingParams
+    from eplb.elastic import ElasticEPEngine, EplbConfig
+
+    experts = args.engine_experts
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=1024, hidden_size=args.engine_hidden, intermediate_size=2 * args.engine_hidden,
+        moe_intermediate_size=args.engine_inter, num_hidden_layers=args.engine_layers, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=args.engine_hidden // 8, num_experts=experts, num_experts_per_tok=args.topk,
+        norm_topk_prob=True, max_position_embeddings=2048, tie_word_embeddings=False,
+        architectures=["Qwen3MoeForCausalLM"])
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        engine_config = EngineConfig(model=folder, load_format="random", max_model_len=1024, device=args.device,
+                                     max_num_seqs=args.engine_batch)
+        eng = ElasticEPEngine(engine_config, args.engine_ranks, eplb=EplbConfig(auto_rebalance=False),
+                              worker_threads=args.threads)
+        try:
+            params = SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)
+            for i in range(args.engine_batch):
+                eng.add_request([(7 * i + j) % 1000 for j in range(16)], params)
+
+            def timed(n: int) -> list[float]:
+                out = []
+                for _ in range(n):
+                    start = time.perf_counter()
+                    eng.step()
+                    out.append((time.perf_counter() - start) * 1e3)
+                return out
+
+            timed(5)                                   # prefill and warm-up
+            before = timed(args.iters)
+            skew = torch.arange(1, experts + 1, dtype=torch.float64).pow(2).flip(0).repeat(eng.num_moe_layers, 1)
+            eng.rebalance(skew, wait=False)
+            during = []
+            while eng.migrating:
+                during += timed(1)
+            after = timed(args.iters)
+            return {"ranks": args.engine_ranks, "layers": eng.num_moe_layers, "experts": experts,
+                    "hidden": args.engine_hidden, "inter": args.engine_inter, "batch": args.engine_batch,
+                    "bytes_per_expert": eng.bytes_per_expert,
+                    "step_ms_before": statistics.median(before), "step_ms_during": statistics.median(during),
+                    "step_ms_during_max": max(during), "step_ms_after": statistics.median(after),
+                    "steps_during": len(during), "bytes_moved": eng.stats.bytes_moved_total,
+                    "rebalance_s": eng.stats.rebalance_seconds[-1]}
+        finally:
+            eng.shutdown()
+
+
+def print_dispatch(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"EP dispatch/combine ({args.device}, {'nccl' if args.device == 'cuda' else 'gloo'}): "
+          f"{args.experts} experts, hidden {args.hidden}, inter {args.inter}, top-{args.topk}, {args.dtype}, "
+          f"{os.cpu_count()} cores, {args.threads} thread(s) per rank")
+    print(f"{'mode':>5}{'ranks':>6}{'tokens':>8}{'median ms':>11}{'MiB':>8}{'GB/s':>8}{'tok/s/rank':>12}")
+    for r in rows:
+        print(f"{r['mode']:>5}{r['ranks']:>6}{r['tokens_per_rank']:>8}{r['median_ms']:>11.2f}"
+              f"{r['payload_mib']:>8.2f}{r['gb_per_s']:>8.2f}{r['tokens_per_s_per_rank']:>12.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
@@ -121,21 +189,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rebalance", action="store_true", help="also time decoding through a rebalance")
+    parser.add_argument("--engine-ranks", type=int, default=2)
+    parser.add_argument("--engine-experts", type=int, default=32)
+    parser.add_argument("--engine-layers", type=int, default=4)
+    parser.add_argument("--engine-hidden", type=int, default=512)
+    parser.add_argument("--engine-inter", type=int, default=256)
+    parser.add_argument("--engine-batch", type=int, default=8)
+    parser.add_argument("--skip-dispatch", action="store_true", help="only the --rebalance run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
-    for world in args.ranks:
+    for world in ([] if args.skip_dispatch else args.ranks):
         rows += run(world, args)
-    print(f"EP dispatch/combine ({args.device}, {'nccl' if args.device == 'cuda' else 'gloo'}): "
-          f"{args.experts} experts, hidden {args.hidden}, inter {args.inter}, top-{args.topk}, {args.dtype}, "
-          f"{os.cpu_count()} cores, {args.threads} thread(s) per rank")
-    print(f"{'mode':>5}{'ranks':>6}{'tokens':>8}{'median ms':>11}{'MiB':>8}{'GB/s':>8}{'tok/s/rank':>12}")
-    for r in rows:
-        print(f"{r['mode']:>5}{r['ranks']:>6}{r['tokens_per_rank']:>8}{r['median_ms']:>11.2f}"
-              f"{r['payload_mib']:>8.2f}{r['gb_per_s']:>8.2f}{r['tokens_per_s_per_rank']:>12.0f}")
+    if rows:
+        print_dispatch(rows, args)
+    reb = rebalance_run(args) if args.rebalance else None
+    if reb:
+        print(f"\nDecoding through a forced rebalance: {reb['ranks']} ranks, {reb['layers']} MoE layers x "
+              f"{reb['experts']} experts (hidden {reb['hidden']}, inter {reb['inter']}, "
+              f"{reb['bytes_per_expert'] / 2**20:.2f} MiB per expert), batch {reb['batch']}")
+        print(f"step ms: before {reb['step_ms_before']:.1f}, during {reb['step_ms_during']:.1f} "
+              f"(max {reb['step_ms_during_max']:.1f}, {reb['steps_during']} steps), after {reb['step_ms_after']:.1f}; "
+              f"moved {reb['bytes_moved'] / 2**20:.1f} MiB in {reb['rebalance_s'] * 1e3:.0f} ms")
     if args.json:
         args.json.write_text(json.dumps({"config": {k: str(v) if isinstance(v, Path) else v
-                                                    for k, v in vars(args).items()}, "results": rows}, indent=2))
+                                                    for k, v in vars(args).items()}, "results": rows,
+                                         "rebalance": reb}, indent=2))
 
 
 if __name__ == "__main__":

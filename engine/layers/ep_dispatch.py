@@ -3,8 +3,8 @@ compute there, send the result back and combine.
 
 Attention runs data-parallel: every rank routes its own tokens. The physical expert
 slots of a layer are split evenly over the EP ranks (rank r holds slots
-[r * S, (r + 1) * S)), so a slot's owner is `slot // S`. One MoE forward is four
-all-to-alls over the EP group: the per-rank pair counts, the token rows, their
+[r * S, (r + 1) * S)), so a slot's owner is `slot // S`. One MoE forward is three
+all-to-alls over the EP group: the per-rank pair counts, the token rows with their
 (local slot, weight) metadata, and the weighted expert outputs on the way back. Each
 (token, choice) pair travels on its own, so a token's outputs come back separately and
 are summed in ascending *logical* expert order: the same additions, in the same order,
@@ -65,13 +65,16 @@ class ExpertParallel:
         num_recv = sum(recv_split)
 
         rows = x[torch.div(order, k, rounding_mode="floor")]
-        # float64 holds a slot id and a float32 (or bf16) weight exactly: one message.
+        # float64 holds a slot id and a float32 (or bf16) weight exactly; its bytes ride
+        # at the end of each token row, so rows and metadata are one message.
         meta = torch.stack([(flat - owner * self.slots_per_rank)[order].double(),
                             weights.reshape(-1)[order].double()], dim=1)
-        recv_rows = x.new_empty(num_recv, hidden)
-        recv_meta = meta.new_empty(num_recv, 2)
-        self._all_to_all(recv_rows, rows, recv_split, send_split)
-        self._all_to_all(recv_meta, meta, recv_split, send_split)
+        row_bytes = hidden * x.element_size()
+        packed = torch.cat([rows.view(torch.uint8).reshape(-1, row_bytes), meta.view(torch.uint8)], dim=1)
+        recv = packed.new_empty(num_recv, row_bytes + 16)
+        self._all_to_all(recv, packed, recv_split, send_split)
+        recv_rows = recv[:, :row_bytes].contiguous().view(x.dtype)
+        recv_meta = recv[:, row_bytes:].contiguous().view(torch.float64)
 
         expert_out = self.compute(moe, recv_rows, recv_meta[:, :1].long(), recv_meta[:, 1:].float())
         back = x.new_empty(tokens * k, hidden)
