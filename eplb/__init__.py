@@ -2,9 +2,11 @@
 
 The placement policy: `rebalance` turns per-expert load into expert maps,
 `balancedness` scores a placement against a load, `contiguous_placement` is the
-load-oblivious baseline. Serving: `ElasticEPEngine` (an EP engine that aggregates load
-statistics, migrates expert weights layer by layer and grows or shrinks its world),
-with `EplbStats` for its metrics.
+load-oblivious baseline. Serving: `eplb.elastic.ElasticEPEngine`, an EP engine that
+aggregates load statistics (`load_stats`), plans and migrates expert weights layer by
+layer (`planner`, `transfer_plan`, `migration`, in the ranks through
+`worker_extension`) and grows or shrinks its world; `eplb.metrics.EplbStats` holds
+its metrics.
 """
 
 from eplb.placement import Placement, balancedness, contiguous_placement, gpu_loads
