@@ -13,9 +13,10 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+
+import torch
 
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore, EngineCoreOutput
@@ -139,9 +140,11 @@ class AsyncEngine:
 
     # -- the loop thread ---------------------------------------------------------------
     def _loop(self) -> None:
+        if self.core.device.type == "cuda":
+            torch.cuda.set_device(self.core.device)   # kernels launch on the thread's device
         try:
             while not self._stopped.is_set():
-                self._drain_commands(block=not self.core.has_unfinished())
+                self._drain_commands(self.core.poll_interval())
                 # Held prefill blocks are polled for release even when idle.
                 if self.core.has_unfinished() or self.core.has_held_blocks:
                     for out in self.core.step():
@@ -151,9 +154,9 @@ class AsyncEngine:
             for rid, stream in list(self._streams.items()):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDead(f"engine stopped: {e!r}"))
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, wait_s: float | None) -> None:
         try:
-            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            cmd = self._commands.get(timeout=wait_s) if wait_s else self._commands.get_nowait()
         except queue.Empty:
             return
         while True:

@@ -1,0 +1,171 @@
+"""Goodput of disaggregated prefill/decode against colocated serving, with the same
+number of engines and the same load, in one process (no HTTP, no Ray: what differs
+between the two runs is only the topology).
+
+    python benchmarks/pd_goodput_bench.py [--model default|qwen3-30b-a3b|deepseek-v2-lite]
+        [--rates 1,2,4] [--num-prompts 32] [--input-len 1024] [--output-len 128]
+        [--slo-ttft-ms 2000] [--slo-itl-ms 100] [--out FILE]
+
+colocated: two engines, each request to the one with fewer requests in flight.
+pd: one prefill engine and one decode engine, KV through the NIXL connector.
+On CUDA with two GPUs each engine gets its own GPU. Requests arrive as a Poisson process
+at each rate (random prompt ids, greedy, ignore EOS). A request meets the SLOs when its
+TTFT and its mean inter-token latency are under the thresholds; attainment is the share
+that meets both. Each result is a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine_bench import config_dir  # noqa: E402
+from disagg.nixl_connector import NixlConnector  # noqa: E402
+from disagg.prefill_decode import PrefillDecodeEngine, prefill_request  # noqa: E402
+from engine.async_engine import AsyncEngine  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def engine_config(ns, device: str) -> EngineConfig:
+    kw = dict(device=device, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+              max_model_len=ns.input_len + ns.output_len + 16, seed=0)
+    if ns.model == "default":
+        return EngineConfig(model="default", **kw)
+    return EngineConfig(model=str(config_dir(ns.model, smoke=False)), dtype="bfloat16", load_format="random", **kw)
+
+
+def devices(ns) -> tuple[str, str]:
+    if ns.device == "cuda":
+        return ("cuda:0", "cuda:1") if torch.cuda.device_count() >= 2 else ("cuda:0", "cuda:0")
+    return "cpu", "cpu"
+
+
+class LeastLoaded:
+    """Colocated: each request to the engine with the fewest requests in flight."""
+
+    def __init__(self, engines: list[AsyncEngine]) -> None:
+        self.engines = engines
+        self.inflight = [0] * len(engines)
+
+    async def generate(self, ids, params, rid):
+        i = min(range(len(self.engines)), key=self.inflight.__getitem__)
+        self.inflight[i] += 1
+        try:
+            async for delta in self.engines[i].generate(ids, params, rid):
+                yield delta
+        finally:
+            self.inflight[i] -= 1
+
+
+async def one(front, ids: list[int], n: int, rid: str) -> dict:
+    t0 = time.perf_counter()
+    stamps = []
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    async for delta in front.generate(ids, params, rid):
+        now = time.perf_counter()
+        stamps += [now] * len(delta.new_token_ids)
+    gaps = np.diff(stamps) if len(stamps) > 1 else np.zeros(0)
+    return {"ttft": stamps[0] - t0, "itl_mean": float(gaps.mean()) if gaps.size else 0.0, "gaps": gaps,
+            "e2e": stamps[-1] - t0, "tokens": len(stamps)}
+
+
+async def load(front, ns, rate: float, vocab: int, tag: str) -> dict:
+    rng = random.Random(hash((tag, rate)) & 0xFFFF)
+    tasks, t0 = [], time.perf_counter()
+    for i in range(ns.num_prompts):
+        ids = [rng.randrange(10, vocab - 10) for _ in range(ns.input_len)]
+        tasks.append(asyncio.create_task(one(front, ids, ns.output_len, f"{tag}-{rate}-{i}")))
+        await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - t0
+    ttft = np.array([r["ttft"] for r in results]) * 1e3
+    itl = np.concatenate([r["gaps"] for r in results]) * 1e3
+    good = [r for r in results if r["ttft"] * 1e3 <= ns.slo_ttft_ms and r["itl_mean"] * 1e3 <= ns.slo_itl_ms]
+    # Attainment at other ITL thresholds, same TTFT threshold (the SLO is a choice).
+    by_itl = {str(int(x)): round(sum(r["ttft"] * 1e3 <= ns.slo_ttft_ms and r["itl_mean"] * 1e3 <= x
+                                     for r in results) / len(results), 3) for x in ns.itl_grid}
+    pct = lambda a, p: round(float(np.percentile(a, p)), 1) if a.size else None  # noqa: E731
+    return {"rate": rate, "requests": len(results), "duration_s": round(duration, 2),
+            "slo_attainment": round(len(good) / len(results), 3), "goodput_rps": round(len(good) / duration, 3),
+            "attainment_by_itl_slo_ms": by_itl,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
+            "output_tok_s": round(sum(r["tokens"] for r in results) / duration, 1)}
+
+
+async def run_mode(mode: str, ns) -> None:
+    d0, d1 = devices(ns)
+    if mode == "colocated":
+        engines = [AsyncEngine(engine_config(ns, d), max_waiting=4 * ns.num_prompts) for d in (d0, d1)]
+        front = LeastLoaded(engines)
+    else:
+        def connector(core):
+            return NixlConnector.for_engine(core)
+        prefill = AsyncEngine(engine_config(ns, d0), max_waiting=4 * ns.num_prompts, kv_transfer=connector)
+        decode = AsyncEngine(engine_config(ns, d1), max_waiting=4 * ns.num_prompts, kv_transfer=connector)
+        engines = [prefill, decode]
+
+        async def call_prefill(request: dict) -> dict:
+            return await prefill_request(prefill, request)
+        front = PrefillDecodeEngine(decode, call_prefill)
+    vocab = engines[0].core.model.config.vocab_size
+    try:
+        await load(front, argparse.Namespace(**{**vars(ns), "num_prompts": 2}), 100.0, vocab, "warm")
+        for rate in ns.rates:
+            rec = await load(front, ns, rate, vocab, mode)
+            emit(ns, kind="goodput", mode=mode, model=ns.model, device=ns.device, input_len=ns.input_len,
+                 output_len=ns.output_len, slo_ttft_ms=ns.slo_ttft_ms, slo_itl_ms=ns.slo_itl_ms, **rec)
+        if mode == "pd":
+            stats = decode.kv_transfer.stats
+            emit(ns, kind="kv_transfer", transfers=stats.transfers_total, bytes=stats.bytes_total,
+                 descriptors=stats.descriptors_total, failures=dict(stats.failures),
+                 median_ms=round(float(np.median(list(stats.durations))) * 1e3, 3) if stats.durations else None)
+    finally:
+        for e in engines:
+            e.shutdown()
+
+
+def emit(ns, **rec) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if ns.out is not None:
+        with ns.out.open("a") as f:
+            f.write(line + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", default="colocated,pd")
+    ap.add_argument("--rates", default="1,2,4", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--slo-ttft-ms", type=float, default=2000)
+    ap.add_argument("--slo-itl-ms", type=float, default=100)
+    ap.add_argument("--itl-grid", default="50,75,100,150", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--out", type=Path)
+    ns = ap.parse_args()
+    emit(ns, kind="setup", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
+         gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], args=sys.argv[1:])
+    for mode in ns.modes.split(","):
+        asyncio.run(run_mode(mode, ns))
+
+
+if __name__ == "__main__":
+    main()
