@@ -14,7 +14,7 @@ from engine.kv_cache import KVCacheManager, PagedCacheSpec
 from engine.kv_transfer import KVTransferHook, is_consumer
 from engine.models.loader import load_model
 from engine.request import Request, RequestStatus
-from engine.runner.model_runner import ModelRunner
+from engine.runner.model_runner import ModelRunner, PendingOutput
 
 
 @dataclass
@@ -44,8 +44,8 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_chunked_prefill,
                                                    config.kv_load_failure_policy), self.kv)
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, config.max_num_seqs,
-                                  self.max_model_len, self.dtype, self.device)
+        self.runner = self._make_runner(bytes_per_block)
+        self._in_flight: PendingOutput | None = None    # async scheduling: the step the device runs
         self._rng = random.Random(config.seed)
 
     def _num_blocks(self, bytes_per_block: int) -> int:
@@ -62,10 +62,34 @@ class EngineCore:
             # Never more than every sequence at full length needs.
             n = min(int(budget // bytes_per_block), c.max_num_seqs * per_seq + 1)
         if n < per_seq:
-            raise ValueError(f"the KV cache holds {n} blocks of {c.block_size} tokens, fewer than one "
+            where = ("" if c.num_kv_blocks is not None or self.device.type != "cuda" else
+                     f" ({max(budget, 0) / 2**30:.2f} GiB left for it after the model, at "
+                     f"gpu_memory_utilization={c.gpu_memory_utilization})")
+            raise ValueError(f"the KV cache holds {max(n, 0)} blocks of {c.block_size} tokens{where}, fewer than one "
                              f"sequence of max_model_len={self.max_model_len} needs ({per_seq}); lower "
-                             f"max_model_len or give the cache more memory")
+                             f"max_model_len or give the cache more memory (raise gpu_memory_utilization / "
+                             f"kv_cache_memory_gb)")
         return n
+
+    def _make_runner(self, bytes_per_block: int) -> ModelRunner:
+        """The runner with its KV cache, and its CUDA graphs when on; running out of device
+        memory here says how much KV fits and what to lower."""
+        c = self.config
+        try:
+            runner = ModelRunner(self.model, self.num_blocks, c.block_size, c.max_num_seqs,
+                                 self.max_model_len, self.dtype, self.device)
+            if c.enable_cuda_graphs:
+                runner.capture_cuda_graphs()
+            return runner
+        except torch.cuda.OutOfMemoryError as e:
+            tokens = self.num_blocks * c.block_size
+            raise ValueError(
+                f"out of device memory at start-up: the KV cache was sized at {self.num_blocks} blocks "
+                f"({tokens} tokens, {self.num_blocks * bytes_per_block / 2**30:.2f} GiB) and the rest did not fit "
+                f"({'capturing CUDA graphs' if c.enable_cuda_graphs else 'allocating it'}); lower "
+                f"gpu_memory_utilization (now {c.gpu_memory_utilization}) or set num_kv_blocks below "
+                f"{self.num_blocks}, lower max_num_seqs (now {c.max_num_seqs}, the largest graph batch), "
+                f"or turn CUDA graphs off (enable_cuda_graphs=False)") from e
 
     # -- requests --------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -135,7 +159,14 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         sched_out = self.scheduler.schedule()
         outputs = self._remote_prefill_outputs()
-        result = self.runner.execute(sched_out)
+        pending = self.runner.execute(sched_out)
+        if self.config.async_scheduling:
+            # One step in flight: the device runs this step while the previous one's
+            # tokens (copied without blocking) are applied and the next is scheduled.
+            pending, self._in_flight = self._in_flight, pending
+        if pending is None:
+            return outputs
+        result = pending.result()
         changed = self.scheduler.update_from_output(result.sampled)
         for req in changed:
             rid = req.request_id
