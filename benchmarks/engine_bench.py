@@ -413,6 +413,11 @@ def profile_phase(model: str, batches: list[int], smoke: bool) -> None:
         dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / steps
         top = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
         ops_ms = sum(e.self_cpu_time_total for e in ev) / steps / 1e3
+        kernels = sorted((e for e in ev if (getattr(e, "self_device_time_total", 0) or 0) > 0),
+                         key=lambda e: e.self_device_time_total, reverse=True)[:25]
+        emit(phase="profile-kernels", model=model, batch=b,
+             device_ms_per_step={e.key[:70]: [round(e.self_device_time_total / steps / 1e3, 4),
+                                              round(e.count / steps, 1)] for e in kernels})
         emit(phase="profile", model=model, batch=b, step_ms=wall * 1e3, device_busy_ms=dev_us / 1e3,
              torch_ops_cpu_ms=ops_ms,
              launches_per_step=sum(e.count for e in ev if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
