@@ -103,3 +103,18 @@ def test_consumer_without_connector_is_refused():
     with pytest.raises(ValueError, match="first_token_ids"):
         core.add_request(Request("y", [1, 2, 3], greedy(4), kv_transfer_params={
             "do_remote_prefill": True, "handle": {}, "first_token_ids": "5"}))
+
+
+def test_handoff_with_async_scheduling(engines):
+    """One step in flight on both sides (the GPU default) gives the same tokens."""
+    ref = engines[0]
+    p, d = make_core(async_scheduling=True), make_core(async_scheduling=True)
+    try:
+        for n in (16, 17, 33):
+            prompt = prompt_of(n, salt=7)
+            assert handoff(p, d, f"async-{n}", prompt, 9) == colocated(ref, f"ref-async-{n}", prompt, 9)
+        settle(p, d)
+        assert pool_is_full(p) and pool_is_full(d)
+    finally:
+        p.scheduler.kv_transfer.close()
+        d.scheduler.kv_transfer.close()
