@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import os
 import random
 import time
 from collections import deque
@@ -85,11 +86,12 @@ class EPEngine:
     worker_threads: torch threads per rank process (0 leaves torch's default).
     timeout_s: how long a collective or a rank's answer may take before it counts as lost.
     start_timeout_s: how long a new rank may take to start and load the model.
+    host: the address ranks reach the coordinator (pyzmq) and its TCPStore at.
     """
 
     def __init__(self, config: EngineConfig, ep_size: int, *, num_redundant_experts: int = 0,
                  extensions: tuple[str, ...] = (), worker_threads: int = 1, timeout_s: float = 120.0,
-                 start_timeout_s: float = 900.0) -> None:
+                 start_timeout_s: float = 900.0, host: str = "127.0.0.1") -> None:
         if ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {ep_size}")
         self.config = config
@@ -106,9 +108,10 @@ class EPEngine:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
-        self._store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
+        self.host = host
+        port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self._store = dist.TCPStore(host, 0, None, True, wait_for_workers=False,
                                     timeout=timedelta(seconds=timeout_s))
         self._inbox: dict[str, deque] = {}
         self._seq = 0
@@ -282,7 +285,7 @@ class EPEngine:
         new = []
         for _ in range(count):
             name = next(self._names)
-            proc = self._mp.Process(target=worker_main, args=(self.address, name, self.worker_threads),
+            proc = self._mp.Process(target=worker_main, args=(self.address, name, self.worker_threads, os.getpid()),
                                     daemon=True, name=f"tandem-ep-{name}")
             proc.start()
             new.append(_Rank(name, proc))
@@ -291,7 +294,7 @@ class EPEngine:
         self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)      # hello
         for r in new:
             init = {"type": "init", "config": config_to_wire(self._rank_config(r)), "model_path": str(self.path),
-                    "eos_token_ids": sorted(self.eos_token_ids), "store_host": "127.0.0.1",
+                    "eos_token_ids": sorted(self.eos_token_ids), "store_host": self.host,
                     "store_port": self._store.port, "timeout_s": self.timeout_s, "extensions": list(self.extensions)}
             self._send(r.name, init)
         ready = self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)

@@ -125,8 +125,19 @@ class EPWorker:
         return results
 
 
-def worker_main(address: str, name: str, num_threads: int = 0) -> None:
-    """Entry point of a rank process: connect to the coordinator and serve it."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_main(address: str, name: str, num_threads: int = 0, coordinator_pid: int | None = None) -> None:
+    """Entry point of a rank process: connect to the coordinator and serve it. With
+    coordinator_pid (same host), exit when that process is gone."""
     if num_threads:
         torch.set_num_threads(num_threads)
     ctx = zmq.Context()
@@ -138,6 +149,10 @@ def worker_main(address: str, name: str, num_threads: int = 0) -> None:
     worker: EPWorker | None = None
     try:
         while True:
+            if not sock.poll(1000):
+                if coordinator_pid is not None and not _alive(coordinator_pid):
+                    return
+                continue
             msg = unpack(sock.recv())
             kind, seq = msg["type"], msg.get("seq")
             try:
