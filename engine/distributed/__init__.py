@@ -4,6 +4,6 @@ rank, driven step by step from a coordinator over pyzmq (msgpack messages).
 `EPEngine` is the coordinator; `ep_worker` is what each rank process runs.
 """
 
-from engine.distributed.ep_engine import EPEngine, RankLostError
+from engine.distributed.ep_engine import EPEngine, EPEngineError, RankLostError
 
-__all__ = ["EPEngine", "RankLostError"]
+__all__ = ["EPEngine", "EPEngineError", "RankLostError"]

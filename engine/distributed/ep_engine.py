@@ -44,8 +44,12 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 
-class RankLostError(RuntimeError):
-    """A rank died and the engine cannot go on without it."""
+class EPEngineError(RuntimeError):
+    """The EP engine cannot go on; it refuses further work."""
+
+
+class RankLostError(EPEngineError):
+    """A rank died and the survivors cannot serve without it."""
 
 
 class _RanksDied(Exception):
@@ -130,7 +134,7 @@ class EPEngine:
         self.requests: dict[str, _Tracked] = {}        # user id -> request, until popped
         self._by_internal: dict[str, _Tracked] = {}
         self._undelivered: list[EngineCoreOutput] = []
-        self.failed: RankLostError | None = None
+        self.failed: EPEngineError | None = None
         self.num_recoveries = 0
         self.events: list[str] = []               # what happened to the rank set, in words
 
@@ -243,8 +247,13 @@ class EPEngine:
                 self._apply(name, a)
         if errors:
             self._check_alive()   # a dead peer explains failed collectives
+            # A rank failed on its own: the others may have left collectives half done, so
+            # the ranks are out of step for good.
             name, a = next(iter(errors.items()))
-            raise RuntimeError(f"{name} failed step {self.step_index}: {a['error']}\n{a.get('traceback', '')}")
+            self.failed = EPEngineError(f"{name} failed step {self.step_index} ({a['error']}); the ranks are out "
+                                        f"of step, restart the engine\n{a.get('traceback', '')}")
+            self.events.append(f"{name} failed step {self.step_index}: {a['error']}")
+            raise self.failed
         self._on_step_answers(self.step_index, answers)
         return answers
 
@@ -425,7 +434,10 @@ class EPEngine:
         want = set(names)
         got: dict[str, dict] = {}
         procs = {n: r.process for n, r in self._known.items()}
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        # Collectives time out after timeout_s inside the ranks, which then answer with
+        # the error; give them that long and more before counting a rank as hung.
+        limit = timeout_s or 2 * self.timeout_s + 5
+        deadline = time.monotonic() + limit
         while want - got.keys():
             for n in list(want - got.keys()):
                 box = self._inbox.get(n)
@@ -447,8 +459,9 @@ class EPEngine:
             if dead:
                 raise _RanksDied(sorted(set(dead)))
             if time.monotonic() > deadline:
-                raise RankLostError(f"no answer from {sorted(want - got.keys())} within "
-                                    f"{timeout_s or self.timeout_s:.0f} s")
+                self.failed = EPEngineError(f"no answer from {sorted(want - got.keys())} within {limit:.0f} s; "
+                                            f"a rank hangs, restart the engine")
+                raise self.failed
         for n, a in got.items():
             if a["type"] == "error" and not allow_errors:
                 raise RuntimeError(f"{n}: {a['error']}\n{a.get('traceback', '')}")

@@ -42,6 +42,8 @@ class EPWorker:
     def __init__(self, init: dict[str, Any]) -> None:
         config = config_from_wire(init["config"])
         path = init["model_path"]
+        if config.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(config.device))   # NCCL uses the current device
         self.core = EngineCore(config, load_config(path), path)
         self.model = self.core.model
         self.eos = frozenset(init["eos_token_ids"])

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.distributed import RankLostError
+from engine.distributed import EPEngine, EPEngineError, RankLostError
 from eplb.elastic import ElasticEPEngine, EplbConfig
 from tests.engine.tiny_models import build
 
@@ -73,3 +73,25 @@ def test_auto_rebalance_bad_requests_and_a_lost_sole_copy(qwen3_moe) -> None:
                 eng.step()
         with pytest.raises(RankLostError):
             eng.add_request(PROMPTS[0], PARAMS)
+
+
+class FailOnStep:
+    """A worker extension that makes rank 1 fail step 3 on its own (no dead process)."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+
+    def before_step(self, msg: dict) -> None:
+        if msg["step"] == 3 and self.worker.ep.rank == 1:
+            raise RuntimeError("injected failure")
+
+
+def test_a_rank_failing_a_step_stops_the_engine_with_a_clear_error(qwen3_moe) -> None:
+    folder, _ = qwen3_moe
+    with EPEngine(EngineConfig(model=str(folder)), 2, extensions=(f"{__name__}:FailOnStep",), timeout_s=10) as eng:
+        eng.add_request(PROMPTS[0], PARAMS)
+        with pytest.raises(EPEngineError, match="rank-1 failed step 3 .*injected failure.*restart the engine"):
+            while eng.has_unfinished():
+                eng.step()
+        with pytest.raises(EPEngineError):
+            eng.step()
