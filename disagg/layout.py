@@ -10,6 +10,7 @@ descriptors as there are runs of consecutive ids on both sides, not one per laye
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 
 import msgpack
@@ -59,10 +60,16 @@ class BlockLayout:
         return "KV layouts differ (" + "; ".join(diffs) + ")" if diffs else None
 
 
+# Config keys that say where a checkpoint came from, not what the model computes.
+_PROVENANCE = ("_name_or_path", "name_or_path", "_commit_hash", "transformers_version")
+
+
 def model_fingerprint(config) -> str:
-    """Two engines may share KV only if they run the same model: a hash of its config."""
-    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
-    return f"{getattr(config, 'model_type', 'model')}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
+    """Two engines may share KV only if they run the same model: a hash of its config
+    (minus where it was loaded from, so two copies of one checkpoint agree)."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    text = json.dumps({k: v for k, v in fields.items() if k not in _PROVENANCE}, sort_keys=True, default=str)
+    return f"{fields.get('model_type', 'model')}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
 
 
 def block_runs(local: list[int], remote: list[int]) -> list[tuple[int, int, int]]:

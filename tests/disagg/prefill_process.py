@@ -22,3 +22,22 @@ def serve_prefills(conn) -> None:
             # Serve the consumer's notices until it is done reading.
             while core.scheduler.held and not conn.poll(0.01):
                 core.step()
+
+
+def serve_prefill_service(conn) -> None:
+    """A prefill AsyncEngine behind a PrefillService; sends its address, then serves."""
+    sys.path.insert(0, os.getcwd())
+    import asyncio
+
+    from disagg.nixl_connector import NixlConnector
+    from disagg.prefill_service import PrefillService
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+
+    async def main() -> None:
+        engine = AsyncEngine(EngineConfig(max_model_len=256, max_num_seqs=4),
+                             kv_transfer=lambda core: NixlConnector.for_engine(core))
+        service = PrefillService(engine)
+        conn.send(service.address)
+        await service.serve_forever()
+    asyncio.run(main())
