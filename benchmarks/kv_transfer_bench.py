@@ -3,8 +3,10 @@ NIXL connector (the same code path as serving: hold -> handle -> start_load -> p
 
     python benchmarks/kv_transfer_bench.py [--device cpu|cuda] [--out FILE] [--quick]
 
-For each cache shape (a real model's KV block, see benchmarks/shapes/) and block count,
-times the READ of a request's blocks laid out two ways: adjacent block ids (what a fresh
+The producer runs in its own process (as prefill and decode engines do when serving;
+UCX picks its inter-process paths, e.g. cuda_ipc between GPUs). For each cache shape (a
+real model's KV block, see benchmarks/shapes/) and block count, times the READ of a
+request's blocks laid out two ways: adjacent block ids (what a fresh
 pool hands out; one descriptor per run) and scattered ids (one descriptor per block),
 and reports GB/s against a plain copy of the same bytes measured in the same run
 (CPU: memcpy in DRAM; CUDA: GPU0 -> GPU1 copy when two GPUs are present, else on one).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import random
 import sys
 import time
@@ -62,13 +65,27 @@ def sync() -> None:
             torch.cuda.synchronize(d)
 
 
-def read_once(producer: NixlConnector, consumer: NixlConnector, src: list[int], dst: list[int],
-              tag: str) -> tuple[float, int]:
-    """One request's hand-off: seconds from start_load to done, descriptors used."""
-    n_tokens = len(src) * BLOCK
-    req = Request(tag, [1] * n_tokens, SamplingParams(max_tokens=2))
-    handle = producer.hold(req, src)
-    req.kv_transfer_params = {"do_remote_prefill": True, **handle}
+def producer_process(conn, shape: tuple, dtype: str, device: str, model: str) -> None:
+    """The prefill side, in its own process as in serving: a cache with random KV that
+    lends blocks under a lease on request."""
+    a = torch.zeros(shape, dtype=getattr(torch, dtype), device=device).normal_()
+    producer = NixlConnector(a, model, lease_s=600)
+    conn.send(producer.layout.block_bytes)
+    while (cmd := conn.recv()) is not None:
+        producer.released()
+        tag, src = cmd
+        req = Request(tag, [1] * (len(src) * BLOCK), SamplingParams(max_tokens=2))
+        conn.send((producer.hold(req, src), float(a[src].double().sum())))
+    producer.close()
+
+
+def read_once(conn, consumer: NixlConnector, src: list[int], dst: list[int], tag: str):
+    """One request's hand-off: (seconds from start_load to done, descriptors, checksum
+    of the producer's blocks)."""
+    conn.send((tag, src))
+    handle, checksum = conn.recv()
+    req = Request(tag, [1] * (len(src) * BLOCK), SamplingParams(max_tokens=2),
+                  kv_transfer_params={"do_remote_prefill": True, **handle})
     before = consumer.stats.descriptors_total
     t0 = time.perf_counter()
     consumer.start_load(req, dst, 0)
@@ -78,10 +95,7 @@ def read_once(producer: NixlConnector, consumer: NixlConnector, src: list[int], 
             raise RuntimeError(failed)
         if done:
             break
-    seconds = time.perf_counter() - t0
-    while tag not in producer.released():     # the READ's notice frees the producer's lease
-        pass
-    return seconds, consumer.stats.descriptors_total - before
+    return time.perf_counter() - t0, consumer.stats.descriptors_total - before, checksum
 
 
 def main() -> None:
@@ -93,20 +107,22 @@ def main() -> None:
     two_gpus = ns.device == "cuda" and torch.cuda.device_count() >= 2
     src_dev, dst_dev = ("cuda:0", "cuda:1") if two_gpus else (ns.device, ns.device)
     counts = [1, 8] if ns.quick else [1, 8, 64, 256]
-    dtype = torch.float32 if ns.device == "cpu" else torch.bfloat16
-    emit(ns.out, kind="setup", device=ns.device, src=src_dev, dst=dst_dev,
+    dtype = "float32" if ns.device == "cpu" else "bfloat16"
+    emit(ns.out, kind="setup", device=ns.device, src=src_dev, dst=dst_dev, processes=2,
          gpu=torch.cuda.get_device_name(0) if ns.device == "cuda" else None, torch=torch.__version__,
          date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     rng = random.Random(0)
+    ctx = mp.get_context("spawn")
     for name, layers, entries, heads, dim in SHAPES:
         n_blocks = 2 * max(counts) + 8
         shape = (n_blocks, layers, entries, BLOCK, heads, dim)
-        a = torch.zeros(shape, dtype=dtype, device=src_dev).normal_()
-        b = torch.zeros(shape, dtype=dtype, device=dst_dev)
-        producer = NixlConnector(a, name)
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=producer_process, args=(child, shape, dtype, src_dev, name), daemon=True)
+        proc.start()
+        block_bytes = conn.recv()
+        b = torch.zeros(shape, dtype=getattr(torch, dtype), device=dst_dev)
         consumer = NixlConnector(b, name)
-        block_bytes = producer.layout.block_bytes
-        read_once(producer, consumer, [0], [0], f"{name}-warm")     # handshake + connection
+        read_once(conn, consumer, [0], [0], f"{name}-warm")     # handshake + connection
         for count in counts:
             for layout in ("adjacent", "scattered"):
                 if layout == "adjacent":
@@ -116,19 +132,21 @@ def main() -> None:
                     dst = rng.sample(range(1, n_blocks, 2), count)
                 times = []
                 for i in range(5):
-                    seconds, descs = read_once(producer, consumer, src, dst, f"{name}-{count}-{layout}-{i}")
+                    seconds, descs, checksum = read_once(conn, consumer, src, dst, f"{name}-{count}-{layout}-{i}")
                     times.append(seconds)
                 sync()
-                assert torch.equal(b[dst].cpu(), a[src].cpu()), "READ delivered wrong bytes"
+                got = float(b[dst].double().sum())
+                assert abs(got - checksum) <= 1e-6 * max(1.0, abs(checksum)), "READ delivered wrong bytes"
                 med = sorted(times)[len(times) // 2]
                 nbytes = count * block_bytes
                 emit(ns.out, kind="read", shape=name, blocks=count, tokens=count * BLOCK, layout=layout,
                      descriptors=descs, mib=round(nbytes / 2**20, 2), median_ms=round(med * 1e3, 3),
                      best_ms=round(min(times) * 1e3, 3), gbs=round(nbytes / med / 1e9, 2),
                      copy_gbs=round(copy_gbs(nbytes, src_dev, dst_dev), 1))
-        producer.close()
+        conn.send(None)
+        proc.join(30)
         consumer.close()
-        del a, b
+        del b
 
 
 if __name__ == "__main__":
