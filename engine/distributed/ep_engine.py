@@ -300,13 +300,18 @@ class EPEngine:
             new.append(_Rank(name, proc))
             self._known[name] = new[-1]
         names = [r.name for r in new]
-        self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)      # hello
-        for r in new:
-            init = {"type": "init", "config": config_to_wire(self._rank_config(r)), "model_path": str(self.path),
-                    "eos_token_ids": sorted(self.eos_token_ids), "store_host": self.host,
-                    "store_port": self._store.port, "timeout_s": self.timeout_s, "extensions": list(self.extensions)}
-            self._send(r.name, init)
-        ready = self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)
+        try:
+            self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)      # hello
+            for r in new:
+                init = {"type": "init", "config": config_to_wire(self._rank_config(r)), "model_path": str(self.path),
+                        "eos_token_ids": sorted(self.eos_token_ids), "store_host": self.host,
+                        "store_port": self._store.port, "timeout_s": self.timeout_s,
+                        "extensions": list(self.extensions)}
+                self._send(r.name, init)
+            ready = self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)
+        except (_RanksDied, RuntimeError) as e:    # the running ranks are untouched
+            self._retire(names)
+            raise EPEngineError(f"new ranks {names} did not start: {e}") from e
         return new, ready[names[0]]
 
     def _rank_config(self, rank: _Rank) -> EngineConfig:
@@ -334,7 +339,11 @@ class EPEngine:
                                 "world_size": len(ranks), "slots_per_rank": self.slots_per_rank,
                                 "phy2log": phy2log.tolist(), "weights": (weights or {}).get(r.name, "keep"),
                                 **self._regroup_fields()})
-        self._gather([r.name for r in ranks])
+        try:
+            self._gather([r.name for r in ranks])
+        except (_RanksDied, RuntimeError) as e:
+            self.failed = EPEngineError(f"forming generation {self.generation} failed ({e}); restart the engine")
+            raise self.failed from e
         self.ranks = list(ranks)
         self.phy2log = phy2log.clone()
         self.events.append(f"generation {self.generation}: {len(ranks)} ranks")
