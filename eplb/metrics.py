@@ -2,7 +2,7 @@
 
 A subscriber gets (kind, name, value, labels) with kind "set" (gauge), "observe"
 (histogram) or "inc" (counter), which is exactly the method to call on
-cluster.metrics.Metrics: `stats.subscribe(lambda k, n, v, l: getattr(m, k)(n, v, **l))`.
+cluster.metrics.Metrics: `stats.forward_to(metrics)` does that.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ class EplbStats:
 
     def subscribe(self, fn: Subscriber) -> None:
         self._subscribers.append(fn)
+
+    def forward_to(self, sink) -> None:
+        """Record into anything with set/inc/observe(name, value, **labels), such as
+        cluster.metrics.Metrics (this layer does not import it)."""
+        self.subscribe(lambda kind, name, value, labels: getattr(sink, kind)(name, value, **labels))
 
     def _emit(self, kind: str, name: str, value: float, **labels: str) -> None:
         for fn in self._subscribers:

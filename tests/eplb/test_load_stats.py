@@ -63,8 +63,17 @@ def test_stats_emit_what_cluster_metrics_records() -> None:
     assert stats.bytes_moved_total == 1024 and stats.num_rebalances == 1
 
 
-def test_stats_names_exist_in_cluster_metrics() -> None:
-    from cluster.metrics import METRICS
-    from eplb import metrics
-    for name in (metrics.BALANCEDNESS, metrics.REBALANCE_SECONDS, metrics.BYTES_MOVED):
-        assert name in METRICS
+def test_stats_record_into_cluster_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from cluster.metrics import Metrics
+    metrics = Metrics("tiny", "decode")
+    stats = EplbStats()
+    stats.forward_to(metrics)
+    stats.set_balancedness([0.5, 0.9])
+    stats.add_bytes_moved(4096)
+    stats.add_rebalance(0.3)
+    text = generate_latest(metrics.registry).decode()
+    assert 'tandem_eplb_balancedness{layer="1",model_name="tiny",pool="decode"} 0.9' in text
+    assert 'tandem_eplb_bytes_moved_total{model_name="tiny",pool="decode"} 4096.0' in text
+    assert 'tandem_eplb_rebalance_seconds_count{model_name="tiny",pool="decode"} 1.0' in text
