@@ -42,6 +42,10 @@ class BlockPool:
             self._evict(block_id)
             self.ref_cnt[block_id] = 1
             out.append(block_id)
+        # Which blocks are taken is LRU's choice; their order is ours. Ascending ids turn
+        # blocks freed together back into runs of adjacent memory, which a KV transfer
+        # moves as one descriptor instead of one per block.
+        out.sort()
         return out
 
     def free(self, block_ids: list[int]) -> None:

@@ -76,3 +76,16 @@ def test_side_channel_answers_metadata_and_refuses_garbage():
         server.close()
     with pytest.raises(SideChannelError, match="no answer"):
         fetch_metadata("127.0.0.1", server.port, timeout_s=0.3)
+
+
+def test_blocks_freed_together_come_back_as_one_run():
+    """The pool hands out ascending ids, so a request's blocks freed tail first (as the
+    KV manager frees them) return as one adjacent run: one transfer descriptor."""
+    from engine.kv_cache.block_pool import BlockPool
+    pool = BlockPool(32, enable_caching=True)
+    first = pool.allocate(8)
+    pool.allocate(4)                      # a neighbour that stays
+    pool.free(list(reversed(first)))
+    pool.allocate(20)                     # drains the never-used blocks first
+    again = pool.allocate(8)
+    assert again == sorted(again) and len(block_runs(again, list(range(8)))) == 1
