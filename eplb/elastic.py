@@ -33,6 +33,10 @@ from eplb.planner import measured_balancedness, placement_balancedness, target_p
 EXTENSION = "eplb.worker_extension:EplbWorkerExtension"
 
 
+class ScaleInterrupted(RuntimeError):
+    """A rank was lost during scale_to; the engine serves on, with fewer ranks."""
+
+
 @dataclass
 class EplbConfig:
     window_size: int = 128        # steps of load history each rank keeps
@@ -115,7 +119,8 @@ class ElasticEPEngine(EPEngine):
         load = self._load_or_uniform(load)
         new = target_placement(load, self.world_size, self.slots_per_rank, self.phy2log, self.eplb.num_groups)
         if not force:
-            before = placement_balancedness(load, self.phy2log, self.world_size).mean().item()
+            complete = bool((self.phy2log >= 0).all())   # else slots sit empty: any full map is better
+            before = placement_balancedness(load, self.phy2log, self.world_size).mean().item() if complete else 0.0
             after = placement_balancedness(load, new, self.world_size).mean().item()
             if after - before < self.eplb.min_gain:
                 return False
@@ -160,6 +165,7 @@ class ElasticEPEngine(EPEngine):
                              f"{self.num_experts} experts")
         self._finish_migration()
         old = self.world_size
+        self._recoveries_at_start = self.num_recoveries
         self._scaling = True
         try:
             if num_ranks > old:
@@ -169,9 +175,15 @@ class ElasticEPEngine(EPEngine):
         finally:
             self._scaling = False
 
+    def _check_no_loss(self) -> None:
+        if self.num_recoveries != self._recoveries_at_start:
+            raise ScaleInterrupted(f"a rank was lost while scaling; the engine serves on {self.world_size} "
+                                   f"ranks now (events: {self.events[-3:]}); call scale_to again")
+
     def _grow(self, count: int, load: torch.Tensor | None, serve: bool) -> None:
         new_ranks, _ = self._spawn(count, keep_serving=serve)
         self._finish_migration()   # serving while they loaded may have started one
+        self._check_no_loss()
         empty = torch.full((self.num_moe_layers, count * self.slots_per_rank), -1, dtype=torch.long)
         self._regroup(self.ranks + new_ranks, torch.cat([self.phy2log, empty], dim=1),
                       weights={r.name: "none" for r in new_ranks})
@@ -180,6 +192,7 @@ class ElasticEPEngine(EPEngine):
                                   self.phy2log, self.eplb.num_groups)
         self._enqueue(target)
         self._finish_migration()
+        self._check_no_loss()
 
     def _shrink(self, num_ranks: int, load: torch.Tensor | None) -> None:
         leaving = [r.name for r in self.ranks[num_ranks:]]
@@ -190,6 +203,7 @@ class ElasticEPEngine(EPEngine):
         self._finish_migration()
         while any(self.num_unfinished_on(n) for n in leaving):
             self._step_internal()
+        self._check_no_loss()
         keep = self.ranks[:num_ranks]
         self._regroup(keep, self.phy2log[:, :num_ranks * self.slots_per_rank])
         self._retire(leaving)
