@@ -95,3 +95,34 @@ def test_a_rank_failing_a_step_stops_the_engine_with_a_clear_error(qwen3_moe) ->
                 eng.step()
         with pytest.raises(EPEngineError):
             eng.step()
+
+
+class DieWhenMigrating:
+    """A worker extension: rank 3 exits abruptly when its first weight migration starts."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+
+    def before_step(self, msg: dict) -> None:
+        if self.worker.ep.rank == 3 and "migrate" in (msg.get("eplb") or {}):
+            os._exit(1)
+
+
+def test_a_rank_lost_while_growing_interrupts_the_scale_not_the_requests(qwen3_moe) -> None:
+    from eplb.elastic import ScaleInterrupted
+    folder, refs = qwen3_moe
+    with ElasticEPEngine(EngineConfig(model=str(folder), max_logprobs=3), 2, eplb=NO_AUTO, timeout_s=60,
+                         extensions=(f"{__name__}:DieWhenMigrating",)) as eng:
+        rids = [eng.add_request(p, PARAMS) for p in PROMPTS[:4]]
+        for _ in range(2):
+            eng.step()
+        with pytest.raises(ScaleInterrupted, match="serves on 3 ranks"):
+            eng.scale_to(4, serve_while_loading=False)
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.world_size == 3 and eng.num_recoveries == 1
+        for rid, ref in zip(rids, refs):
+            assert eng.requests[rid].result.token_ids == ref.token_ids
+        eng.rebalance()        # fills the slots the lost rank's migration left empty
+        assert bool((eng.phy2log >= 0).all())
+        assert [o.token_ids for o in eng.generate(PROMPTS[4:], PARAMS)] == [r.token_ids for r in refs[4:]]
