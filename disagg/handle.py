@@ -15,6 +15,7 @@ class KVHandle:
     block_ids: list[int]    # the prompt's blocks on the producer, in order
     num_tokens: int         # tokens of KV in those blocks
     layout_hash: str
+    lease_s: float          # the producer frees the blocks this long after the handle
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -25,12 +26,13 @@ class KVHandle:
         if not isinstance(d, dict):
             raise ValueError(f"a KV handle is a dict, got {type(d).__name__}")
         types = {"engine_id": str, "host": str, "port": int, "request_id": str, "block_ids": list,
-                 "num_tokens": int, "layout_hash": str}
+                 "num_tokens": int, "layout_hash": str, "lease_s": (int, float)}
         for name, typ in types.items():
             if not isinstance(d.get(name), typ) or isinstance(d.get(name), bool):
-                raise ValueError(f"KV handle field {name!r} must be {typ.__name__}, got {d.get(name)!r:.80}")
+                kind = typ.__name__ if isinstance(typ, type) else "a number"
+                raise ValueError(f"KV handle field {name!r} must be {kind}, got {d.get(name)!r:.80}")
         if not all(isinstance(b, int) and b >= 0 for b in d["block_ids"]):
             raise ValueError("KV handle block_ids must be non-negative ints")
-        if d["num_tokens"] < 1 or not 0 < d["port"] < 65536:
-            raise ValueError("KV handle num_tokens must be >= 1 and port in 1..65535")
+        if d["num_tokens"] < 1 or not 0 < d["port"] < 65536 or d["lease_s"] <= 0:
+            raise ValueError("KV handle num_tokens must be >= 1, port in 1..65535 and lease_s > 0")
         return cls(**{k: d[k] for k in types})

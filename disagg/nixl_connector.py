@@ -71,6 +71,7 @@ class _Load:
     local: list[int]
     remote: list[int]
     deadline: float
+    trust_until: float = float("inf")   # past this the producer's blocks may be reused
     num_tokens: int = 0
     first_block: int = 0
     descriptors: int = 0
@@ -117,7 +118,7 @@ class NixlConnector(KVTransferHook):
     def hold(self, req: Request, block_ids: list[int]) -> dict:
         self._held[req.request_id] = time.monotonic() + self.lease_s
         return {"handle": KVHandle(self.engine_id, self.host, self.port, req.request_id, block_ids,
-                                   req.num_prompt_tokens, self.layout.hash).to_dict()}
+                                   req.num_prompt_tokens, self.layout.hash, self.lease_s).to_dict()}
 
     def released(self) -> list[str]:
         out = []
@@ -143,6 +144,10 @@ class NixlConnector(KVTransferHook):
             load.handle = handle = KVHandle.from_dict((req.kv_transfer_params or {}).get("handle"))
         except ValueError as e:
             return self._fail(load, "bad_handle", str(e))
+        # The lease started when the producer made the handle, a little before the request
+        # reached this engine: trust only its first half, counted from arrival here.
+        received = req.kv_transfer_params.get("received", time.monotonic())
+        load.trust_until = received + handle.lease_s / 2
         load.num_tokens = req.num_prompt_tokens
         load.first_block = num_local_tokens // self.layout.block_size   # blocks before it are prefix hits
         load.local = block_ids[load.first_block:]
@@ -180,6 +185,8 @@ class NixlConnector(KVTransferHook):
     # -- the life of one load ------------------------------------------------------------
     def _try_start(self, load: _Load) -> None:
         """Issue the READ once the producer's metadata is here."""
+        if time.monotonic() > load.trust_until:
+            return self._fail(load, "lease", "the producer's lease ran out before the READ could start")
         eid = load.handle.engine_id
         peer = self._peers.get(eid)
         if peer is None:
@@ -239,7 +246,9 @@ class NixlConnector(KVTransferHook):
             state = self.agent.check_xfer_state(load.xfer)
         except Exception as e:
             return self._fail(load, "transfer", f"{type(e).__name__}: {e}", drop_peer=True)
-        if state == "DONE":
+        if state == "DONE" and time.monotonic() > load.trust_until:
+            self._fail(load, "lease", "the READ ended after the producer's lease; its blocks may have been reused")
+        elif state == "DONE":
             seconds = time.monotonic() - load.started
             self.stats.bytes_total += load.nbytes
             self.stats.transfers_total += 1
@@ -252,6 +261,8 @@ class NixlConnector(KVTransferHook):
             self._fail(load, "transfer", "the READ ended in error", drop_peer=True)
         elif time.monotonic() > load.deadline:
             self._fail(load, "timeout", f"the READ took over {self.transfer_timeout_s} s")
+        elif time.monotonic() > load.trust_until:
+            self._fail(load, "lease", "the READ outlasted the producer's lease")
 
     def _connect(self, meta: dict) -> _Peer:
         layout = BlockLayout.from_dict(meta["layout"])

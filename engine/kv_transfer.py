@@ -13,7 +13,9 @@ leases). Requests opt in through `Request.kv_transfer_params`:
   "first_logprobs": [...]}`. The request starts with the producer's first token as
   output. The scheduler allocates local blocks for the prompt, calls `start_load`, and
   admits the request as prefilled when `finished_loads()` reports it done. A failed
-  load is recomputed locally or fails the request, by `kv_load_failure_policy`.
+  load is recomputed locally or fails the request, by `kv_load_failure_policy`. The
+  scheduler stamps `received` (time.monotonic()) into the params on arrival, so the hook
+  can tell how much of the producer's lease is left while the request waits for blocks.
 
 Every method is called from the engine-core loop, never concurrently.
 """

@@ -9,6 +9,7 @@ freed, to be recomputed later, mostly from the prefix cache).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ class Scheduler:
             if self.kv_transfer is None:
                 raise ValueError("this engine has no KV-transfer connector; it cannot take a remote prefill")
             req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            # Arrival time, for the hook to judge how much of the producer's lease is left.
+            req.kv_transfer_params = {**req.kv_transfer_params, "received": time.monotonic()}
         self.requests[req.request_id] = req
         self.waiting.append(req)
 

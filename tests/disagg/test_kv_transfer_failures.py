@@ -5,6 +5,7 @@ the fail policy), the answer stays the same, and no block leaks on either side."
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 
 import pytest
 
@@ -25,7 +26,7 @@ def want():
 
 @pytest.fixture(scope="module")
 def producer():
-    p = make_core(connector_args={"lease_s": 1.0})
+    p = make_core(connector_args={"lease_s": 3.0})
     yield p
     p.scheduler.kv_transfer.close()
 
@@ -57,8 +58,27 @@ def test_corrupt_handle_recomputes(producer, consumer, want, corrupt, reason):
     assert out.error is None and tokens == want
     assert failures(d)[reason] == before + 1
     assert d.scheduler.num_recomputed == recomputed + 1
-    settle(p, d)     # the producer frees on a notice or when its 1 s lease ends
+    settle(p, d)     # the producer frees on a notice or when its 3 s lease ends
     assert pool_is_full(p) and pool_is_full(d)
+
+
+def test_lease_running_out_before_the_read_recomputes(consumer, want):
+    """The request waited on the consumer longer than half the producer's lease: its
+    blocks may be gone, so it is not read (that could read reused blocks), but recomputed."""
+    p = make_core(connector_args={"lease_s": 0.6})
+    d = consumer
+    try:
+        first, params = prefill(p, "late", PROMPT)
+        d.add_request(Request("late", PROMPT, greedy(N), kv_transfer_params={
+            "do_remote_prefill": True, "handle": params["handle"], "first_token_ids": first}))
+        time.sleep(0.4)                    # e.g. queued behind other requests for blocks
+        before = failures(d).get("lease", 0)
+        tokens, out = run_to_end(d, "late", others=(p,))
+        assert tokens == want and failures(d)["lease"] == before + 1
+        settle(p, d)
+        assert pool_is_full(p) and pool_is_full(d)
+    finally:
+        p.scheduler.kv_transfer.close()
 
 
 def test_fail_policy_fails_cleanly(producer, want):

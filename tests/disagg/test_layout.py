@@ -49,11 +49,12 @@ def test_model_fingerprint_is_about_the_model_not_its_folder(tmp_path):
 
 
 def test_handle_round_trip_and_clear_errors():
-    h = KVHandle("e", "127.0.0.1", 5600, "r", [3, 4], 20, "abc")
+    h = KVHandle("e", "127.0.0.1", 5600, "r", [3, 4], 20, "abc", 30.0)
     assert KVHandle.from_dict(msgpack.unpackb(msgpack.packb(h.to_dict()))) == h
     for bad, field in [({**h.to_dict(), "port": "x"}, "port"), ({**h.to_dict(), "block_ids": [1, -2]}, "block_ids"),
                        ({k: v for k, v in h.to_dict().items() if k != "engine_id"}, "engine_id"),
-                       ({**h.to_dict(), "num_tokens": True}, "num_tokens")]:
+                       ({**h.to_dict(), "num_tokens": True}, "num_tokens"),
+                       ({**h.to_dict(), "lease_s": "long"}, "lease_s")]:
         with pytest.raises(ValueError, match=field):
             KVHandle.from_dict(bad)
     with pytest.raises(ValueError, match="dict"):
