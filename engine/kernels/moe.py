@@ -8,7 +8,7 @@
 2. `_w13_kernel`: per block, gate and up tiles of x[token] @ w13[e]^T with SiLU(gate)
    * up fused, into the block-sorted intermediate.
 3. `_w2_kernel`: intermediate @ w2[e]^T times the routing weight, to the entry's row.
-4. The k rows of each token are summed in float32 (torch sum over a [T, k, H] view).
+4. `_combine_kernel`: the k rows of each token summed in float32.
 The grid is sized from an upper bound on the block count, floor(N / BLOCK_M) +
 min(E, N) for N entries, so nothing is read back to size it; unused blocks exit.
 """
@@ -129,6 +129,18 @@ def _w2_kernel(inter_ptr, s_inter, w_ptr, sw_e, sw_n, out_ptr, s_out, topk_w_ptr
     tl.store(dst, (acc * w[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum of the token's TOPK expert rows, in float32 (rows in slot order)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = h < H
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for k in tl.static_range(TOPK):
+        acc += tl.load(y_ptr + (t * TOPK + k) * H + h, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
 class MoEConfig(NamedTuple):
     block_m: int
     block_n: int
@@ -184,4 +196,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
         act, act.stride(0), w2, w2.stride(0), w2.stride(1), out, out.stride(0), weights, block_expert, cursor,
         sorted_ids, H, inter, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=up,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.view(T, top_k, H).sum(dim=1)
+    combined = torch.empty(T, H, dtype=x.dtype, device=dev)
+    block_h = min(1024, triton.next_power_of_2(H))
+    _combine_kernel[(T, triton.cdiv(H, block_h))](out, combined, H, TOPK=top_k, BLOCK_H=block_h, num_warps=4)
+    return combined

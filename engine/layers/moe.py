@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.layers.params import param
 from engine.ops.moe import fused_moe
+from engine.ops.router import to_physical
 
 
 class FusedMoE(nn.Module):
@@ -44,8 +45,8 @@ class FusedMoE(nn.Module):
         return self.log2phy[ids, replica]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor) -> torch.Tensor:
-        phys = self.to_physical(logical_ids)
-        self.expert_load.index_add_(0, phys.flatten(), torch.ones_like(phys.flatten()))
+        # The map and the load count in one launch on the device (engine/ops/router.py).
+        phys = to_physical(logical_ids, self.log2phy, self.logcnt, self.expert_load)
         if self.ep is not None:
             return self.ep.forward(self, x, weights, phys, logical_ids)
         return fused_moe(x, self.w13, self.w2, phys, weights)

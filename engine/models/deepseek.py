@@ -14,8 +14,9 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.mla import MLAAttention
 from engine.layers.moe import FusedMoE
 from engine.layers.params import Linear, param
-from engine.layers.router import grouped_sigmoid_topk, group_limited_softmax_topk, softmax_topk
+from engine.layers.router import grouped_sigmoid_topk, group_limited_softmax_topk
 from engine.models.base import CacheLayout, CausalLM, DecoderLayer
+from engine.ops.router import softmax_topk
 
 
 class DeepseekMoE(nn.Module):
@@ -39,8 +40,8 @@ class DeepseekMoE(nn.Module):
                                           c.n_group, c.topk_group, c.norm_topk_prob)
         elif getattr(c, "topk_method", "greedy") == "group_limited_greedy":
             w, ids = group_limited_softmax_topk(logits, c.num_experts_per_tok, c.n_group, c.topk_group)
-        else:
-            w, ids = softmax_topk(logits, c.num_experts_per_tok, renormalize=False)
+        else:       # one launch on the device, the scaling included
+            return softmax_topk(logits, c.num_experts_per_tok, False, c.routed_scaling_factor)
         return w * c.routed_scaling_factor, ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

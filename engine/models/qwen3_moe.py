@@ -8,9 +8,9 @@ from torch import nn
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import FusedMoE
 from engine.layers.params import Linear
-from engine.layers.router import softmax_topk
 from engine.models.base import CacheLayout, CausalLM, DecoderLayer
 from engine.models.llama import GQAAttention, gqa_cache_layout
+from engine.ops.router import softmax_topk
 
 
 class Qwen3MoeBlock(nn.Module):
@@ -22,8 +22,8 @@ class Qwen3MoeBlock(nn.Module):
         self.experts = FusedMoE(c.num_experts, c.hidden_size, c.moe_intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
-        return self.experts(x, weights.to(x.dtype), ids)
+        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize, out_dtype=x.dtype)
+        return self.experts(x, weights, ids)
 
 
 class Qwen3MoeForCausalLM(CausalLM):

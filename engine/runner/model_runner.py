@@ -16,6 +16,7 @@ import torch
 from engine.core.scheduler_output import SchedulerOutput
 from engine.models.base import CausalLM
 from engine.ops.attention import AttentionMetadata
+from engine.ops.router import counting_tokens
 from engine.ops.sampling import sample, topn_logprobs
 from engine.runner.cuda_graphs import DecodeGraphs, EagerPaddedSteps, graph_batch_sizes
 from engine.runner.inputs import commit_step, prepare_inputs
@@ -99,7 +100,8 @@ class ModelRunner:
             num_reqs=rows.shape[0], query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
             block_table=inp.block_table, slot_mapping=inp.slot_mapping, block_size=self.block_size,
             query_lens_cpu=query_lens_cpu, seq_lens_cpu=seq_lens_cpu, num_splits=num_splits)
-        hidden = self.model(inp.input_ids, inp.positions, meta)
+        with counting_tokens(inp.query_start_loc[-1:]):     # padding is no expert load
+            hidden = self.model(inp.input_ids, inp.positions, meta)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
         sampled = sample(logits, t.temperature[rows], t.top_k[rows], t.top_p[rows], t.min_p[rows],
                          t.seeds[rows], inp.seq_lens.long())

@@ -89,7 +89,7 @@ def test_batch_composition_changes_no_token(folder):
 def test_padded_decode_steps_give_the_eager_tokens(folder):
     """The graph path's padding run eagerly: decode batches of 1-5 padded to 2/4/8,
     pad entries on the table's pad row."""
-    _, ref = _run(folder, async_scheduling=True)
+    ref_llm, ref = _run(folder, async_scheduling=True)
     llm = LLM(str(folder), block_size=4, max_num_batched_tokens=16, async_scheduling=True)
     runner = llm.engine.runner
     runner.capture_cuda_graphs(sizes=[2, 4, 8], eager=True)
@@ -100,6 +100,9 @@ def test_padded_decode_steps_give_the_eager_tokens(folder):
     _assert_same(ref, outs)
     assert set(launched) >= {2, 4}      # batches of 1 and 3 ran padded
     assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+    # Padded entries route to experts too, but never count as expert load.
+    for m, m_ref in zip(llm.engine.model.moe_layers(), ref_llm.engine.model.moe_layers()):
+        assert torch.equal(m.expert_load, m_ref.expert_load)
     pad = runner.table.pad_row
     assert int(runner.table.num_computed[pad]) == 0 and int(runner.table.num_tokens[pad]) == 0
 
