@@ -12,6 +12,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served:
+    """An ASGI app on a free loopback port, served by uvicorn in a thread."""
+
+    def __init__(self, app) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def api_server():
     """The OpenAI API over a real AsyncEngine on the default model, served by uvicorn."""
@@ -24,13 +41,7 @@ def api_server():
     engine = AsyncEngine(EngineConfig(max_model_len=256, max_num_seqs=4), max_waiting=4)
     metrics = Metrics("tandem-default", "colocated")
     app = build_api(engine, "tandem-default", metrics, SLO(ttft_ms=60000, itl_ms=60000), api_key="sekret")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    thread.join(timeout=10)
+    served = Served(app)
+    yield served.url, engine
+    served.stop()
     engine.shutdown()

@@ -4,12 +4,10 @@ KV-transfer metrics counted, and a dead prefill side handled by recomputing."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import openai
 import pytest
-import uvicorn
 
 from cluster.kv_transfer_metrics import KVTransferMetrics
 from cluster.metrics import Metrics
@@ -19,7 +17,7 @@ from disagg.nixl_connector import NixlConnector
 from disagg.prefill_decode import PrefillDecodeEngine, prefill_request
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from tests.cluster.conftest import free_port
+from tests.cluster.conftest import Served
 
 MODEL = "tandem-default"
 PROMPTS = ["a", "The quick brown fox jumps", "0123456789abcde", "x" * 16, "y" * 17, "hello " * 9]
@@ -32,16 +30,6 @@ def engine(metrics: Metrics | None = None) -> AsyncEngine:
     observer = KVTransferMetrics(metrics, config.kv_load_failure_policy)
     return AsyncEngine(config, max_waiting=8,
                        kv_transfer=lambda core: NixlConnector.for_engine(core, observer=observer))
-
-
-def serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +46,11 @@ def servers():
         return await prefill_request(prefill, request)
 
     pd = PrefillDecodeEngine(decode, call_prefill, decode.kv_transfer.observer)
-    up = [serve(build_api(colocated, MODEL, Metrics(MODEL, "colocated"), slo)),
-          serve(build_api(pd, MODEL, metrics, slo))]
-    yield up[0][0], up[1][0], prefill, decode, pd, state
-    for _, server, thread in up:
-        server.should_exit = True
-        thread.join(timeout=10)
+    up = [Served(build_api(colocated, MODEL, Metrics(MODEL, "colocated"), slo)),
+          Served(build_api(pd, MODEL, metrics, slo))]
+    yield up[0].url, up[1].url, prefill, decode, pd, state
+    for served in up:
+        served.stop()
     for e in (colocated, prefill, decode):
         e.shutdown()
 
