@@ -27,7 +27,7 @@ from nixl._api import nixl_agent, nixl_agent_config
 
 from disagg.handle import KVHandle
 from disagg.layout import BlockLayout, block_runs, model_fingerprint
-from disagg.side_channel import SideChannelError, SideChannelServer, fetch_metadata
+from disagg.side_channel import SideChannelServer, fetch_metadata
 from engine.core.engine_core import EngineCore
 from engine.kv_transfer import KVTransferHook
 from engine.request import Request
@@ -35,6 +35,10 @@ from engine.request import Request
 log = logging.getLogger(__name__)
 
 _DONE = b"done:"    # consumer -> producer: this request's blocks may be freed
+
+
+class LayoutMismatch(ValueError):
+    """The producer's KV cache is laid out differently (block size, dtype, heads, model)."""
 
 
 class TransferObserver(Protocol):
@@ -151,9 +155,8 @@ class NixlConnector(KVTransferHook):
         load.num_tokens = req.num_prompt_tokens
         load.first_block = num_local_tokens // self.layout.block_size   # blocks before it are prefix hits
         load.local = block_ids[load.first_block:]
-        if handle.engine_id not in self._peers and handle.engine_id not in self._handshakes:
-            self._handshakes[handle.engine_id] = self._pool.submit(
-                fetch_metadata, handle.host, handle.port, self.handshake_timeout_s)
+        if handle.engine_id not in self._peers:
+            self._handshake(handle)
 
     def finished_loads(self) -> tuple[list[str], dict[str, str]]:
         for load in list(self._loads.values()):
@@ -190,16 +193,16 @@ class NixlConnector(KVTransferHook):
         eid = load.handle.engine_id
         peer = self._peers.get(eid)
         if peer is None:
-            fut = self._handshakes.get(eid)
-            if fut is None or not fut.done():
+            fut = self._handshake(load.handle)     # again, if the peer was dropped meanwhile
+            if not fut.done():
                 if time.monotonic() > load.deadline:
                     self._fail(load, "timeout", "handshake did not finish in time")
                 return
             del self._handshakes[eid]
             try:
                 peer = self._connect(fut.result())
-            except (SideChannelError, ValueError) as e:
-                reason = "layout" if "layouts differ" in str(e) else "handshake"
+            except Exception as e:      # unreachable, refused, malformed or incompatible peer
+                reason = "layout" if isinstance(e, LayoutMismatch) else "handshake"
                 self._fail(load, reason, str(e))
                 for other in [x for x in self._loads.values() if x.xfer is None and x.handle.engine_id == eid]:
                     self._fail(other, reason, str(e))
@@ -264,11 +267,19 @@ class NixlConnector(KVTransferHook):
         elif time.monotonic() > load.trust_until:
             self._fail(load, "lease", "the READ outlasted the producer's lease")
 
+    def _handshake(self, handle: KVHandle) -> Future:
+        """The producer's metadata, fetched once per engine in a background thread."""
+        fut = self._handshakes.get(handle.engine_id)
+        if fut is None:
+            fut = self._handshakes[handle.engine_id] = self._pool.submit(
+                fetch_metadata, handle.host, handle.port, self.handshake_timeout_s)
+        return fut
+
     def _connect(self, meta: dict) -> _Peer:
         layout = BlockLayout.from_dict(meta["layout"])
         why = self.layout.mismatch(layout)
         if why is not None:
-            raise ValueError(f"refusing KV from engine {meta['engine_id']}: {why}")
+            raise LayoutMismatch(f"refusing KV from engine {meta['engine_id']}: {why}")
         name = self.agent.add_remote_agent(meta["agent_metadata"])
         name = name.decode() if isinstance(name, bytes) else name
         peer = _Peer(name, meta["base"], meta["dev_id"], meta["mem_type"], layout)
