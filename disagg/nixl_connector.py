@@ -225,14 +225,14 @@ class NixlConnector(KVTransferHook):
             return
         size = self.layout.block_bytes
         runs = block_runs(load.local, load.remote)
-        local = self.agent.get_xfer_descs([(self.base + lo * size, n * size, self.dev_id) for lo, _, n in runs],
-                                          self.mem_type)
-        remote = self.agent.get_xfer_descs([(peer.base + ro * size, n * size, peer.dev_id) for _, ro, n in runs],
-                                           peer.mem_type)
         load.nbytes = len(load.local) * size
         load.started = time.monotonic()
         load.deadline = load.started + self.transfer_timeout_s
         try:
+            local = self.agent.get_xfer_descs(
+                [(self.base + lo * size, n * size, self.dev_id) for lo, _, n in runs], self.mem_type)
+            remote = self.agent.get_xfer_descs(
+                [(peer.base + ro * size, n * size, peer.dev_id) for _, ro, n in runs], peer.mem_type)
             load.xfer = self.agent.initialize_xfer("READ", local, remote, peer.agent_name,
                                                    _DONE + load.handle.request_id.encode())
             state = self.agent.transfer(load.xfer)
