@@ -25,6 +25,7 @@ _BACKENDS = ("torch", "triton")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 log = logging.getLogger("engine.kernels")
 _warned: set[str] = set()
+num_fallbacks = 0     # calls that fell back to a reference (CUDA-graph capture checks it)
 _forced: str | None = os.environ.get("TANDEM_KERNEL_BACKEND") or None
 
 
@@ -68,8 +69,10 @@ def unsupported(op: str, reason: str | None) -> bool:
     """True when a kernel cannot take these inputs (reason given): the dispatcher then
     runs the torch reference, and the first time per (op, reason) a warning says so.
     Never a wrong answer, never a crash for a shape the kernel does not handle."""
+    global num_fallbacks
     if reason is None:
         return False
+    num_fallbacks += 1
     key = f"{op}: {reason}"
     if key not in _warned:
         _warned.add(key)

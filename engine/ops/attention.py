@@ -12,7 +12,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kernels import use_triton
+from engine.kernels import KERNEL_DTYPES, unsupported, use_triton
+
+MAX_TRITON_HEAD_DIM = 1024
+
+
+def _cache_problem(cache: torch.Tensor, values: torch.Tensor) -> str | None:
+    if cache.dtype not in KERNEL_DTYPES or values.dtype not in KERNEL_DTYPES:
+        return f"dtypes {values.dtype} -> {cache.dtype}"
+    if cache.stride(-1) != 1:
+        return "a cache whose rows are not contiguous"
+    return None
+
+
+def _attention_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in KERNEL_DTYPES:
+        return f"dtypes q {q.dtype}, cache {k_cache.dtype}"
+    if max(q.shape[-1], v_cache.shape[-1]) > MAX_TRITON_HEAD_DIM:
+        return f"head dims above {MAX_TRITON_HEAD_DIM}"
+    if q.shape[1] % k_cache.shape[2]:
+        return "query heads that are not a multiple of the KV heads"
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return "a cache whose rows are not contiguous"
+    return None
 
 
 @dataclass
@@ -45,7 +67,7 @@ class AttentionMetadata:
 
 def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
              backend: str | None = None) -> None:
-    if use_triton(values, backend):
+    if use_triton(values, backend) and not unsupported("write_kv", _cache_problem(cache, values)):
         from engine.kernels.attention import write_kv_triton
         write_kv_triton(cache, values, slot_mapping, block_size)
         return
@@ -55,7 +77,8 @@ def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tens
 def write_kv_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   slot_mapping: torch.Tensor, block_size: int, backend: str | None = None) -> None:
     """write_kv of K and of V; on the device one launch for both."""
-    if use_triton(k, backend):
+    if use_triton(k, backend) and not unsupported(
+            "write_kv", _cache_problem(k_cache, k) or _cache_problem(v_cache, v)):
         from engine.kernels.attention import write_kv_triton
         write_kv_triton(k_cache, k, slot_mapping, block_size, v_cache, v)
         return
@@ -106,7 +129,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, backend: str | None = None) -> torch.Tensor:
-    if use_triton(q, backend):
+    if use_triton(q, backend) and not unsupported("paged_attention", _attention_problem(q, k_cache, v_cache)):
         # Reads query_start_loc / seq_lens / block_table on the device; the host lists
         # only size the launch grid.
         from engine.kernels.attention import paged_attention_triton

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import use_triton
+from engine.kernels import KERNEL_DTYPES, unsupported, use_triton
+
+
+def _moe_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+    if not (x.dtype == w13.dtype == w2.dtype) or x.dtype not in KERNEL_DTYPES:
+        return f"dtypes x {x.dtype}, experts {w13.dtype}/{w2.dtype}"
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        return "expert weights whose rows are not contiguous"
+    return None
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -27,7 +35,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    if use_triton(x, backend):
+    if use_triton(x, backend) and not unsupported("fused_moe", _moe_problem(x, w13, w2)):
         # Sorts entries by expert on the device and runs grouped GEMMs: no host sync
         # (the reference's torch.unique and per-expert loop read back to the host).
         from engine.kernels.moe import fused_moe_triton

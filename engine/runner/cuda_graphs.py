@@ -21,6 +21,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from engine import kernels
+
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every 16 up to 128, then every 32; always max_num_seqs."""
@@ -52,6 +54,10 @@ def pad_step_inputs(rows: np.ndarray, samples: np.ndarray, size: int, pad_row: i
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+class GraphUnsafe(RuntimeError):
+    """The decode step cannot be captured (it would replay wrong results)."""
+
+
 class DecodeGraphs:
     def __init__(self, step_fn: StepFn, sizes: list[int], pad_row: int, device: torch.device) -> None:
         self.step_fn = step_fn
@@ -73,7 +79,11 @@ class DecodeGraphs:
                 buf = torch.from_numpy(pad_step_inputs(np.zeros(0, np.int64), np.zeros(0, bool), size,
                                                        self.pad_row)).to(self.device)
                 self.inputs[size] = buf
+                before = kernels.num_fallbacks
                 self.step_fn(buf[0], buf[1], buf[2], size, size)
+                if kernels.num_fallbacks != before:
+                    # A torch reference reads host-side lengths, which a graph would freeze.
+                    raise GraphUnsafe("an operation fell back to its torch reference (see the warning above)")
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     logits, sampled = self.step_fn(buf[0], buf[1], buf[2], size, size)

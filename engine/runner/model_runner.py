@@ -10,6 +10,8 @@ per request beyond the row lookup.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -18,12 +20,13 @@ from engine.models.base import CausalLM
 from engine.ops.attention import AttentionMetadata
 from engine.ops.router import counting_tokens
 from engine.ops.sampling import sample, topn_logprobs
-from engine.runner.cuda_graphs import DecodeGraphs, EagerPaddedSteps, graph_batch_sizes
+from engine.runner.cuda_graphs import DecodeGraphs, EagerPaddedSteps, GraphUnsafe, graph_batch_sizes
 from engine.runner.inputs import commit_step, prepare_inputs
 from engine.runner.state import RequestStateTable
 from engine.runner.step_output import PendingOutput, RunnerOutput
 
 __all__ = ["ModelRunner", "RunnerOutput", "PendingOutput"]
+log = logging.getLogger("engine.runner")
 
 
 class ModelRunner:
@@ -61,8 +64,13 @@ class ModelRunner:
         sizes = sizes or graph_batch_sizes(self.table.max_reqs)
         cls = EagerPaddedSteps if eager else DecodeGraphs
         graphs = cls(self._graph_step, sizes, self.table.pad_row, self.device)
-        with torch.inference_mode():
-            graphs.capture()
+        try:
+            with torch.inference_mode():
+                graphs.capture()
+        except GraphUnsafe as e:
+            torch.cuda.synchronize(self.device)
+            log.warning("CUDA graphs are off for this model: %s; decode steps run eagerly", e)
+            return
         self.graphs = graphs
 
     def _graph_step(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,

@@ -112,3 +112,24 @@ def test_bad_engine_settings():
         LLM("default", block_size=0)
     with pytest.raises(TypeError, match="unknown engine arguments"):
         LLM("default", blok_size=4)
+
+
+def test_out_of_memory_at_start_says_what_fits_and_what_to_lower(monkeypatch):
+    import torch
+
+    import engine.core.engine_core as ec
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ec, "ModelRunner", no_memory)
+    with pytest.raises(ValueError) as e:
+        LLM("default", num_kv_blocks=400, max_model_len=256)
+    msg = str(e.value)
+    assert "out of device memory at start-up" in msg and "400 blocks" in msg
+    assert "gpu_memory_utilization" in msg and "num_kv_blocks" in msg and "max_num_seqs" in msg
+
+
+def test_kv_cache_smaller_than_one_sequence_says_what_to_lower():
+    with pytest.raises(ValueError, match="lower max_model_len or give the cache more memory"):
+        LLM("default", kv_cache_memory_gb=1e-6)

@@ -119,3 +119,22 @@ def test_rotary_odd_head_dim_falls_back():
 def test_norm_and_rotary_gpu(dtype):
     _check_norm(dtype, "cuda")
     _check_rope(dtype, "cuda")
+
+
+@interpreted
+def test_attention_and_moe_fall_back_on_unsupported_dtypes(caplog):
+    from engine.ops.attention import paged_attention, paged_attention_ref
+    from engine.ops.moe import fused_moe, fused_moe_ref
+    from tests.engine.kernels.cases import attention_case
+    q, k, v, meta = attention_case([(5, 3), (0, 4)], 4, 2, 16, 16, 4, False, torch.float64)
+    _warned.clear()
+    with caplog.at_level(logging.WARNING, logger="engine.kernels"):
+        out = paged_attention(q, k, v, meta, 0.25, backend="triton")
+        x = torch.randn(3, 8, dtype=torch.float64)
+        w13, w2 = torch.randn(4, 12, 8, dtype=torch.float64), torch.randn(4, 8, 6, dtype=torch.float64)
+        ids, wts = torch.tensor([[0, 2], [1, 3], [2, 0]]), torch.rand(3, 2, dtype=torch.float64)
+        moe = fused_moe(x, w13, w2, ids, wts, backend="triton")
+    assert torch.equal(out, paged_attention_ref(q, k, v, meta, 0.25))
+    assert torch.equal(moe, fused_moe_ref(x, w13, w2, ids, wts))
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "paged_attention" in msgs and "fused_moe" in msgs and "torch reference" in msgs
