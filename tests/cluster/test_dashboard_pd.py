@@ -13,7 +13,8 @@ import pytest
 from cluster.metrics import Metrics
 from cluster.openai_api import build_api
 from cluster.request_metrics import SLO
-from tests.cluster.test_pd_api import MODEL, engine, serve
+from tests.cluster.conftest import Served
+from tests.cluster.test_pd_api import MODEL, engine
 
 pytest.importorskip("nixl", reason="the NIXL connector needs the nixl package")
 
@@ -29,10 +30,9 @@ def pd_url():
         return await prefill_request(prefill, request)
 
     pd = PrefillDecodeEngine(decode, call_prefill, decode.kv_transfer.observer)
-    url, server, thread = serve(build_api(pd, MODEL, metrics, SLO(ttft_ms=60000, itl_ms=60000)))
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    served = Served(build_api(pd, MODEL, metrics, SLO(ttft_ms=60000, itl_ms=60000)))
+    yield served.url
+    served.stop()
     for e in (prefill, decode):
         e.shutdown()
 
