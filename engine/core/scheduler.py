@@ -41,6 +41,9 @@ class Scheduler:
         # count as known tokens (placeholders) when scheduling; the real token replaces
         # one when its step's output arrives.
         self.pending: dict[str, int] = {}
+        # Full blocks already registered in the prefix cache, per request: a step only
+        # hashes and registers blocks that filled since (not every block every step).
+        self._cached_full: dict[str, int] = {}
         # KV transfer (disaggregated prefill/decode); see engine/kv_transfer.py.
         self.kv_transfer: KVTransferHook | None = None
         self.loading: dict[str, Request] = {}   # consumer: remote KV being read
@@ -149,7 +152,10 @@ class Scheduler:
         if req.num_computed_tokens >= req.num_tokens + pending:
             self.pending[rid] = pending + 1     # this step samples a token
         # Only blocks of known tokens are hashed (a placeholder's value is not known yet).
-        self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+        known = min(req.num_computed_tokens, req.num_tokens)
+        if new or known // self.kv.block_size > self._cached_full.get(rid, 0):
+            self.kv.cache_full_blocks(req, known)
+            self._cached_full[rid] = known // self.kv.block_size
 
     def _finishes_on_length(self, req: Request, pending: int) -> bool:
         return (len(req.output_token_ids) + pending >= req.sampling_params.max_tokens
@@ -160,6 +166,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         self.pending.pop(req.request_id, None)   # its in-flight token is dropped; resampled later
+        self._cached_full.pop(req.request_id, None)
         req.num_preemptions += 1
         self.num_preemptions += 1
         out.finished_req_ids.add(req.request_id)   # the runner drops its row
@@ -255,6 +262,7 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         rid = req.request_id
         self.pending.pop(rid, None)
+        self._cached_full.pop(rid, None)
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
             self._finished.add(rid)

@@ -94,3 +94,22 @@ def test_preemption_drops_the_placeholder():
     s.schedule()                       # b preempted; a's decode is in flight
     assert "b" not in s.pending and s.pending == {"a": 1}
     assert s.update_from_output({"b": 5}) == []                 # b's late token is dropped
+
+
+def test_full_blocks_reach_the_prefix_cache_under_async_placeholders():
+    """Blocks are registered as they fill with known tokens (never with a placeholder),
+    once each: a later request with the same tokens hits every full block."""
+    kv = KVCacheManager(PagedCacheSpec(4, 1), 64, enable_prefix_caching=True)
+    s = Scheduler(SchedulerConfig(4, 64, 128, True), kv)
+    s.add_request(Request("a", list(range(6)), SamplingParams(max_tokens=9, ignore_eos=True)))
+    s.schedule()
+    token = 100
+    while s.num_unfinished:
+        out = s.schedule()                      # one step ahead of the outputs
+        s.update_from_output({"a": token})
+        token += 1
+        assert out.num_scheduled_tokens.get("a", 0) <= 1
+    tokens = list(range(6)) + list(range(100, 109))     # 15 known tokens: 3 full blocks
+    b = Request("b", tokens + [7], SamplingParams(max_tokens=1))
+    hit, n = kv.find_cached_prefix(b)
+    assert n == 12 and len(hit) == 3
