@@ -52,6 +52,15 @@ class RankLostError(EPEngineError):
     """A rank died and the survivors cannot serve without it."""
 
 
+def _routed_experts(model_config) -> int | None:
+    """Routed experts per MoE layer as the Hugging Face config names them, if it does."""
+    for name in ("num_experts", "n_routed_experts"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class _RanksDied(Exception):
     def __init__(self, names: list[str]) -> None:
         super().__init__(f"ranks {names} died")
@@ -138,23 +147,43 @@ class EPEngine:
         self.num_recoveries = 0
         self.events: list[str] = []               # what happened to the rank set, in words
 
+        # Knowing the expert count up front lets each rank build and load only its own
+        # slots; random weights are drawn for the whole model so every rank agrees.
+        self.num_experts = _routed_experts(model_config)
+        self.slots_per_rank = 0
+        self._load_own_slots = self.num_experts is not None and config.load_format != "random"
         try:
+            if self.num_experts is not None:
+                self._set_layout(ep_size)
             ranks, layout = self._spawn(ep_size, keep_serving=False)
             self.num_moe_layers = layout["moe_layers"]
-            self.num_experts = layout["num_experts"]
             self.bytes_per_expert = layout["bytes_per_expert"]
-            total = self.num_experts + num_redundant_experts
-            if num_redundant_experts < 0 or total % ep_size:
-                raise ValueError(f"{self.num_experts} experts + {num_redundant_experts} redundant slots do not "
-                                 f"split evenly over {ep_size} ranks; pick num_redundant_experts so they do")
-            self.slots_per_rank = total // ep_size
-            # Start without load knowledge: slot s holds expert s mod E.
-            self.phy2log = (torch.arange(total) % self.num_experts).repeat(self.num_moe_layers, 1)
+            self.slots_loaded = layout["slots_loaded"]
+            if self.num_experts is None:
+                self.num_experts = layout["num_experts"]
+                self._set_layout(ep_size)
+            elif layout["num_experts"] != self.num_experts:
+                raise ValueError(f"the model config says {self.num_experts} experts, the ranks built "
+                                 f"{layout['num_experts']}")
+            self.phy2log = self._initial_slots(0, ep_size).repeat(self.num_moe_layers, 1)
             self._regroup(ranks, self.phy2log, weights={r.name: "model" for r in ranks})
             self.accepting = {r.name for r in ranks}
         except BaseException:
             self.shutdown()
             raise
+
+    def _set_layout(self, ep_size: int) -> None:
+        total = self.num_experts + self.num_redundant_experts
+        if self.num_redundant_experts < 0 or total % ep_size:
+            raise ValueError(f"{self.num_experts} experts + {self.num_redundant_experts} redundant slots do not "
+                             f"split evenly over {ep_size} ranks; pick num_redundant_experts so they do")
+        self.slots_per_rank = total // ep_size
+
+    def _initial_slots(self, first_rank: int, count: int) -> torch.Tensor:
+        """Experts of the slots of ranks [first_rank, first_rank + count) before any load
+        is known: slot s holds expert s mod E."""
+        s = self.slots_per_rank
+        return torch.arange(first_rank * s, (first_rank + count) * s) % self.num_experts
 
     # -- requests -----------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -289,8 +318,9 @@ class EPEngine:
 
     # -- ranks and generations --------------------------------------------------------------
     def _spawn(self, count: int, keep_serving: bool = True) -> tuple[list[_Rank], dict]:
-        """Start `count` rank processes and wait until each has loaded the model; with
-        keep_serving the current ranks go on stepping meanwhile."""
+        """Start `count` rank processes (the next ranks of the group) and wait until each
+        has loaded the model; with keep_serving the current ranks go on stepping meanwhile."""
+        first_rank = len(self.ranks)
         new = []
         for _ in range(count):
             name = next(self._names)
@@ -302,11 +332,13 @@ class EPEngine:
         names = [r.name for r in new]
         try:
             self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)      # hello
-            for r in new:
+            for k, r in enumerate(new):
                 init = {"type": "init", "config": config_to_wire(self._rank_config(r)), "model_path": str(self.path),
                         "eos_token_ids": sorted(self.eos_token_ids), "store_host": self.host,
                         "store_port": self._store.port, "timeout_s": self.timeout_s,
                         "extensions": list(self.extensions)}
+                if self._load_own_slots:
+                    init["slot_experts"] = self._initial_slots(first_rank + k, 1).tolist()
                 self._send(r.name, init)
             ready = self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)
         except (_RanksDied, RuntimeError) as e:    # the running ranks are untouched

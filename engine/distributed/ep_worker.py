@@ -44,7 +44,11 @@ class EPWorker:
         path = init["model_path"]
         if config.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(config.device))   # NCCL uses the current device
-        self.core = EngineCore(config, load_config(path), path)
+        model_config = load_config(path)
+        if init.get("slot_experts") is not None:
+            # Build and load only this rank's expert slots (FusedMoE(slot_experts=...)).
+            model_config.ep_slot_experts = list(init["slot_experts"])
+        self.core = EngineCore(config, model_config, path)
         self.model = self.core.model
         self.eos = frozenset(init["eos_token_ids"])
         self.backend = backend_for(config.device)
@@ -63,7 +67,7 @@ class EPWorker:
         if not layers:
             raise ValueError("this model has no MoE layers; expert parallelism has nothing to split")
         w13 = layers[0].w13
-        return {"moe_layers": len(layers), "num_experts": layers[0].num_experts,
+        return {"moe_layers": len(layers), "num_experts": layers[0].num_experts, "slots_loaded": w13.shape[0],
                 "bytes_per_expert": (w13[0].numel() + layers[0].w2[0].numel()) * w13.element_size()}
 
     # -- group changes ------------------------------------------------------------------

@@ -109,9 +109,11 @@ def attach_expert_parallel(model: nn.Module, ep: ExpertParallel, phy2log: torch.
 
     phy2log [moe layers, ep.num_physical]: the expert of each global slot (-1 for a
     slot with no expert yet); None keeps the layers' current maps. With
-    weights_from_model, the layers hold every logical expert (a freshly loaded model,
-    identity map) and this rank keeps copies of its slots' experts; otherwise its
-    slots start empty (zeros) and their weights arrive by migration.
+    weights_from_model the layers' loaded weights serve this rank's slots: either the
+    layers loaded only this rank's slots (FusedMoE(slot_experts=...), which must match
+    phy2log), or they hold every logical expert once (identity map) and the rank keeps
+    copies of its slots' experts. Otherwise the slots' weights arrive by migration (until
+    then the map sends them no tokens).
     """
     layers = moe_layers(model)
     if phy2log is not None and tuple(phy2log.shape) != (len(layers), ep.num_physical):
@@ -119,14 +121,21 @@ def attach_expert_parallel(model: nn.Module, ep: ExpertParallel, phy2log: torch.
                          f"({len(layers)}, {ep.num_physical}) for {len(layers)} MoE layers")
     lo, hi = ep.first_slot, ep.first_slot + ep.slots_per_rank
     for i, moe in enumerate(layers):
-        if weights_from_model:
-            if moe.num_physical != moe.num_experts or not torch.equal(moe.phy2log.cpu(), torch.arange(moe.num_experts)):
-                raise ValueError("weights_from_model needs layers that hold every expert once, in order")
-            local = phy2log[i, lo:hi] if phy2log is not None else torch.arange(lo, hi)
+        local = phy2log[i, lo:hi] if phy2log is not None else torch.arange(lo, hi)
+        holds_all = moe.w13.shape[0] == moe.num_experts and torch.equal(moe.phy2log.cpu(),
+                                                                          torch.arange(moe.num_experts))
+        if weights_from_model and holds_all:
             if bool((local < 0).any()):
                 raise ValueError("a slot of this rank has no expert; cannot take its weights from the model")
             idx = local.to(moe.w13.device)
             w13, w2 = moe.w13.data.index_select(0, idx), moe.w2.data.index_select(0, idx)
+        elif weights_from_model:
+            if moe.w13.shape[0] != ep.slots_per_rank or not torch.equal(moe.phy2log.cpu(), local):
+                raise ValueError(f"the layer loaded experts {moe.phy2log.tolist()}, but this rank's slots "
+                                 f"hold {local.tolist()}")
+            w13, w2 = moe.w13.data, moe.w2.data
+        elif moe.w13.shape[0] == ep.slots_per_rank:
+            w13, w2 = moe.w13.data, moe.w2.data        # contents unused until migration fills them
         else:
             w13 = moe.w13.data.new_zeros(ep.slots_per_rank, *moe.w13.shape[1:])
             w2 = moe.w2.data.new_zeros(ep.slots_per_rank, *moe.w2.shape[1:])

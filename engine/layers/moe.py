@@ -18,15 +18,19 @@ from engine.ops.router import to_physical
 
 
 class FusedMoE(nn.Module):
-    def __init__(self, num_experts: int, hidden: int, inter: int, num_physical: int | None = None) -> None:
+    def __init__(self, num_experts: int, hidden: int, inter: int, num_physical: int | None = None,
+                 slot_experts: list[int] | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.num_physical = num_physical or num_experts
+        # slot_experts: the expert each slot loads, when this layer holds only an EP
+        # rank's own slots (engine/layers/ep_dispatch.py); default: one slot per expert.
+        self.num_physical = len(slot_experts) if slot_experts is not None else num_physical or num_experts
         self.inter = inter
         self.w13 = param(self.num_physical, 2 * inter, hidden, loader=self._load_expert)
         self.w2 = param(self.num_physical, hidden, inter, loader=self._load_expert)
         identity = torch.arange(num_experts)
-        self.register_buffer("phy2log", identity.clone(), persistent=False)
+        self.register_buffer("phy2log", identity.clone() if slot_experts is None else torch.tensor(slot_experts),
+                             persistent=False)
         self.register_buffer("log2phy", identity[:, None].clone(), persistent=False)
         self.register_buffer("logcnt", torch.ones(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("expert_load", torch.zeros(self.num_physical, dtype=torch.long), persistent=False)

@@ -28,7 +28,8 @@ class DeepseekMoE(nn.Module):
         self.gate = Linear(c.hidden_size, c.n_routed_experts)
         if v3:
             self.gate.e_score_correction_bias = param(c.n_routed_experts)
-        self.experts = FusedMoE(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+        self.experts = FusedMoE(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                                slot_experts=getattr(c, "ep_slot_experts", None))
         self.shared_experts = (GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
                                if c.n_shared_experts else None)
 

@@ -19,7 +19,8 @@ class Qwen3MoeBlock(nn.Module):
         c = config
         self.top_k, self.renormalize = c.num_experts_per_tok, c.norm_topk_prob
         self.gate = Linear(c.hidden_size, c.num_experts)
-        self.experts = FusedMoE(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        self.experts = FusedMoE(c.num_experts, c.hidden_size, c.moe_intermediate_size,
+                                slot_experts=getattr(c, "ep_slot_experts", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize, out_dtype=x.dtype)

@@ -43,6 +43,7 @@ def test_greedy_parity_through_rebalance_grow_and_shrink(family) -> None:
     with ElasticEPEngine(EngineConfig(model=str(folder), max_logprobs=5), 2, eplb=eplb) as eng:
         layers, experts = eng.num_moe_layers, eng.num_experts
         assert eng.slots_per_rank == experts // 2
+        assert eng.slots_loaded == eng.slots_per_rank, "each rank loads only its own experts"
         rids = [eng.add_request(p, PARAMS) for p in PROMPTS[:2]]
         for _ in range(3):
             eng.step()
