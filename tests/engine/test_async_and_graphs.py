@@ -128,3 +128,30 @@ def test_switches_default_by_device_and_refuse_graphs_on_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             LLM("default").engine.runner.capture_cuda_graphs()
+
+
+def test_streaming_engine_with_async_scheduling_streams_the_same_tokens():
+    """AsyncEngine's loop thread with one step in flight: every token arrives, in order,
+    the same as offline sync generation."""
+    import asyncio
+
+    from engine.async_engine import AsyncEngine
+
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = LLM("default").generate(["the first", "a second prompt"], sp)
+    eng = AsyncEngine(EngineConfig(model="default", async_scheduling=True))
+
+    async def one(prompt, rid):
+        ids = []
+        async for delta in eng.generate(prompt, sp, rid):
+            ids.extend(delta.new_token_ids)
+        return ids
+
+    async def both():
+        return await asyncio.gather(one("the first", "r1"), one("a second prompt", "r2"))
+
+    try:
+        got = asyncio.run(both())
+    finally:
+        eng.shutdown()
+    assert got == [o.outputs[0].token_ids for o in expected]
