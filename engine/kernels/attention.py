@@ -203,6 +203,31 @@ def default_config(max_query_len: int, wide: bool) -> AttnConfig:
     return AttnConfig(16, 64, 4, 2) if decode else AttnConfig(128, 64, 8, 3)
 
 
+def _smem_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30      # the interpreter has no shared memory to run out of
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 232448)
+
+
+def fit_shared_memory(cfg: AttnConfig, dk: int, dv: int, elem: int, limit: int) -> AttnConfig:
+    """Shrink a tile config until one program's tiles fit in shared memory: the query
+    tile plus a K and a V tile per pipeline stage (head dims above 128 overflow the
+    tuned configs). Configs that fit, as every tuned one at head dim <= 128 does, stay."""
+    def need(c: AttnConfig) -> int:
+        return c.rows * dk * elem + c.num_stages * c.block_n * (dk + dv) * elem
+    while need(cfg) > limit:
+        if cfg.num_stages > 2:
+            cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+        elif cfg.block_n > 16:
+            cfg = cfg._replace(block_n=cfg.block_n // 2)
+        elif cfg.rows > 16:
+            cfg = cfg._replace(rows=cfg.rows // 2)
+        else:
+            break
+    return cfg
+
+
 class _Plan(NamedTuple):
     d1: int
     d2: int
@@ -229,7 +254,8 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, c
                 and DV == d1 and d2 > 0)
     max_q = meta.max_query_len or T
     wide = max(d1, DV) > 256
-    cfg = config or default_config(max_q, wide)
+    cfg = config or fit_shared_memory(default_config(max_q, wide), d1 + d2, triton.next_power_of_2(DV),
+                                      q.element_size(), _smem_limit(q.device))
     hpp = min(triton.next_power_of_2(group), cfg.rows, 16 if wide else 64)
     block_q, block_n = max(1, cfg.rows // hpp), cfg.block_n
     B = meta.num_reqs

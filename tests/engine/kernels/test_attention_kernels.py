@@ -115,3 +115,17 @@ def test_write_kv_gpu():
     write_kv_ref(cache_a, values, slots, 4)
     write_kv(full_b[:, 1, 0], values, slots, 4)
     assert torch.equal(full_a, full_b)
+
+
+def test_tile_configs_fit_shared_memory():
+    """Head dim 256 overflowed the tuned prefill tiles (262,144 bytes on a 232,448-byte
+    H200); the fit shrinks them, and leaves every tuned config at head dim <= 128 alone."""
+    from engine.kernels.attention import default_config, fit_shared_memory
+    limit = 232448
+    for max_q in (1, 1024):
+        for d in (64, 128):
+            assert fit_shared_memory(default_config(max_q, False), d, d, 2, limit) == default_config(max_q, False)
+        assert fit_shared_memory(default_config(max_q, True), 576, 512, 2, limit) == default_config(max_q, True)
+        cfg = fit_shared_memory(default_config(max_q, False), 256, 256, 2, limit)
+        assert cfg.rows * 256 * 2 + cfg.num_stages * cfg.block_n * 512 * 2 <= limit
+    assert fit_shared_memory(default_config(1024, False), 256, 256, 2, limit).num_stages == 2
