@@ -43,20 +43,29 @@ class LayerMigration:
         self._staged: list[tuple[list[int], torch.Tensor]] = []
 
     def start(self) -> None:
+        # One batch of every send and receive (NCCL: one group call on the migration
+        # group's communicator). Unbatched NCCL sends block until the peer's matching
+        # receive runs, and the peer's receive queues behind its own send on the same
+        # stream; each unbatched pair also built a fresh 2-rank communicator mid-serving.
+        ops = []
         for dst, slots in sorted(self.sends.items()):
             buf = _rows(self.moe, slots)
             self.bytes_sent += buf.numel() * buf.element_size()
-            self._works.append((dist.isend(buf, dst, group=self.group), buf))
+            ops.append(dist.P2POp(dist.isend, buf, dst, group=self.group))
         width = self.moe.w13[0].numel() + self.moe.w2[0].numel()
         for src, slots in sorted(self.recvs.items()):
             buf = self.moe.w13.new_empty(len(slots), width)
-            self._works.append((dist.irecv(buf, src, group=self.group), buf))
+            ops.append(dist.P2POp(dist.irecv, buf, src, group=self.group))
             self._staged.append((slots, buf))
+        if ops:
+            # The buffers stay referenced (ops, _staged) until commit has waited: NCCL
+            # reads and writes them on its own stream after start() returns.
+            self._works = [(work, ops) for work in dist.batch_isend_irecv(ops)]
 
     @torch.no_grad()
     def commit(self) -> None:
         for work, _ in self._works:
-            work.wait()
+            work.wait()     # NCCL: orders the current stream after the transfers
         w13, w2 = self.moe.w13.data, self.moe.w2.data
         n13 = w13[0].numel()
         if self.local:      # read every source before writing any destination

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 
@@ -37,6 +38,13 @@ def join_generation(host: str, port: int, generation: int, rank: int, world_size
     prefixed = dist.PrefixStore(f"tandem-ep/{generation}", store)
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
     migration = dist.new_group(backend=backend, timeout=timeout)
+    if backend == "nccl":
+        # Build the migration communicator now, while every rank is here: NCCL creates
+        # communicators at their first operation, and batched point-to-point needs every
+        # rank of the group at the first one (a rank with nothing to move would not come).
+        probe = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(probe, group=migration)
+        torch.cuda.current_stream().synchronize()
     return EPGroups(generation, rank, world_size, dist.group.WORLD, migration)
 
 
