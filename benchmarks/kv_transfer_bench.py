@@ -71,8 +71,11 @@ def producer_process(conn, shape: tuple, dtype: str, device: str, model: str) ->
     a = torch.zeros(shape, dtype=getattr(torch, dtype), device=device).normal_()
     producer = NixlConnector(a, model, lease_s=600)
     conn.send(producer.layout.block_bytes)
-    while (cmd := conn.recv()) is not None:
-        producer.released()
+    while True:
+        while not conn.poll(0.0005):
+            producer.released()     # drives the producer's side of transfers (and frees leases)
+        if (cmd := conn.recv()) is None:
+            break
         tag, src = cmd
         req = Request(tag, [1] * (len(src) * BLOCK), SamplingParams(max_tokens=2))
         conn.send((producer.hold(req, src), float(a[src].double().sum())))

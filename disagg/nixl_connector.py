@@ -88,7 +88,7 @@ class _Load:
 class NixlConnector(KVTransferHook):
     def __init__(self, kv_cache: torch.Tensor, model: str, host: str = "127.0.0.1", port: int = 0,
                  lease_s: float = 30.0, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 30.0,
-                 observer: TransferObserver | None = None) -> None:
+                 observer: TransferObserver | None = None, progress_thread: bool | None = None) -> None:
         self.engine_id = f"tandem-{uuid.uuid4().hex[:12]}"
         self.layout = BlockLayout.of(kv_cache, model)
         self.lease_s, self.transfer_timeout_s = lease_s, transfer_timeout_s
@@ -97,7 +97,13 @@ class NixlConnector(KVTransferHook):
         self.dev_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
         self.base = kv_cache.data_ptr()
         self._kv_cache = kv_cache     # keep the registered memory alive
-        self.agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
+        # NIXL's progress thread polls UCX on a core of its own, busy even when idle: worth
+        # it beside a GPU, ruinous on a small CPU host, where the engine loop's own calls
+        # (polling loads and notifications) drive progress instead.
+        if progress_thread is None:
+            progress_thread = kv_cache.is_cuda
+        self.agent = nixl_agent(self.engine_id, nixl_agent_config(enable_prog_thread=progress_thread,
+                                                                   backends=["UCX"]))
         self._registration = self.agent.register_memory(kv_cache)
         self.side_channel = SideChannelServer(
             {"engine_id": self.engine_id, "agent_metadata": self.agent.get_agent_metadata(), "base": self.base,
@@ -184,6 +190,7 @@ class NixlConnector(KVTransferHook):
         for peer in self._peers.values():
             self._forget_agent(peer.agent_name)
         self.agent.deregister_memory(self._registration)
+        self.agent = None       # the agent's threads stop when it is destroyed
 
     # -- the life of one load ------------------------------------------------------------
     def _try_start(self, load: _Load) -> None:
