@@ -19,8 +19,6 @@ on the lost rank, the engine says so (RankLostError) and refuses further work.
 from __future__ import annotations
 
 import itertools
-import multiprocessing as mp
-import os
 import random
 import time
 from collections import deque
@@ -34,7 +32,7 @@ import zmq
 
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCoreOutput
-from engine.distributed.ep_worker import worker_main
+from engine.distributed.launcher import RankLauncher, SpawnLauncher
 from engine.distributed.protocol import config_to_wire, pack, params_to_wire, unpack
 from engine.llm import Prompt, apply_output, eos_token_ids, resolve_model_path
 from engine.models.loader import load_config
@@ -104,7 +102,8 @@ class EPEngine:
 
     def __init__(self, config: EngineConfig, ep_size: int, *, num_redundant_experts: int = 0,
                  extensions: tuple[str, ...] = (), worker_threads: int = 1, timeout_s: float = 120.0,
-                 start_timeout_s: float = 900.0, host: str = "127.0.0.1") -> None:
+                 start_timeout_s: float = 900.0, host: str = "127.0.0.1",
+                 launcher: RankLauncher | None = None) -> None:
         if ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {ep_size}")
         self.config = config
@@ -132,7 +131,7 @@ class EPEngine:
         self._names = (f"rank-{i}" for i in itertools.count())
         self._internal_ids = (f"q{i}" for i in itertools.count())
         self._user_ids = itertools.count()
-        self._mp = mp.get_context("spawn")
+        self.launcher = launcher or SpawnLauncher()
         self._rng = random.Random(config.seed)
 
         self._known: dict[str, _Rank] = {}    # every started, not yet retired rank process
@@ -321,15 +320,11 @@ class EPEngine:
         """Start `count` rank processes (the next ranks of the group) and wait until each
         has loaded the model; with keep_serving the current ranks go on stepping meanwhile."""
         first_rank = len(self.ranks)
-        new = []
-        for _ in range(count):
-            name = next(self._names)
-            proc = self._mp.Process(target=worker_main, args=(self.address, name, self.worker_threads, os.getpid()),
-                                    daemon=True, name=f"tandem-ep-{name}")
-            proc.start()
-            new.append(_Rank(name, proc))
-            self._known[name] = new[-1]
-        names = [r.name for r in new]
+        names = [next(self._names) for _ in range(count)]
+        new = [_Rank(name, proc) for name, proc in
+               zip(names, self.launcher.launch(names, self.address, self.worker_threads))]
+        for r in new:
+            self._known[r.name] = r
         try:
             self._gather(names, serve=keep_serving, timeout_s=self.start_timeout_s)      # hello
             for k, r in enumerate(new):
@@ -350,7 +345,9 @@ class EPEngine:
         """A rank's engine settings: its own GPU, and no CUDA graphs (the MoE dispatch
         reads receive counts on the host, which a graph cannot replay)."""
         changes = {}
-        if self.config.device.startswith("cuda"):
+        if self.config.device.startswith("cuda") and self.launcher.isolated_devices:
+            rank.device = changes["device"] = "cuda:0"     # the one GPU this rank sees
+        elif self.config.device.startswith("cuda"):
             used = {r.device for r in self._known.values() if r is not rank}
             rank.device = next(f"cuda:{i}" for i in range(len(self._known) + 1) if f"cuda:{i}" not in used)
             changes["device"] = rank.device
@@ -526,6 +523,7 @@ class EPEngine:
             if r.process.is_alive():
                 r.process.kill()
         self._known, self.ranks = {}, []
+        self.launcher.close()
         self._sock.close()
         self._ctx.term()
 
