@@ -310,7 +310,7 @@ class EPEngine:
         return {}
 
     def _on_step_answers(self, step_index: int, answers: dict[str, dict]) -> None:
-        pass
+        """Nothing by default; EPLB reads the ranks' load windows here."""
 
     def _regroup_fields(self) -> dict[str, Any]:
         return {}

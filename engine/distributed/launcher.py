@@ -39,4 +39,4 @@ class SpawnLauncher:
         return procs
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the engine has joined (or killed) its processes."""
