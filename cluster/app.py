@@ -13,13 +13,13 @@ from ray.util import metrics as ray_metrics
 
 from cluster.metrics import Metrics
 from cluster.openai_api import build_api
-from cluster.pools import build_pd_app
+from cluster.pools import EngineReplica, build_pd_app
 from cluster.settings import AppSettings, parse_settings
 from engine.async_engine import AsyncEngine
 
 
 @serve.ingress()
-class EngineServer:
+class EngineServer(EngineReplica):
     """One engine replica: an AsyncEngine and the FastAPI app in front of it."""
 
     def __init__(self, settings: AppSettings, pool: str) -> None:
@@ -30,11 +30,6 @@ class EngineServer:
     def __serve_build_asgi_app__(self):
         s = self.settings
         return build_api(self.engine, s.model_name, self.metrics, s.slo, s.api_key)
-
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
 
 
 def build_app(args: dict | None = None):

@@ -33,7 +33,17 @@ def _engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
     return AsyncEngine(config, max_waiting=settings.max_waiting, kv_transfer=connector)
 
 
-class PrefillServer:
+class EngineReplica:
+    """A Serve replica (Ray actor) that owns one engine and stops it with the actor."""
+    engine: AsyncEngine
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+class PrefillServer(EngineReplica):
     """A prefill replica: computes prompts and keeps their KV for a decode replica."""
 
     def __init__(self, settings: AppSettings) -> None:
@@ -43,14 +53,9 @@ class PrefillServer:
     async def prefill(self, request: dict) -> dict:
         return await prefill_request(self.engine, request)
 
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
-
 
 @serve.ingress()
-class DecodeServer:
+class DecodeServer(EngineReplica):
     """A decode replica: the OpenAI API, remote prefill, local decode."""
 
     def __init__(self, settings: AppSettings, prefill: DeploymentHandle) -> None:
@@ -66,11 +71,6 @@ class DecodeServer:
     def __serve_build_asgi_app__(self):
         s = self.settings
         return build_api(self.pd, s.model_name, self.metrics, s.slo, s.api_key)
-
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
 
 
 def build_pd_app(settings: AppSettings):

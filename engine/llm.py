@@ -60,6 +60,18 @@ def apply_output(core: EngineCore, result: RequestOutput, detok: IncrementalDeto
     return delta
 
 
+def pair_prompts(prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None
+                 ) -> tuple[list[Prompt], list[SamplingParams]]:
+    """One prompt or many, with one SamplingParams for all or one each: as two lists."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = sampling_params or SamplingParams()
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    return prompts, params
+
+
 class LLM:
     def __init__(self, model: str = "default", **engine_args) -> None:
         if "cuda_graphs" in engine_args:        # short name for enable_cuda_graphs
@@ -87,12 +99,7 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = sampling_params or SamplingParams()
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        prompts, params = pair_prompts(prompts, sampling_params)
 
         results: dict[str, RequestOutput] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}

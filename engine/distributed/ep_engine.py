@@ -34,7 +34,7 @@ from engine.config import EngineConfig
 from engine.core.engine_core import EngineCoreOutput
 from engine.distributed.launcher import RankLauncher, SpawnLauncher
 from engine.distributed.protocol import config_to_wire, pack, params_to_wire, unpack
-from engine.llm import Prompt, apply_output, eos_token_ids, resolve_model_path
+from engine.llm import Prompt, apply_output, eos_token_ids, pair_prompts, resolve_model_path
 from engine.models.loader import load_config
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import RequestStatus
@@ -226,12 +226,7 @@ class EPEngine:
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = sampling_params or SamplingParams()
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        prompts, params = pair_prompts(prompts, sampling_params)
         rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         while any(not self.requests[r].finished for r in rids):
             self.step()
