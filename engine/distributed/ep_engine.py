@@ -98,14 +98,23 @@ class EPEngine:
     timeout_s: how long a collective or a rank's answer may take before it counts as lost.
     start_timeout_s: how long a new rank may take to start and load the model.
     host: the address ranks reach the coordinator (pyzmq) and its TCPStore at.
+    dispatch: how MoE layers exchange tokens. "normal": all-to-alls sized per step (any
+        step size; the counts come back to the host, so no CUDA graphs). "low_latency":
+        writes into peer-mapped buffers for up to max(max_num_batched_tokens,
+        max_num_seqs) tokens per rank and step, no host sync, and decode steps replay
+        CUDA graphs when the config has them on. DeepEP's split: normal for prefill
+        pools, low-latency for decode pools (keep max_num_batched_tokens small there).
     """
 
     def __init__(self, config: EngineConfig, ep_size: int, *, num_redundant_experts: int = 0,
                  extensions: tuple[str, ...] = (), worker_threads: int = 1, timeout_s: float = 120.0,
                  start_timeout_s: float = 900.0, host: str = "127.0.0.1",
-                 launcher: RankLauncher | None = None) -> None:
+                 launcher: RankLauncher | None = None, dispatch: str = "normal") -> None:
         if ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {ep_size}")
+        if dispatch not in ("normal", "low_latency"):
+            raise ValueError(f"dispatch must be 'normal' or 'low_latency', got {dispatch!r}")
+        self.dispatch = dispatch
         self.config = config
         self.path = resolve_model_path(config.model)
         model_config = load_config(self.path)
@@ -337,8 +346,9 @@ class EPEngine:
         return new, ready[names[0]]
 
     def _rank_config(self, rank: _Rank) -> EngineConfig:
-        """A rank's engine settings: its own GPU, and no CUDA graphs (the MoE dispatch
-        reads receive counts on the host, which a graph cannot replay)."""
+        """A rank's engine settings: its own GPU, and no CUDA graphs at start-up (the
+        graphs need the group: the low-latency dispatch captures them at each regroup,
+        the normal one reads receive counts on the host, which a graph cannot replay)."""
         changes = {}
         if self.config.device.startswith("cuda") and self.launcher.isolated_devices:
             rank.device = changes["device"] = "cuda:0"     # the one GPU this rank sees
@@ -362,6 +372,7 @@ class EPEngine:
             self._send(r.name, {"type": "regroup", "generation": self.generation, "rank": i,
                                 "world_size": len(ranks), "slots_per_rank": self.slots_per_rank,
                                 "phy2log": phy2log.tolist(), "weights": (weights or {}).get(r.name, "keep"),
+                                "dispatch": self.dispatch, "cuda_graphs": self._use_graphs,
                                 **self._regroup_fields()})
         try:
             self._gather([r.name for r in ranks])
@@ -531,3 +542,7 @@ class EPEngine:
     @property
     def world_size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def _use_graphs(self) -> bool:
+        return bool(self.config.enable_cuda_graphs) and self.dispatch == "low_latency"

@@ -25,7 +25,9 @@ import zmq
 from engine.core.engine_core import EngineCore
 from engine.distributed.process_group import EPGroups, backend_for, join_generation, leave_group
 from engine.distributed.protocol import config_from_wire, pack, params_from_wire, unpack
+from engine.distributed.peer_memory import allocate_peer_memory
 from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, dummy_moe_pass, regroup_layer
+from engine.layers.ep_low_latency import LowLatencyBuffers
 from engine.models.loader import load_config
 from engine.request import Request
 
@@ -50,6 +52,7 @@ class EPWorker:
             model_config.ep_slot_experts = list(init["slot_experts"])
         self.core = EngineCore(config, model_config, path)
         self.model = self.core.model
+        self.top_k = int(model_config.num_experts_per_tok)
         self.eos = frozenset(init["eos_token_ids"])
         self.backend = backend_for(config.device)
         self.store = (init["store_host"], init["store_port"])
@@ -73,8 +76,12 @@ class EPWorker:
     # -- group changes ------------------------------------------------------------------
     def regroup(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Join generation msg['generation'] as msg['rank'] of msg['world_size'] and take
-        the expert map msg['phy2log'] ([moe layers, world * slots], -1 = empty slot)."""
+        the expert map msg['phy2log'] ([moe layers, world * slots], -1 = empty slot).
+        msg['dispatch'] = 'low_latency' maps peer buffers for the low-latency MoE path;
+        msg['cuda_graphs'] then captures the decode graphs, which hold those buffers'
+        addresses (every rank captures the same sizes, so their warm-up passes pair up)."""
         rank, world, slots = msg["rank"], msg["world_size"], msg["slots_per_rank"]
+        self._drop_low_latency()
         self.groups = join_generation(*self.store, msg["generation"], rank, world, self.backend, self.timeout_s)
         phy2log = torch.tensor(msg["phy2log"], dtype=torch.long)
         first = self.ep is None
@@ -84,8 +91,32 @@ class EPWorker:
         else:
             for moe, row in zip(self.moe_layers, phy2log):
                 regroup_layer(moe, self.ep, row)
+        if msg.get("dispatch", "normal") == "low_latency":
+            self.ep.low_latency = self._low_latency_buffers()
+            if msg.get("cuda_graphs"):
+                self.core.runner.capture_cuda_graphs()
         self._call("on_regroup", msg)
         return {}
+
+    def _low_latency_buffers(self) -> LowLatencyBuffers:
+        c = self.core.config
+        capacity = max(c.max_num_batched_tokens, c.max_num_seqs)    # the largest step, graphs included
+        w2 = self.moe_layers[0].w2
+        shape = (self.ep.world_size, capacity, w2.shape[1], self.top_k, w2.dtype)
+        memory = allocate_peer_memory(LowLatencyBuffers.nbytes(*shape), w2.device, self.groups.dispatch,
+                                      self.timeout_s)
+        return LowLatencyBuffers(memory, *shape[1:])
+
+    def _drop_low_latency(self) -> None:
+        """Before a new generation: graphs and buffers of the old one go (after the device
+        finished any step still in flight, which may write into them)."""
+        if self.ep is None or self.ep.low_latency is None:
+            return
+        if self.core.device.type == "cuda":
+            torch.cuda.synchronize(self.core.device)
+        self.core.runner.graphs = None
+        self.ep.low_latency.close()
+        self.ep.low_latency = None
 
     def reset(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Drop every request (after a failed collective the survivors restart them) and
@@ -109,9 +140,9 @@ class EPWorker:
             except ValueError as e:
                 rejected.append([rid, str(e)])
         self._call("before_step", msg)
-        self.ep.num_forwards = 0
+        forwards = self.core.runner.num_forwards
         outputs = self.core.step()
-        ran_forward = self.ep.num_forwards > 0
+        ran_forward = self.core.runner.num_forwards > forwards
         if not ran_forward:
             dummy_moe_pass(self.model)
         answer = {"outputs": [[o.request_id, o.new_token_ids, o.finish_reason,

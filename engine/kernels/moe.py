@@ -1,13 +1,15 @@
 """Triton fused mixture-of-experts: align, two grouped GEMMs, combine; no host sync.
 
 1. `_align_kernel` (one program): counts the (token, slot) entries per expert with a
-   histogram, pads each expert's run to a multiple of BLOCK_M, writes which expert
+   histogram (id -1: no expert, the entry is skipped), pads each expert's run to a multiple of BLOCK_M, writes which expert
    owns each BLOCK_M-row block (-1: unused), and scatters the entry ids into their
    expert's run through per-expert atomic cursors. The order inside a run is not
    fixed, and need not be: every row of a GEMM is computed independently.
 2. `_w13_kernel`: per block, gate and up tiles of x[token] @ w13[e]^T with SiLU(gate)
    * up fused, into the block-sorted intermediate.
-3. `_w2_kernel`: intermediate @ w2[e]^T times the routing weight, to the entry's row.
+3. `_w2_kernel`: intermediate @ w2[e]^T times the routing weight, to the entry's row:
+   a local one, or (expert parallelism, engine/layers/ep_low_latency.py) the row of
+   the rank that sent the token, written straight into its peer-mapped memory.
 4. `_combine_kernel`: the k rows of each token summed in float32.
 The grid is sized from an upper bound on the block count, floor(N / BLOCK_M) +
 min(E, N) for N entries, so nothing is read back to size it; unused blocks exit.
@@ -31,8 +33,8 @@ def _align_kernel(ids_ptr, N, E, sorted_ptr, block_expert_ptr, cursor_ptr, max_b
     counts = tl.zeros([BINS], tl.int32)
     for off in range(0, N, CHUNK):
         idx = off + offs
-        e = tl.load(ids_ptr + idx, mask=idx < N, other=E).to(tl.int32)   # bin E: padding, dropped
-        counts += tl.histogram(e, BINS)
+        e = tl.load(ids_ptr + idx, mask=idx < N, other=E).to(tl.int32)
+        counts += tl.histogram(tl.where(e < 0, E, e), BINS)     # bin E: padding and id -1, dropped
     bins = tl.arange(0, BINS)
     counts = tl.where(bins < E, counts, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -51,8 +53,8 @@ def _align_kernel(ids_ptr, N, E, sorted_ptr, block_expert_ptr, cursor_ptr, max_b
     tl.debug_barrier()   # the cursors above must be visible to every thread's atomics
     for off in range(0, N, CHUNK):
         idx = off + offs
-        m = idx < N
-        e = tl.load(ids_ptr + idx, mask=m, other=0).to(tl.int32)
+        e = tl.load(ids_ptr + idx, mask=idx < N, other=-1).to(tl.int32)
+        m = e >= 0
         dest = tl.atomic_add(cursor_ptr + e, 1, mask=m)
         tl.store(sorted_ptr + dest, idx, mask=m)
     # Afterwards cursor[e] = start[e] + count[e]: the end of expert e's valid rows.
@@ -103,9 +105,9 @@ def _w13_kernel(x_ptr, sx_t, w_ptr, sw_e, sw_n, inter_ptr, s_inter, block_expert
 
 
 @triton.jit
-def _w2_kernel(inter_ptr, s_inter, w_ptr, sw_e, sw_n, out_ptr, s_out, topk_w_ptr, block_expert_ptr, cursor_ptr,
-               sorted_ptr, H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               UPCAST: tl.constexpr):
+def _w2_kernel(inter_ptr, s_inter, w_ptr, sw_e, sw_n, out_ptr, s_out, peer_ptrs, rows_per_peer, topk_w_ptr,
+               block_expert_ptr, cursor_ptr, sorted_ptr, H, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, TO_PEERS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, rows, row_ok, entry = _block_rows(block_expert_ptr, cursor_ptr, sorted_ptr, pid_m, BLOCK_M)
@@ -125,19 +127,27 @@ def _w2_kernel(inter_ptr, s_inter, w_ptr, sw_e, sw_n, out_ptr, s_out, topk_w_ptr
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     w = tl.load(topk_w_ptr + entry, mask=row_ok, other=0.0).to(tl.float32)
-    dst = out_ptr + entry[:, None].to(tl.int64) * s_out + n[None, :]
+    if TO_PEERS:
+        # Entry e came from peer e // rows_per_peer, as its row e % rows_per_peer.
+        peer = tl.load(peer_ptrs + entry // rows_per_peer, mask=row_ok, other=0)
+        base = peer.to(tl.pointer_type(out_ptr.dtype.element_ty))
+        dst = base[:, None] + (entry % rows_per_peer)[:, None].to(tl.int64) * s_out + n[None, :]
+    else:
+        dst = out_ptr + entry[:, None].to(tl.int64) * s_out + n[None, :]
     tl.store(dst, (acc * w[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum of the token's TOPK expert rows, in float32 (rows in slot order)."""
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum of the token's TOPK expert rows, in float32 (rows in slot order;
+    rows of id -1 were never written and count as zero)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = h < H
     acc = tl.zeros([BLOCK_H], tl.float32)
     for k in tl.static_range(TOPK):
-        acc += tl.load(y_ptr + (t * TOPK + k) * H + h, mask=m, other=0.0).to(tl.float32)
+        used = h * 0 + tl.load(ids_ptr + t * TOPK + k) >= 0
+        acc += tl.load(y_ptr + (t * TOPK + k) * H + h, mask=m & used, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -161,15 +171,41 @@ def default_config(num_entries: int, num_experts: int) -> MoEConfig:
     return MoEConfig(128, 128, 64, 8, 3)
 
 
+class PeerRows(NamedTuple):
+    """Where per-entry outputs go under expert parallelism: entry e is row
+    e % rows_per_peer of the buffer at address ptrs[e // rows_per_peer] (int64, on the
+    device), rows of `row_stride` elements."""
+    ptrs: torch.Tensor
+    rows_per_peer: int
+    row_stride: int
+
+
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """[T, H]: each token's weighted expert outputs summed (ids of -1 add nothing)."""
+    T, H = x.shape
+    top_k = topk_ids.shape[1]
+    if T * top_k == 0:
+        return torch.zeros_like(x)
+    out = moe_entries_triton(x, w13, w2, topk_ids, topk_weights, config)
+    combined = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    block_h = min(1024, triton.next_power_of_2(H))
+    _combine_kernel[(T, triton.cdiv(H, block_h))](out, topk_ids.reshape(-1), combined, H, TOPK=top_k,
+                                                  BLOCK_H=block_h, num_warps=4)
+    return combined
+
+
+def moe_entries_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                       topk_weights: torch.Tensor, config: MoEConfig | None = None,
+                       to_peers: PeerRows | None = None) -> torch.Tensor | None:
+    """Each (token, choice) entry's weighted expert output, uncombined: [T * k, H] in
+    entry order (rows of id -1 are left unwritten), or with to_peers written into the
+    peers' buffers (returns None)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
     N = T * top_k
-    if N == 0:
-        return torch.zeros_like(x)
     cfg = config or default_config(N, E)
     if config is None and x.element_size() > 2:
         cfg = cfg._replace(block_k=cfg.block_k // 2)      # float32 (tests): same tiles in bytes
@@ -190,13 +226,14 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
         x, x.stride(0), w13, w13.stride(0), w13.stride(1), act, act.stride(0), block_expert, cursor, sorted_ids,
         H, inter, TOPK=top_k, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=up,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    out = torch.empty(N, H, dtype=x.dtype, device=dev)
+    if to_peers is None:
+        out = torch.empty(N, H, dtype=x.dtype, device=dev)
+        peer_ptrs, rows_per_peer, stride = sorted_ids, 1, out.stride(0)    # peer args unused
+    else:
+        out, peer_ptrs, rows_per_peer, stride = x, to_peers.ptrs, to_peers.rows_per_peer, to_peers.row_stride
     weights = topk_weights.reshape(-1)
     _w2_kernel[(max_blocks, triton.cdiv(H, cfg.block_n))](
-        act, act.stride(0), w2, w2.stride(0), w2.stride(1), out, out.stride(0), weights, block_expert, cursor,
-        sorted_ids, H, inter, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=up,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    combined = torch.empty(T, H, dtype=x.dtype, device=dev)
-    block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](out, combined, H, TOPK=top_k, BLOCK_H=block_h, num_warps=4)
-    return combined
+        act, act.stride(0), w2, w2.stride(0), w2.stride(1), out, stride, peer_ptrs, rows_per_peer, weights,
+        block_expert, cursor, sorted_ids, H, inter, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        UPCAST=up, TO_PEERS=to_peers is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out if to_peers is None else None

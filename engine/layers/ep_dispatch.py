@@ -12,8 +12,9 @@ as the single-process reference (which visits experts in ascending id), whatever
 placement and whichever replica served the token.
 
 The same code runs gloo on CPU and NCCL on GPU. The receive sizes come back to the host
-(one sync per layer), as in DeepEP's normal mode; a low-latency decode path would
-write into preallocated peer buffers instead.
+(one sync per layer), as in DeepEP's normal mode. With low-latency buffers attached
+(ep_low_latency.py) the layer writes into peer-mapped memory instead: no collective
+and no sync, for decode steps up to a fixed token count.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.layers.ep_low_latency import LowLatencyBuffers, low_latency_moe, sum_pairs_in_logical_order
 from engine.ops.moe import fused_moe
 
 
@@ -33,9 +35,8 @@ class ExpertParallel:
             raise ValueError(f"bad EP layout: rank {rank} of {world_size}, {slots_per_rank} slots per rank")
         self.rank, self.world_size, self.slots_per_rank = rank, world_size, slots_per_rank
         self.group = group
-        # MoE-layer forwards since the caller last reset it; 0 after an engine step means
-        # the rank ran no batch and must run a dummy pass so the collectives still match.
-        self.num_forwards = 0
+        # Set: every MoE forward takes the low-latency path (all ranks of a group agree).
+        self.low_latency: LowLatencyBuffers | None = None
 
     @property
     def first_slot(self) -> int:
@@ -52,7 +53,8 @@ class ExpertParallel:
     def forward(self, moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, phys: torch.Tensor,
                 logical_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], weights/phys/logical_ids [T, k] (phys: global slot ids) -> [T, H]."""
-        self.num_forwards += 1
+        if self.low_latency is not None:
+            return low_latency_moe(self.low_latency, self.slots_per_rank, moe, x, weights, phys, logical_ids)
         tokens, k = phys.shape
         hidden = x.shape[1]
         flat = phys.reshape(-1)
@@ -94,12 +96,7 @@ def combine_in_logical_order(back: torch.Tensor, order: torch.Tensor, logical_id
     tokens, k = logical_ids.shape
     per_pair = torch.empty_like(back)
     per_pair[order] = back
-    per_pair = per_pair.view(tokens, k, like.shape[1])
-    by_expert = logical_ids.argsort(dim=1, stable=True)
-    out = torch.zeros_like(like)
-    for j in range(k):
-        out += per_pair[torch.arange(tokens, device=like.device), by_expert[:, j]]
-    return out
+    return sum_pairs_in_logical_order(per_pair.view(tokens, k, like.shape[1]), logical_ids)
 
 
 @torch.no_grad()

@@ -19,18 +19,36 @@ def _moe_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I];
-    topk_ids/topk_weights [T, k] over the E physical experts -> [T, H].
+    topk_ids/topk_weights [T, k] over the E physical experts (-1: no expert) -> [T, H].
     Experts are visited in ascending id and accumulated in that order."""
     out = torch.zeros_like(x)
+    for e, token_idx, h in _expert_outputs(x, w13, w2, topk_ids, topk_weights):
+        out.index_add_(0, token_idx, h)
+    return out
+
+
+def moe_entries_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                    topk_weights: torch.Tensor) -> torch.Tensor:
+    """Each (token, choice) entry's weighted expert output, uncombined: [T * k, H] in
+    entry order (zero for id -1). Expert parallelism sums them on the token's rank."""
+    out = x.new_zeros(topk_ids.numel(), x.shape[1])
+    k = topk_ids.shape[1]
+    for e, token_idx, h in _expert_outputs(x, w13, w2, topk_ids, topk_weights):
+        slot = torch.where(topk_ids[token_idx] == e)[1]
+        out[token_idx * k + slot] = h
+    return out
+
+
+def _expert_outputs(x, w13, w2, topk_ids, topk_weights):
+    """(expert, token indices, weighted outputs) per expert used, in ascending id."""
     inter = w2.shape[-1]
-    flat = topk_ids.flatten()
-    for e in torch.unique(flat).tolist():
+    for e in torch.unique(topk_ids.flatten()).tolist():
+        if e < 0:
+            continue
         token_idx, slot = torch.where(topk_ids == e)
         h = F.linear(x[token_idx], w13[e])
         h = F.silu(h[:, :inter]) * h[:, inter:]
-        h = F.linear(h, w2[e]) * topk_weights[token_idx, slot, None].to(x.dtype)
-        out.index_add_(0, token_idx, h)
-    return out
+        yield e, token_idx, F.linear(h, w2[e]) * topk_weights[token_idx, slot, None].to(x.dtype)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,

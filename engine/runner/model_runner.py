@@ -51,6 +51,7 @@ class ModelRunner:
             attn.v_cache = self.kv_cache[:, i, 1] if layout.entries == 2 else attn.k_cache[..., :attn.v_head_dim]
         model.reserve_positions(max_model_len)
         self.graphs: DecodeGraphs | None = None
+        self.num_forwards = 0     # steps that ran the model (graph replays included)
         # When a list, each step appends (start, end) CUDA events around its device work
         # (benchmarks measure the idle time between steps with them).
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
@@ -127,6 +128,7 @@ class ModelRunner:
             if events is not None:
                 self.step_events.append((events[0], events[0]))
             return PendingOutput()
+        self.num_forwards += 1
         t = self.table
         batch = len(out.num_scheduled_tokens)
         req_ids = list(out.num_scheduled_tokens)

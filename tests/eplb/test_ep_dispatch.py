@@ -1,4 +1,6 @@
-"""Expert-parallel MoE dispatch/combine over gloo against the single-process layer."""
+"""Expert-parallel MoE dispatch/combine against the single-process layer: the normal
+path over gloo all-to-alls, and the low-latency path through peer-mapped shared
+memory, with its torch writes and with its Triton kernels (interpreted)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.distributed.peer_memory import allocate_peer_memory
+from engine.kernels import interpreting, kernel_backend
 from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, combine_in_logical_order, expert_maps
+from engine.layers.ep_low_latency import LowLatencyBuffers
 from engine.layers.moe import FusedMoE
 
 E, H, I, K = 8, 32, 16, 3
@@ -32,15 +37,14 @@ def _layer() -> FusedMoE:
     return moe
 
 
-def _inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + rank)
-    n = TOKENS[rank]
+def _inputs(rank: int, n: int, seed: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + rank)
     x = torch.randn(n, H, generator=g)
     ids = torch.rand(n, E, generator=g).argsort(1)[:, :K]
     return x, torch.rand(n, K, generator=g), ids
 
 
-def _run(rank: int, world: int, port: int, phy2log: list[int]) -> None:
+def _run(rank: int, world: int, port: int, phy2log: list[int], dispatch: str) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
@@ -50,25 +54,50 @@ def _run(rank: int, world: int, port: int, phy2log: list[int]) -> None:
         ep = ExpertParallel(rank, world, slots)
         attach_expert_parallel(_Model(moe), ep, torch.tensor([phy2log]))
         assert moe.w13.shape[0] == slots, "a rank holds only its own slots"
-        x, w, ids = _inputs(rank)
-        with torch.inference_mode():
-            got, want = moe(x, w, ids), ref(x, w, ids)
-        assert got.shape == want.shape
-        assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
+        if dispatch != "normal":
+            shape = (world, CAPACITY, H, K, torch.float32)
+            ep.low_latency = LowLatencyBuffers(allocate_peer_memory(LowLatencyBuffers.nbytes(*shape),
+                                                                    torch.device("cpu"), None, 30), *shape[1:])
+        # Two forwards through the same buffers, the second with other token counts:
+        # nothing of the first may leak into it (stale rows, stale choices).
+        for n, seed in ((TOKENS[rank], 100), (TOKENS[::-1][rank], 200)):
+            x, w, ids = _inputs(rank, n, seed)
+            with torch.inference_mode(), kernel_backend("triton" if dispatch == "low_latency_triton" else None):
+                got = moe(x, w, ids)
+            with torch.inference_mode():
+                want = ref(x, w, ids)
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=1e-6, rtol=0), (dispatch, (got - want).abs().max())
         # Every routed (token, choice) was counted once, on the slot that served it.
-        assert int(moe.expert_load.sum()) == x.shape[0] * K
-        counted = torch.zeros(E, dtype=torch.long).index_add_(0, torch.tensor(phy2log), moe.expert_load)
-        assert torch.equal(counted, torch.bincount(ids.flatten(), minlength=E))
+        expected = TOKENS[rank] + TOKENS[::-1][rank]
+        assert int(moe.expert_load.sum()) == expected * K
     finally:
         dist.destroy_process_group()
 
 
-def test_dispatch_combine_matches_single_process_layer() -> None:
+CAPACITY = 12
+
+
+@pytest.mark.parametrize("dispatch", [
+    "normal", "low_latency",
+    pytest.param("low_latency_triton", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
+])
+def test_dispatch_combine_matches_single_process_layer(dispatch) -> None:
     # 4 ranks x 4 slots: replicas (expert 3 four times, twice on rank 0), every rank
     # sends to every other. Two ranks without replicas run in test_ep_engine.py.
     phy2log = [3, 3, 0, 1, 2, 4, 5, 6, 7, 3, 0, 1, 5, 5, 2, 3]
     store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-    mp.spawn(_run, args=(4, store.port, phy2log), nprocs=4)
+    mp.spawn(_run, args=(4, store.port, phy2log, dispatch), nprocs=4)
+
+
+def test_low_latency_refuses_more_tokens_than_its_capacity() -> None:
+    from engine.layers.ep_low_latency import low_latency_moe
+    buffers = LowLatencyBuffers.__new__(LowLatencyBuffers)
+    buffers.capacity, buffers.top_k, buffers.hidden = 4, K, H
+    x = torch.zeros(5, H)
+    ids = torch.zeros(5, K, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceed the low-latency dispatch capacity of 4"):
+        low_latency_moe(buffers, 4, _layer(), x, torch.ones(5, K), ids, ids)
 
 
 def test_combine_sums_in_logical_order_whatever_the_dispatch_order() -> None:

@@ -1,6 +1,7 @@
 """The multi-rank EP engine (gloo, one process per rank) against the single-process
 engine: same greedy tokens, close logprobs, with requests in flight through a forced
-rebalance, a grow from 2 to 4 ranks and a shrink back to 2."""
+rebalance, a grow from 2 to 4 ranks and a shrink back to 2; with the normal MoE
+dispatch and with the low-latency one (peer-mapped buffers, remapped at each regroup)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,15 @@ def in_flight(eng: ElasticEPEngine, rids: list[str]) -> list[str]:
     return [r for r in rids if not eng.requests[r].finished and eng.requests[r].result.token_ids]
 
 
-def test_greedy_parity_through_rebalance_grow_and_shrink(family) -> None:
+@pytest.mark.parametrize("dispatch", ["normal", "low_latency"])
+def test_greedy_parity_through_rebalance_grow_and_shrink(family, dispatch) -> None:
     folder, refs = family
     eplb = EplbConfig(step_interval=4, auto_rebalance=False)
-    with ElasticEPEngine(EngineConfig(model=str(folder), max_logprobs=5), 2, eplb=eplb) as eng:
+    # low_latency: the buffers hold max_num_batched_tokens per rank, so prompts longer
+    # than 16 tokens go through chunked prefill.
+    config = EngineConfig(model=str(folder), max_logprobs=5,
+                          max_num_batched_tokens=16 if dispatch == "low_latency" else 2048)
+    with ElasticEPEngine(config, 2, eplb=eplb, dispatch=dispatch) as eng:
         layers, experts = eng.num_moe_layers, eng.num_experts
         assert eng.slots_per_rank == experts // 2
         assert eng.slots_loaded == eng.slots_per_rank, "each rank loads only its own experts"

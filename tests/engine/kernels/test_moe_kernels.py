@@ -54,6 +54,25 @@ def test_fused_moe_bf16():
 
 
 @interpreted
+def test_entries_of_id_minus_one_are_skipped():
+    """Expert parallelism marks choices another rank serves with -1: they add nothing,
+    and the uncombined per-entry outputs match the reference entry by entry."""
+    from engine.kernels.moe import moe_entries_triton
+    from engine.ops.moe import moe_entries_ref
+    x, w13, w2, ids, w = moe_case(23, 8, 64, 32, 3, torch.float32)
+    ids = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.4, -1)
+    ids[0] = -1                                     # a token with no choice at all
+    ref = fused_moe_ref(x, w13, w2, ids, w)
+    assert ref[0].abs().max() == 0
+    assert rel_err(fused_moe(x, w13, w2, ids, w, backend="triton"), ref) < TOL[torch.float32]
+    entries = moe_entries_triton(x, w13, w2, ids, w)
+    want = moe_entries_ref(x, w13, w2, ids, w)
+    used = ids.reshape(-1) >= 0
+    assert rel_err(entries[used], want[used]) < TOL[torch.float32]
+    assert torch.allclose(want.view(23, 3, -1).sum(1), ref, atol=1e-5)
+
+
+@interpreted
 def test_align_covers_every_entry_once():
     from engine.kernels.moe import _align_kernel
     import triton
