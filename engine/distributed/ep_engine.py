@@ -154,6 +154,7 @@ class EPEngine:
         self.failed: EPEngineError | None = None
         self.num_recoveries = 0
         self.events: list[str] = []               # what happened to the rank set, in words
+        self.graph_sizes: dict[str, list[int]] = {}  # per rank: decode batch sizes it replays as CUDA graphs
 
         # Knowing the expert count up front lets each rank build and load only its own
         # slots; random weights are drawn for the whole model so every rank agrees.
@@ -375,10 +376,11 @@ class EPEngine:
                                 "dispatch": self.dispatch, "cuda_graphs": self._use_graphs,
                                 **self._regroup_fields()})
         try:
-            self._gather([r.name for r in ranks])
+            answers = self._gather([r.name for r in ranks])
         except (_RanksDied, RuntimeError) as e:
             self.failed = EPEngineError(f"forming generation {self.generation} failed ({e}); restart the engine")
             raise self.failed from e
+        self.graph_sizes = {n: a.get("graph_sizes", []) for n, a in answers.items()}
         self.ranks = list(ranks)
         self.phy2log = phy2log.clone()
         self.events.append(f"generation {self.generation}: {len(ranks)} ranks")

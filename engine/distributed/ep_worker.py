@@ -91,12 +91,14 @@ class EPWorker:
         else:
             for moe, row in zip(self.moe_layers, phy2log):
                 regroup_layer(moe, self.ep, row)
-        if msg.get("dispatch", "normal") == "low_latency":
+        low_latency = msg.get("dispatch", "normal") == "low_latency"
+        if low_latency:
             self.ep.low_latency = self._low_latency_buffers()
-            if msg.get("cuda_graphs"):
-                self.core.runner.capture_cuda_graphs()
-        self._call("on_regroup", msg)
-        return {}
+        self._call("on_regroup", msg)      # extensions may rebind buffers a graph would hold
+        if low_latency and msg.get("cuda_graphs"):
+            self.core.runner.capture_cuda_graphs()
+        graphs = self.core.runner.graphs
+        return {"graph_sizes": list(graphs.sizes) if graphs is not None else []}
 
     def _low_latency_buffers(self) -> LowLatencyBuffers:
         c = self.core.config

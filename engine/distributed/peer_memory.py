@@ -53,6 +53,7 @@ class SymmetricPeerMemory(PeerMemory):
     def __init__(self, nbytes: int, device: torch.device, group, timeout_s: float) -> None:
         import torch.distributed._symmetric_memory as symm_mem
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")    # peer writes only
+        group = group or dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.nbytes = nbytes
         self._local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)

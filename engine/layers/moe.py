@@ -39,10 +39,23 @@ class FusedMoE(nn.Module):
         self.ep = None
 
     def set_placement(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
-        """Swap in a new expert map (weights must already sit in their new slots)."""
-        self.phy2log = phy2log.to(self.phy2log.device)
-        self.log2phy = log2phy.to(self.log2phy.device)
-        self.logcnt = logcnt.to(self.logcnt.device)
+        """Swap in a new expert map (weights must already sit in their new slots).
+        While the slot count stays, the maps are written in place: a captured CUDA graph
+        reads them at fixed addresses. log2phy keeps room for the most copies one
+        expert can have (every spare slot), padded with -1 (never read: replica
+        indices stay below logcnt)."""
+        device = self.log2phy.device
+        width = self.num_physical - self.num_experts + 1
+        if log2phy.shape[1] > width:
+            raise ValueError(f"an expert has {log2phy.shape[1]} copies in {self.num_physical} slots")
+        if self.phy2log.shape != phy2log.shape or self.log2phy.shape[1] != width:
+            self.phy2log = torch.empty_like(phy2log, device=device)
+            self.log2phy = torch.empty(self.num_experts, width, dtype=log2phy.dtype, device=device)
+            self.logcnt = torch.empty_like(logcnt, device=device)
+        self.phy2log.copy_(phy2log)
+        self.log2phy.fill_(-1)
+        self.log2phy[:, :log2phy.shape[1]].copy_(log2phy)
+        self.logcnt.copy_(logcnt)
 
     def to_physical(self, ids: torch.Tensor) -> torch.Tensor:
         replica = torch.arange(ids.numel(), device=ids.device).view_as(ids) % self.logcnt[ids]
