@@ -324,6 +324,12 @@ class EPEngine:
     def _spawn(self, count: int, keep_serving: bool = True) -> tuple[list[_Rank], dict]:
         """Start `count` rank processes (the next ranks of the group) and wait until each
         has loaded the model; with keep_serving the current ranks go on stepping meanwhile."""
+        if self.ranks and self.dispatch == "low_latency" and self.config.device.startswith("cuda"):
+            # Seen on two H200s (torch 2.11): symmetric memory numbers its rendezvous per
+            # process group name, so a rank started now never meets the running ones.
+            raise EPEngineError("adding ranks to a running group is not supported with the low-latency dispatch "
+                                "on GPUs (its symmetric memory cannot re-form with newly started ranks); "
+                                "use dispatch='normal' for pools that grow, or restart with the new size")
         first_rank = len(self.ranks)
         names = [next(self._names) for _ in range(count)]
         new = [_Rank(name, proc) for name, proc in

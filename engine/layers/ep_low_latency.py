@@ -109,9 +109,10 @@ def low_latency_moe(buffers: LowLatencyBuffers, slots_per_rank: int, moe: nn.Mod
         dispatch_to_peers(x, phys, weights, b.ptrs["rx"], b.ptrs["ids"], b.ptrs["wts"], b.rank, slots_per_rank,
                           b.capacity)
         b.memory.barrier()
-        # Tiles for the entries a rank serves on average (one rank's share of every
-        # source's), not for the padded W * M * K the grid has to allow.
-        config = default_config(per_src, moe.w13.shape[0])
+        # Tiles for what a rank serves when every rank sends as many tokens as this one
+        # (its share of each source's entries), not for the padded W * M * K that the
+        # grid has to allow: decode-sized batches stream weights with small tiles.
+        config = default_config(max(tokens, 1) * k, moe.w13.shape[0])
         moe_entries_triton(mine["rx"].view(rows, -1), moe.w13, moe.w2, mine["ids"].view(rows, k),
                            mine["wts"].view(rows, k), config, PeerRows(b.ptrs["pairs"], per_src, b.hidden))
         b.memory.barrier()
