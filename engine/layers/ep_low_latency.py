@@ -29,6 +29,8 @@ tests check the protocol.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,31 +63,25 @@ class LowLatencyBuffers:
         out, off = {}, 0
         for name, (shape, dt) in shapes.items():
             out[name] = (off, shape, dt)
-            n = dt.itemsize
-            for d in shape:
-                n *= d
-            off += -(-n // _ALIGN) * _ALIGN
+            off += -(-_nbytes(shape, dt) // _ALIGN) * _ALIGN
         return out
 
     @classmethod
     def nbytes(cls, world: int, capacity: int, hidden: int, top_k: int, dtype: torch.dtype) -> int:
-        regions = cls.regions(world, capacity, hidden, top_k, dtype)
-        off, shape, dt = regions["pairs"]
-        n = dt.itemsize
-        for d in shape:
-            n *= d
-        return off + n
+        off, shape, dt = cls.regions(world, capacity, hidden, top_k, dtype)["pairs"]
+        return off + _nbytes(shape, dt)
 
     def close(self) -> None:
         self.views, self.ptrs = [], {}
         self.memory.close()
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
 def _carve(buf: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return buf[offset:offset + n].view(dtype).view(shape)
+    return buf[offset:offset + _nbytes(shape, dtype)].view(dtype).view(shape)
 
 
 def low_latency_moe(buffers: LowLatencyBuffers, slots_per_rank: int, moe: nn.Module, x: torch.Tensor,

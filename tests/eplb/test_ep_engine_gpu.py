@@ -15,6 +15,24 @@ PROMPTS = [[5, 17, 99, 3], list(range(40, 77)), [7] * 23, [200, 1, 2, 3]]
 PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
+def decode_through_a_live_rebalance(eng: ElasticEPEngine, prompts: list[list[int]]) -> list[list[int]]:
+    """Start `prompts`, force a rebalance of every layer after 3 steps while they decode,
+    and return their tokens once all finished (the migration done, the map changed)."""
+    rids = [eng.add_request(p, PARAMS) for p in prompts]
+    for _ in range(3):
+        eng.step()
+    layers, experts = eng.num_moe_layers, eng.num_experts
+    old = eng.phy2log.clone()
+    skew = torch.arange(1, experts + 1, dtype=torch.float64).pow(3).flip(0).repeat(layers, 1)
+    assert eng.rebalance(skew, wait=False)
+    while eng.has_unfinished():
+        eng.step()
+    assert not eng.migrating and not torch.equal(eng.phy2log, old)
+    assert eng.stats.bytes_moved_total > 0
+    results = {o.request_id: o.token_ids for o in eng.pop_finished()}
+    return [results[r] for r in rids]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_greedy_tokens_survive_a_live_rebalance_over_nccl(tmp_path) -> None:
@@ -22,19 +40,7 @@ def test_greedy_tokens_survive_a_live_rebalance_over_nccl(tmp_path) -> None:
     with ElasticEPEngine(EngineConfig(model=str(tmp_path), device="cuda"), 2,
                          eplb=EplbConfig(auto_rebalance=False)) as eng:
         before = [o.token_ids for o in eng.generate(PROMPTS, PARAMS)]
-        rids = [eng.add_request(p, PARAMS) for p in PROMPTS]
-        for _ in range(3):
-            eng.step()
-        layers, experts = eng.num_moe_layers, eng.num_experts
-        old = eng.phy2log.clone()
-        skew = torch.arange(1, experts + 1, dtype=torch.float64).pow(3).flip(0).repeat(layers, 1)
-        assert eng.rebalance(skew, wait=False)
-        while eng.has_unfinished():
-            eng.step()
-        assert not eng.migrating and not torch.equal(eng.phy2log, old)
-        assert eng.stats.bytes_moved_total > 0
-        results = {o.request_id: o.token_ids for o in eng.pop_finished()}
-        assert [results[r] for r in rids] == before
+        assert decode_through_a_live_rebalance(eng, PROMPTS) == before
         after = [o.token_ids for o in eng.generate(PROMPTS, PARAMS)]
         assert after == before
 
@@ -53,18 +59,7 @@ def test_low_latency_dispatch_under_cuda_graphs_through_a_live_rebalance(tmp_pat
         # Same experts, same tokens: the two paths differ only in how rows travel (the
         # expert GEMM tiles may differ, so this holds for greedy tokens, not every bit).
         assert before == normal
-        rids = [eng.add_request(p, PARAMS) for p in PROMPTS[:3]]     # rank 1 idles some steps
-        for _ in range(3):
-            eng.step()
-        layers, experts = eng.num_moe_layers, eng.num_experts
-        old = eng.phy2log.clone()
-        skew = torch.arange(1, experts + 1, dtype=torch.float64).pow(3).flip(0).repeat(layers, 1)
-        assert eng.rebalance(skew, wait=False)
-        while eng.has_unfinished():
-            eng.step()
-        assert not eng.migrating and not torch.equal(eng.phy2log, old)
-        results = {o.request_id: o.token_ids for o in eng.pop_finished()}
         # The graphs read the maps in place, so the swapped maps (and the moved weights)
         # are what the replays use: same tokens through and after the rebalance.
-        assert [results[r] for r in rids] == before[:3]
+        assert decode_through_a_live_rebalance(eng, PROMPTS[:3]) == before[:3]
         assert [o.token_ids for o in eng.generate(PROMPTS, PARAMS)] == before
