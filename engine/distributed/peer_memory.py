@@ -18,27 +18,29 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from abc import ABC, abstractmethod
 
 import torch
 import torch.distributed as dist
 
 
-class PeerMemory:
+class PeerMemory(ABC):
     """`nbytes` of memory on every rank of `group`; buffer(r) is rank r's, mapped here."""
 
     rank: int
     world_size: int
     nbytes: int
 
+    @abstractmethod
     def buffer(self, rank: int) -> torch.Tensor:
         """Rank `rank`'s buffer as a uint8 tensor this process can read and write."""
-        raise NotImplementedError
 
+    @abstractmethod
     def barrier(self) -> None:
         """Returns (on the host, or on the device stream) once every rank reached it;
         writes into peers' buffers made before it are visible after it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Release the mappings (the group must not use them afterwards)."""
 
