@@ -45,15 +45,6 @@ from engine.layers.ep_low_latency import LowLatencyBuffers  # noqa: E402
 from engine.layers.moe import FusedMoE  # noqa: E402
 
 
-class _Model(torch.nn.Module):
-    def __init__(self, moe: FusedMoE) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def moe_layers(self) -> list[FusedMoE]:
-        return [self.moe]
-
-
 class _CommOnly(ExpertParallel):
     def compute(self, moe, rows, local_slots, weights):
         return rows
@@ -78,7 +69,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.Qu
                 moe.w2.normal_(0, args.inter ** -0.5)
             cls = _CommOnly if mode == "comm" else ExpertParallel
             ep = cls(rank, world, args.experts // world)
-            attach_expert_parallel(_Model(moe), ep, None)
+            attach_expert_parallel([moe], ep, None)
             if mode.startswith("ll"):
                 shape = (world, args.ll_capacity, args.hidden, args.topk, dtype)
                 memory = allocate_peer_memory(LowLatencyBuffers.nbytes(*shape), device, None, 60)

@@ -87,7 +87,7 @@ class EPWorker:
         first = self.ep is None
         self.ep = ExpertParallel(rank, world, slots, group=self.groups.dispatch)
         if first:
-            attach_expert_parallel(self.model, self.ep, phy2log, weights_from_model=msg["weights"] == "model")
+            attach_expert_parallel(self.moe_layers, self.ep, phy2log, weights_from_model=msg["weights"] == "model")
         else:
             for moe, row in zip(self.moe_layers, phy2log):
                 regroup_layer(moe, self.ep, row)

@@ -100,9 +100,9 @@ def combine_in_logical_order(back: torch.Tensor, order: torch.Tensor, logical_id
 
 
 @torch.no_grad()
-def attach_expert_parallel(model: nn.Module, ep: ExpertParallel, phy2log: torch.Tensor | None,
+def attach_expert_parallel(layers: list[nn.Module], ep: ExpertParallel, phy2log: torch.Tensor | None,
                            weights_from_model: bool = True) -> None:
-    """Turn every MoE layer of `model` into its EP shard.
+    """Turn the MoE layers (a model's, in forward order) into their EP shards.
 
     phy2log [moe layers, ep.num_physical]: the expert of each global slot (-1 for a
     slot with no expert yet); None keeps the layers' current maps. With
@@ -112,7 +112,6 @@ def attach_expert_parallel(model: nn.Module, ep: ExpertParallel, phy2log: torch.
     copies of its slots' experts. Otherwise the slots' weights arrive by migration (until
     then the map sends them no tokens).
     """
-    layers = moe_layers(model)
     if phy2log is not None and tuple(phy2log.shape) != (len(layers), ep.num_physical):
         raise ValueError(f"phy2log has shape {tuple(phy2log.shape)}, expected "
                          f"({len(layers)}, {ep.num_physical}) for {len(layers)} MoE layers")

@@ -19,15 +19,6 @@ E, H, I, K = 8, 32, 16, 3
 TOKENS = [6, 0, 11, 3]        # rank 1 routes nothing: it still serves the others' tokens
 
 
-class _Model(torch.nn.Module):
-    def __init__(self, moe: FusedMoE) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def moe_layers(self) -> list[FusedMoE]:
-        return [self.moe]
-
-
 def _layer() -> FusedMoE:
     torch.manual_seed(0)
     moe = FusedMoE(E, H, I)
@@ -52,7 +43,7 @@ def _run(rank: int, world: int, port: int, phy2log: list[int], dispatch: str) ->
         ref, moe = _layer(), _layer()
         slots = len(phy2log) // world
         ep = ExpertParallel(rank, world, slots)
-        attach_expert_parallel(_Model(moe), ep, torch.tensor([phy2log]))
+        attach_expert_parallel([moe], ep, torch.tensor([phy2log]))
         assert moe.w13.shape[0] == slots, "a rank holds only its own slots"
         if dispatch != "normal":
             shape = (world, CAPACITY, H, K, torch.float32)
