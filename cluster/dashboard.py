@@ -10,6 +10,7 @@ polls it. Panels whose metrics do not exist yet (KV transfer, EPLB) say "no data
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,15 +120,10 @@ def slo_attainment(samples: list[mh.Sample]) -> float | None:
     return met / done if done > 0 else None
 
 
-def dashboard_router(engine, metrics: Metrics, interval: float = 1.0, capacity: int = 900) -> APIRouter:
+def dashboard_router(refresh_gauges: Callable[[], None], metrics: Metrics, interval: float = 1.0,
+                     capacity: int = 900) -> APIRouter:
     """/dashboard (the page) and /dashboard/data (its JSON), sampling `metrics` while the
-    app runs."""
-
-    def refresh_gauges() -> None:
-        metrics.set("tandem_num_requests_running", engine.num_running)
-        metrics.set("tandem_num_requests_waiting", engine.num_waiting)
-        metrics.set("tandem_kv_cache_usage_perc", engine.core.kv.usage)
-
+    app runs (`refresh_gauges` first brings the engine gauges up to date)."""
     history = mh.MetricsHistory(metrics.registry, interval, capacity, before_sample=refresh_gauges)
 
     @asynccontextmanager

@@ -21,3 +21,8 @@ class KVTransferMetrics:
         self.metrics.inc("tandem_kv_transfer_failures_total", reason=reason)
         if self.recomputes:
             self.metrics.inc("tandem_kv_transfer_recomputed_total")
+
+    def prefill_failed(self, recomputed: bool) -> None:
+        self.metrics.inc("tandem_kv_transfer_failures_total", reason="prefill")
+        self.metrics.inc("tandem_kv_transfer_recomputed_total" if recomputed
+                         else "tandem_kv_transfer_recompute_failures_total")

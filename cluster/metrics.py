@@ -46,6 +46,13 @@ METRICS: dict[str, Spec] = {
     "tandem_kv_transfer_seconds": Spec("histogram", "Duration of one request's KV transfer", ITL_BUCKETS),
     "tandem_kv_transfer_failures_total": Spec("counter", "Failed KV transfers by reason", (), ("reason",)),
     "tandem_kv_transfer_recomputed_total": Spec("counter", "Requests whose prefill was recomputed locally"),
+    "tandem_requests_rejected_total": Spec("counter", "Requests refused at once (overload) by reason", (),
+                                           ("reason",)),
+    "tandem_requests_resumed_total": Spec("counter", "Streams resumed on another replica after theirs was lost"),
+    "tandem_request_errors_total": Spec("counter", "Admitted requests that ended in an error, by kind", (),
+                                        ("kind",)),
+    "tandem_kv_transfer_recompute_failures_total": Spec("counter", "Local recomputes of a failed remote prefill "
+                                                                   "that failed too"),
     "tandem_eplb_balancedness": Spec("gauge", "Mean / max GPU expert load per MoE layer", (), ("layer",)),
     "tandem_eplb_rebalance_seconds": Spec("histogram", "Duration of one EPLB rebalance", E2E_BUCKETS),
     "tandem_eplb_bytes_moved_total": Spec("counter", "Expert weight bytes moved by EPLB"),
@@ -90,6 +97,11 @@ class Metrics:
         self._prom[name].labels(**labels).set(value)
         if name in self._ray:
             self._ray[name].set(value, tags=labels)
+
+    def record_stats(self, stats: dict[str, float]) -> None:
+        """Set the engine gauges from an engine's `stats()` (keys are names without the prefix)."""
+        for key, value in stats.items():
+            self.set(f"tandem_{key}", value)
 
     def observe(self, name: str, value: float, **extra: str) -> None:
         labels = self._labels(extra)

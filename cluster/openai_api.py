@@ -1,217 +1,243 @@
-"""OpenAI-compatible HTTP API over an AsyncEngine: completions, chat completions
-(streaming and not), models, health and metrics. Errors use OpenAI's error shape."""
+"""OpenAI-compatible HTTP API over an engine client: completions, chat completions
+(streaming and not), models, health and metrics. Errors use OpenAI's error shape.
+
+The engine client is anything with `generate(token_ids, params, request_id)` streaming
+`StreamDelta`s, a `tokenizer`, request `limits` and `check_health()`: an AsyncEngine,
+a PrefillDecodeEngine, or the router's RemoteEngine over a pool of Serve replicas.
+Text is made here, from token ids (so a stream resumed on another replica reads on
+seamlessly); tokenizing and chat templating run off the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.api_errors import (ERROR_RESPONSES, APIError, BodyLimit, error_body, error_response,
+                                install_error_handlers, overloaded)
+from cluster.api_models import (ChatCompletion, ChatMessage, ChatRequest, Completion, CompletionRequest, Health,
+                                ModelList, SamplingRequest)
 from cluster.dashboard import dashboard_router
 from cluster.metrics import Metrics
 from cluster.request_metrics import SLO, RequestTimer
-from engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded, StreamDelta
+from engine.async_engine import EngineDead, EngineOverloaded, RequestFailed, StreamDelta
 from engine.kv_transfer import KVTransferFailed
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_SEED, SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
 
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 # Used when a tokenizer has no chat template: role-tagged turns, then the assistant tag.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+SSE = {200: {"description": "The answer (JSON), or with stream=true an event stream of chunks",
+             "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+class _Output:
+    """One request's output as the client sees it: tokens, logprobs and text, folded
+    from the engine's token deltas; a stop string ends it here."""
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, stop)
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] = []
+        self.finish_reason: str | None = None
+        self.num_cached_tokens = 0
+
+    def add(self, d: StreamDelta) -> str:
+        self.token_ids += d.new_token_ids
+        self.logprobs += d.new_logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
+        reason = d.output.finish_reason
+        text = self.detok.add(d.new_token_ids, final=reason is not None)
+        self.finish_reason = "stop" if self.detok.stopped else reason
+        return text
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(default=None)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = 1
-    ignore_eos: bool = False
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
-    logprobs: int | None = None
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}}, status)
-
-
-def build_api(engine: AsyncEngine, model_name: str, metrics: Metrics, slo: SLO = SLO(),
-              api_key: str | None = None) -> FastAPI:
+def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_key: str | None = None,
+              refresh_gauges: Callable[[], None] | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="Tandem", description="OpenAI-compatible API")
     app.state.engine = engine
-    app.include_router(dashboard_router(engine, metrics))   # /dashboard: built-in plots
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return _error(e.status, e.message, e.type, e.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return _error(400, f"invalid request: {first.get('msg', str(e))} ({loc})", param=loc)
+    refresh = refresh_gauges or (lambda: metrics.record_stats(engine.stats()))
+    app.include_router(dashboard_router(refresh, metrics))   # /dashboard: built-in plots
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    limits = engine.limits
+    app.openapi = lambda: openapi_with_limits(app, model_name, limits)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                              "authentication_error")
+                return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                      "authentication_error")
         return await call_next(request)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: ERROR_RESPONSES[503]})
     async def health():
-        if engine.error is not None:
-            return _error(503, f"engine stopped: {engine.error!r}", "server_error")
+        try:
+            engine.check_health()
+        except EngineDead as e:
+            return error_response(503, str(e), "server_error")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus_metrics():
-        metrics.set("tandem_num_requests_running", engine.num_running)
-        metrics.set("tandem_num_requests_waiting", engine.num_waiting)
-        metrics.set("tandem_kv_cache_usage_perc", engine.core.kv.usage)
+        refresh()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses={401: ERROR_RESPONSES[401]})
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "tandem", "max_model_len": engine.max_model_len}]}
+                                            "owned_by": "tandem", "max_model_len": limits.max_model_len}]}
 
-    def sampling(body: _Sampling, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+    def sampling(body: SamplingRequest, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
-                           param="model")
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
+                           "not_found_error", param="model")
         try:
             return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens,
                                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                  min_p=body.min_p, seed=body.seed, stop=body.stop or [],
-                                  ignore_eos=body.ignore_eos, logprobs=logprobs)
+                                  min_p=body.min_p, seed=None if body.seed is None else body.seed & MAX_SEED,
+                                  stop=body.stop or [], ignore_eos=body.ignore_eos, logprobs=logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def run(prompt, params: SamplingParams, rid: str) -> AsyncIterator[StreamDelta]:
-        timer = RequestTimer(metrics, slo)
-        last = None
+    async def tokens_of(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
+        return await asyncio.to_thread(engine.tokenizer.encode, prompt)
+
+    async def run(ids: list[int], params: SamplingParams, rid: str, out: _Output) -> AsyncIterator[str]:
+        """The request's text deltas; the engine's errors as APIErrors."""
         try:
-            async for delta in engine.generate(prompt, params, rid):
+            limits.check(ids, params)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        timer = RequestTimer(metrics, slo)
+        stream = engine.generate(ids, params, rid)
+        try:
+            async for delta in stream:
                 timer.on_tokens(len(delta.new_token_ids))
-                last = delta
-                yield delta
+                text = out.add(delta)
+                yield text
+                if out.finish_reason is not None:
+                    return
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except EngineOverloaded as e:
+            metrics.inc("tandem_requests_rejected_total", reason="overloaded")
+            raise overloaded(str(e)) from None
+        except (EngineDead, KVTransferFailed) as e:   # the client may retry
             raise APIError(503, str(e), "server_error") from None
-        except EngineDead as e:
-            raise APIError(500, str(e), "server_error") from None
-        except KVTransferFailed as e:     # disaggregated, fail policy: the client may retry
-            raise APIError(503, str(e), "server_error") from None
+        except RequestFailed as e:
+            raise APIError(500, f"the request failed in the engine: {e}", "server_error") from None
         finally:
-            if last is not None:
-                reason = last.output.finish_reason or "abort"
-                timer.on_finish(reason, len(last.output.prompt_token_ids), last.num_cached_tokens)
+            await stream.aclose()        # a stop string or a disconnect: the engine aborts it
+            if out.token_ids or out.finish_reason:
+                timer.on_finish(out.finish_reason or "abort", len(ids), out.num_cached_tokens)
 
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+    def usage(prompt_tokens: int, out: _Output) -> dict:
+        n = len(out.token_ids)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
 
     def tok(t: int) -> str:
         return engine.tokenizer.decode([t]) if engine.tokenizer is not None else str(t)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        if body.logprobs is not None and not 0 <= body.logprobs <= 20:
-            raise APIError(400, "logprobs must be between 0 and 20", param="logprobs")
-        params = sampling(body, body.logprobs, body.max_tokens)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    async def respond(texts: AsyncIterator[str], stream: bool, chunks: Callable, final: Callable):
+        """A StreamingResponse of SSE chunks, or the final JSON. The first update is
+        awaited before answering, so refusals are proper HTTP errors; an error after
+        the stream started is sent as an error event, never a silent cut."""
+        first = await anext(texts, None)
+        if not stream:
+            async for _ in texts:
+                pass
+            return final()
 
-        def completion_logprobs(d: StreamDelta):
+        async def sse():
+            try:
+                for c in chunks(first, head=True):
+                    yield _sse(c)
+                async for text in texts:
+                    for c in chunks(text):
+                        yield _sse(c)
+                for c in chunks(None, tail=True):
+                    yield _sse(c)
+            except APIError as e:
+                yield _sse(error_body(e.status, e.message, e.type, e.param))
+            finally:
+                await texts.aclose()    # the client went away mid-stream: abort in the engine
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE})
+    async def completions(body: CompletionRequest):
+        params = sampling(body, body.logprobs, body.max_tokens)
+        ids = await tokens_of(body.prompt)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        out = _Output(engine.tokenizer, params.stop)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        sent = 0
+
+        def lp(start: int, end: int):
             if body.logprobs is None:
                 return None
-            return {"tokens": [tok(t) for t in d.new_token_ids],
-                    "token_logprobs": [lp[t] for t, lp in zip(d.new_token_ids, d.new_logprobs)],
-                    "top_logprobs": [{tok(k): v for k, v in lp.items()} for lp in d.new_logprobs],
-                    "text_offset": []}
+            ts, lps = out.token_ids[start:end], out.logprobs[start:end]
+            return {"tokens": [tok(t) for t in ts], "token_logprobs": [p[t] for t, p in zip(ts, lps)],
+                    "top_logprobs": [{tok(k): v for k, v in p.items()} for p in lps], "text_offset": []}
 
-        def chunk(choice: dict, use: dict | None = None) -> dict:
+        def chunk(choices: list, use: dict | None = None) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [choice] if choice else [], "usage": use}
+                    "choices": choices, "usage": use}
 
-        stream = run(body.prompt, params, rid)
-        first = await _first_or_error(stream)
-        if body.stream:
-            async def sse():
-                last = None
-                async for d in _prepend(first, stream):
-                    last = d
-                    yield _sse(chunk({"index": 0, "text": d.text_delta, "logprobs": completion_logprobs(d),
-                                      "finish_reason": d.output.finish_reason}))
-                if last is not None and (body.stream_options or {}).get("include_usage"):
-                    yield _sse(chunk({}, usage(len(last.output.prompt_token_ids), len(last.output.token_ids))))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        deltas = [d async for d in _prepend(first, stream)]
-        out = deltas[-1].output
-        lp = None
-        if body.logprobs is not None:
-            merged = StreamDelta(out, "", out.token_ids, out.logprobs or [])
-            lp = completion_logprobs(merged)
-        return chunk({"index": 0, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason},
-                     usage(len(out.prompt_token_ids), len(out.token_ids)))
+        def chunks(text: str | None, head: bool = False, tail: bool = False):
+            nonlocal sent
+            if tail:
+                return [chunk([], usage(len(ids), out))] if include_usage else []
+            if text is None:
+                return []
+            start, sent = sent, len(out.token_ids)
+            return [chunk([{"index": 0, "text": text, "logprobs": lp(start, sent),
+                            "finish_reason": out.finish_reason}])]
 
-    @app.post("/v1/chat/completions")
+        def final():
+            return chunk([{"index": 0, "text": out.text, "logprobs": lp(0, len(out.token_ids)),
+                           "finish_reason": out.finish_reason}], usage(len(ids), out))
+        return await respond(run(ids, params, rid, out), body.stream, chunks, final)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **SSE})
     async def chat(body: ChatRequest):
-        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-            raise APIError(400, "top_logprobs must be between 0 and 20", param="top_logprobs")
         n_lp = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling(body, n_lp, body.max_completion_tokens or body.max_tokens)
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        prompt = _chat_prompt(engine, body.messages)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = sampling(body, n_lp, max_tokens)
+        ids = await asyncio.to_thread(_chat_prompt, engine.tokenizer, body.messages)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        out = _Output(engine.tokenizer, params.stop)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        sent = 0
 
-        def chat_logprobs(ids: list[int], lps: list[dict]):
+        def chat_logprobs(start: int, end: int):
             if n_lp is None:
                 return None
             content = []
-            for t, lp in zip(ids, lps):
+            for t, lp in zip(out.token_ids[start:end], out.logprobs[start:end]):
                 top = sorted(lp.items(), key=lambda kv: -kv[1])[:n_lp]
                 content.append({"token": tok(t), "logprob": lp[t], "bytes": list(tok(t).encode()),
                                 "top_logprobs": [{"token": tok(k), "logprob": v, "bytes": list(tok(k).encode())}
@@ -222,57 +248,65 @@ def build_api(engine: AsyncEngine, model_name: str, metrics: Metrics, slo: SLO =
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "choices": choices, "usage": use}
 
-        stream = run(prompt, params, rid)
-        first = await _first_or_error(stream)
-        if body.stream:
-            async def sse():
-                yield _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                   "finish_reason": None}]))
-                last = None
-                async for d in _prepend(first, stream):
-                    last = d
-                    yield _sse(chunk([{"index": 0, "delta": {"content": d.text_delta},
-                                       "logprobs": chat_logprobs(d.new_token_ids, d.new_logprobs),
-                                       "finish_reason": d.output.finish_reason}]))
-                if last is not None and (body.stream_options or {}).get("include_usage"):
-                    yield _sse(chunk([], usage(len(last.output.prompt_token_ids), len(last.output.token_ids))))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        deltas = [d async for d in _prepend(first, stream)]
-        out = deltas[-1].output
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                             "logprobs": chat_logprobs(out.token_ids, out.logprobs or []),
-                             "finish_reason": out.finish_reason}],
-                "usage": usage(len(out.prompt_token_ids), len(out.token_ids))}
+        def chunks(text: str | None, head: bool = False, tail: bool = False):
+            nonlocal sent
+            if tail:
+                return [chunk([], usage(len(ids), out))] if include_usage else []
+            lead = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+            if text is None:
+                return lead if head else []
+            start, sent = sent, len(out.token_ids)
+            body_chunk = chunk([{"index": 0, "delta": {"content": text}, "logprobs": chat_logprobs(start, sent),
+                                 "finish_reason": out.finish_reason}])
+            return (lead if head else []) + [body_chunk]
+
+        def final():
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                                 "logprobs": chat_logprobs(0, len(out.token_ids)),
+                                 "finish_reason": out.finish_reason}],
+                    "usage": usage(len(ids), out)}
+        return await respond(run(ids, params, rid, out), body.stream, chunks, final)
 
     return app
 
 
-def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> str | list[int]:
-    tk = engine.tokenizer
+def _chat_prompt(tk, messages: list[ChatMessage]) -> list[int]:
     if tk is None:
         raise APIError(400, "this model has no tokenizer, so chat is unavailable; use /v1/completions")
-    convo = [m.model_dump() for m in messages]
+    convo = [{"role": m.role, "content": m.text()} for m in messages]
     template = tk.chat_template or FALLBACK_CHAT_TEMPLATE
     text = tk.apply_chat_template(convo, chat_template=template, tokenize=False, add_generation_prompt=True)
     return tk.encode(text, add_special_tokens=False)   # the template already placed any BOS
 
 
-async def _first_or_error(stream: AsyncIterator[StreamDelta]) -> StreamDelta | None:
-    """Pull the first update before answering, so validation and overload errors become
-    proper HTTP errors instead of a broken stream."""
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def _prepend(first: StreamDelta | None, rest: AsyncIterator[StreamDelta]) -> AsyncIterator[StreamDelta]:
-    if first is not None:
-        yield first
-        async for d in rest:
-            yield d
+def openapi_with_limits(app: FastAPI, model_name: str, limits) -> dict:
+    """The OpenAPI schema with what FastAPI cannot know: the served model's name and
+    limits, and 400 (not 422) as the status of invalid requests."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
+    for path in schema["paths"].values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    comps = schema["components"]["schemas"]
+    for name in ("ValidationError", "HTTPValidationError"):
+        comps.pop(name, None)
+    for req in ("CompletionRequest", "ChatRequest"):
+        props = comps[req]["properties"]
+        props["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
+        props["top_k"]["maximum"] = limits.vocab_size
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in props:
+                for option in props[field].get("anyOf", [props[field]]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = limits.max_model_len - 1
+    for option in comps["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+        if option.get("type") == "array":
+            option["items"]["maximum"] = limits.vocab_size - 1
+            option["maxItems"] = limits.max_model_len - 1
+    app.openapi_schema = schema
+    return schema
 
 
 def _sse(obj: dict) -> str:

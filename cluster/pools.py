@@ -1,13 +1,17 @@
-"""The prefill and decode pools of the disaggregated ("pd") application.
+"""The engine pools: Serve deployments whose replicas (Ray actors) each own one engine.
 
-Each replica of either pool is a Ray actor owning one engine with a NIXL connector. The
-decode pool is the ingress: a decode replica takes the HTTP request, asks a prefill
-replica (Serve's router picks the less loaded of two by queue length) to prefill it and
-keep the KV, pulls the KV over NIXL and decodes. Engine-level logic lives in `disagg/`;
-this module only places it on Ray.
+A replica serves no HTTP: the router (cluster/router.py) sends it requests through a
+Serve handle and it streams token deltas back (`generate`). Colocated replicas run
+prefill and decode; in the disaggregated ("pd") topology a decode replica asks a
+prefill replica (through the prefill deployment's handle) to compute the prompt and
+keep its KV, pulls the KV over NIXL and decodes. Each replica's `check_health` is its
+engine loop's liveness, so Serve replaces a dead or stuck engine; each publishes its
+metrics for the router's /metrics. Engine-level logic lives in `engine/` and `disagg/`.
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -16,14 +20,58 @@ from ray.util import metrics as ray_metrics
 
 from cluster.kv_transfer_metrics import KVTransferMetrics
 from cluster.metrics import Metrics
-from cluster.openai_api import build_api
+from cluster.remote_engine import error_item, token_delta
+from cluster.replica_metrics import MetricsPublisher
 from cluster.settings import AppSettings
 from disagg.nixl_connector import NixlConnector
 from disagg.prefill_decode import PrefillDecodeEngine, prefill_request
 from engine.async_engine import AsyncEngine
+from engine.sampling_params import SamplingParams
 
 
-def _engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
+class EngineReplica:
+    """A Serve replica (Ray actor) that owns one engine and stops it with the actor."""
+    engine: AsyncEngine | PrefillDecodeEngine
+
+    def _start(self, settings: AppSettings, pool: str, engine_factory) -> None:
+        self.settings = settings
+        self.metrics = Metrics(settings.model_name, pool, ray_metrics=ray_metrics)
+        self.engine = engine_factory(settings, self.metrics)
+        ctx = serve.get_replica_context()
+        self.publisher = MetricsPublisher(ctx.app_name, ctx.replica_id.unique_id, self.metrics.registry,
+                                          before=lambda: self.metrics.record_stats(self.engine.stats()))
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """Stream one request's token deltas (see cluster/remote_engine.py); an engine
+        error is the stream's last item."""
+        try:
+            params = SamplingParams(**request["sampling"])
+            async for delta in self.engine.generate(request["prompt_token_ids"], params, request["request_id"]):
+                yield token_delta(delta)
+        except Exception as e:
+            item = error_item(e)
+            if item is None:
+                raise
+            yield item
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica for replacement."""
+        self.engine.check_health()
+
+    def __del__(self) -> None:
+        publisher, engine = getattr(self, "publisher", None), getattr(self, "engine", None)
+        if publisher is not None:
+            publisher.stop()
+        if engine is not None:
+            engine.shutdown()
+
+
+def local_engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
+    return AsyncEngine(settings.engine_config(), max_waiting=settings.max_waiting)
+
+
+def nixl_engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
+    """An engine with a NIXL connector, for either side of a KV hand-off."""
     config = settings.engine_config()
     observer = KVTransferMetrics(metrics, config.kv_load_failure_policy)
     host = get_node_ip_address()    # routable from other nodes, unlike localhost
@@ -33,53 +81,56 @@ def _engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
     return AsyncEngine(config, max_waiting=settings.max_waiting, kv_transfer=connector)
 
 
-class EngineReplica:
-    """A Serve replica (Ray actor) that owns one engine and stops it with the actor."""
-    engine: AsyncEngine
+class ColocatedServer(EngineReplica):
+    """One engine that prefills and decodes."""
 
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+    def __init__(self, settings: AppSettings) -> None:
+        self._start(settings, "colocated", local_engine)
 
 
 class PrefillServer(EngineReplica):
     """A prefill replica: computes prompts and keeps their KV for a decode replica."""
 
     def __init__(self, settings: AppSettings) -> None:
-        self.metrics = Metrics(settings.model_name, "prefill", ray_metrics=ray_metrics)
-        self.engine = _engine(settings, self.metrics)
+        self._start(settings, "prefill", nixl_engine)
 
     async def prefill(self, request: dict) -> dict:
         return await prefill_request(self.engine, request)
 
 
-@serve.ingress()
 class DecodeServer(EngineReplica):
-    """A decode replica: the OpenAI API, remote prefill, local decode."""
+    """A decode replica: remote prefill (local when the prefill pool fails), local decode."""
 
     def __init__(self, settings: AppSettings, prefill: DeploymentHandle) -> None:
-        self.settings = settings
-        self.metrics = Metrics(settings.model_name, "decode", ray_metrics=ray_metrics)
-        self.engine = _engine(settings, self.metrics)
         self.prefill_pool = prefill
-        self.pd = PrefillDecodeEngine(self.engine, self._prefill, self.engine.kv_transfer.observer)
+
+        def pd_engine(settings: AppSettings, metrics: Metrics) -> PrefillDecodeEngine:
+            decode = nixl_engine(settings, metrics)
+            return PrefillDecodeEngine(decode, self._prefill, decode.kv_transfer.observer,
+                                       prefill_timeout_s=settings.prefill_timeout_s)
+        self._start(settings, "decode", pd_engine)
 
     async def _prefill(self, request: dict) -> dict:
         return await self.prefill_pool.prefill.remote(request)
 
-    def __serve_build_asgi_app__(self):
-        s = self.settings
-        return build_api(self.pd, s.model_name, self.metrics, s.slo, s.api_key)
+
+def engine_deployment(cls, name: str, settings: AppSettings, pool: str):
+    """A pool's Serve deployment: replicas take `max_num_seqs + max_waiting` requests
+    each (what the engine admits); beyond that a caller queues at most
+    `max_queued_requests` more and the rest are refused at once (503)."""
+    p = settings.pool(pool)
+    capacity = settings.max_waiting + settings.engine_config().max_num_seqs
+    return serve.deployment(
+        cls, name=name, num_replicas=p.replicas, max_ongoing_requests=capacity,
+        max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None
+        else settings.engine_config().max_num_seqs,
+        ray_actor_options={"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
+        health_check_period_s=settings.health_check_period_s, health_check_timeout_s=30)
 
 
-def build_pd_app(settings: AppSettings):
-    max_ongoing = settings.max_waiting + settings.engine_config().max_num_seqs
-    prefill, decode = settings.pool("prefill"), settings.pool("decode")
-    prefill_dep = serve.deployment(
-        PrefillServer, name="Prefill", num_replicas=prefill.replicas, max_ongoing_requests=max_ongoing,
-        ray_actor_options={"num_cpus": prefill.num_cpus, "num_gpus": prefill.num_gpus}, health_check_period_s=10)
-    decode_dep = serve.deployment(
-        DecodeServer, name="Decode", num_replicas=decode.replicas, max_ongoing_requests=max_ongoing,
-        ray_actor_options={"num_cpus": decode.num_cpus, "num_gpus": decode.num_gpus}, health_check_period_s=10)
-    return decode_dep.bind(settings, prefill_dep.bind(settings))
+def build_pools(settings: AppSettings):
+    """The bound deployment the router sends requests to, for the settings' mode."""
+    if settings.mode == "pd":
+        prefill = engine_deployment(PrefillServer, "Prefill", settings, "prefill").bind(settings)
+        return engine_deployment(DecodeServer, "Decode", settings, "decode").bind(settings, prefill)
+    return engine_deployment(ColocatedServer, "Colocated", settings, "colocated").bind(settings)

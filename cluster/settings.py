@@ -18,6 +18,9 @@ class PoolSettings:
     replicas: int = 1
     num_cpus: float = 1
     num_gpus: float = 0
+    # Requests a caller (the router) may queue for this pool when every replica is
+    # full; beyond it they are refused at once with 503. None: the engine's max_num_seqs.
+    max_queued_requests: int | None = None
 
 
 @dataclass
@@ -31,6 +34,10 @@ class AppSettings:
     api_key: str | None = None
     kv_transfer: dict = field(default_factory=dict)
     max_waiting: int = 256
+    max_body_bytes: int = 4 * 2**20         # larger request bodies get 413 before parsing
+    prefill_timeout_s: float = 10.0         # pd: a slower prefill is recomputed on the decode engine
+    health_check_period_s: float = 5.0      # how often Serve asks each engine replica for its health
+    router_max_ongoing_requests: int = 4096  # far above the pools' capacity: /health never queues
 
     @property
     def model_name(self) -> str:

@@ -46,7 +46,12 @@ class TransferObserver(Protocol):
 
     def transferred(self, nbytes: int, seconds: float, descriptors: int) -> None: ...
 
-    def failed(self, reason: str) -> None: ...
+    def failed(self, reason: str) -> None:
+        """A load failed; under the recompute policy the engine recomputes it at once."""
+
+    def prefill_failed(self, recomputed: bool) -> None:
+        """The prefill pool failed a request (dead, slow or refusing); `recomputed`: the
+        decode engine then computed the prompt itself (False: that failed too)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ asking: the answer is then the same as if one engine had done everything.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,9 +46,11 @@ async def prefill_request(engine: AsyncEngine, request: dict) -> dict:
 class PrefillDecodeEngine:
     """An AsyncEngine look-alike for the API layer: local decode, remote prefill."""
 
-    def __init__(self, decode: AsyncEngine, prefill: PrefillFn, observer: TransferObserver | None = None) -> None:
+    def __init__(self, decode: AsyncEngine, prefill: PrefillFn, observer: TransferObserver | None = None,
+                 prefill_timeout_s: float = 10.0) -> None:
         self.decode = decode
-        self.prefill = prefill
+        self._prefill_fn = prefill
+        self.prefill_timeout_s = prefill_timeout_s
         self.observer = observer
         self.num_local_prefills = 0     # the prefill pool failed us; computed here instead
         self.tokenizer = decode.tokenizer
@@ -61,12 +64,27 @@ class PrefillDecodeEngine:
         return self.decode.error
 
     @property
+    def limits(self):
+        return self.decode.limits
+
+    def check_health(self) -> None:
+        self.decode.check_health()
+
+    def stats(self) -> dict[str, float]:
+        return self.decode.stats()
+
+    @property
     def num_running(self) -> int:
         return self.decode.num_running
 
     @property
     def num_waiting(self) -> int:
         return self.decode.num_waiting
+
+    async def prefill(self, request: dict) -> dict:
+        """The prefill pool's answer, within the deadline: a dead or stalled prefill
+        replica costs at most `prefill_timeout_s` before the decode engine takes over."""
+        return await asyncio.wait_for(self._prefill_fn(request), self.prefill_timeout_s)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         return self.decode.encode(prompt)
@@ -96,15 +114,24 @@ class PrefillDecodeEngine:
                                         "sampling": asdict(replace(params, max_tokens=1, stop=[]))})
         except ValueError:
             raise
-        except Exception as e:      # the prefill pool is down, overloaded or broken
-            if self.observer is not None:
-                self.observer.failed("prefill")
+        except Exception as e:      # the prefill pool is down, slow, overloaded or broken
             if self.decode.config.kv_load_failure_policy != "recompute":
-                raise KVTransferFailed(f"the prefill engine failed: {e}") from e
-            log.warning("prefill of %s failed (%s); computing it on the decode engine", request_id, e)
+                if self.observer is not None:
+                    self.observer.failed("prefill")
+                raise KVTransferFailed(f"the prefill engine failed: {e!r}") from e
+            log.warning("prefill of %s failed (%r); computing it on the decode engine", request_id, e)
             self.num_local_prefills += 1
-            async for delta in self.decode.generate(prompt, params, request_id):
-                yield delta
+            produced = False
+            try:
+                async for delta in self.decode.generate(prompt, params, request_id):
+                    if not produced and self.observer is not None:
+                        self.observer.prefill_failed(recomputed=True)
+                    produced = True
+                    yield delta
+            except Exception:
+                if not produced and self.observer is not None:
+                    self.observer.prefill_failed(recomputed=False)
+                raise
             return
         handle = (first.get("kv_transfer_params") or {}).get("handle")
         if first["finish_reason"] != "length" or handle is None:   # EOS or a stop token: done

@@ -5,11 +5,18 @@
 Cancelling the consumer (a client disconnect) aborts the request and frees its
 blocks. When the waiting queue is full, `generate` refuses at once with
 `EngineOverloaded` instead of queueing without bound.
+
+Failures are kept as small as they can be: an error while admitting or delivering one
+request fails that request alone (its stream raises, its blocks are freed) and the loop
+goes on. An error inside a step cannot be pinned on one request: every request in
+flight gets `EngineDead`, the traceback is logged, and the engine refuses new work, so
+`check_health()` fails and a supervisor (Ray Serve) replaces it; nothing waits forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -28,13 +35,20 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 
 class EngineOverloaded(RuntimeError):
     """Too many requests are waiting; the caller should retry later (HTTP 503)."""
 
 
 class EngineDead(RuntimeError):
-    """The engine loop stopped on an internal error."""
+    """The engine loop stopped on an internal error (or stalled); it takes no more work."""
+
+
+class RequestFailed(RuntimeError):
+    """One request failed inside the engine for a reason other than its input; the
+    engine goes on with the others."""
 
 
 @dataclass
@@ -55,7 +69,8 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, max_waiting: int = 256,
-                 kv_transfer: Callable[[EngineCore], KVTransferHook] | None = None) -> None:
+                 kv_transfer: Callable[[EngineCore], KVTransferHook] | None = None,
+                 stall_timeout_s: float = 120.0) -> None:
         path = resolve_model_path(config.model)
         model_config = load_config(path)
         self.config = config
@@ -72,6 +87,10 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self.error: BaseException | None = None
+        # The loop's heartbeat: it beats at least every poll interval when idle and once
+        # per step when busy; a step that never returns shows as a stale beat.
+        self.stall_timeout_s = stall_timeout_s
+        self.heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
         self._thread.start()
 
@@ -123,12 +142,36 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
 
+    def check_health(self) -> None:
+        """Raise EngineDead if the loop stopped on an error or has not beaten for
+        `stall_timeout_s` (a hung step); a supervisor replaces an engine that fails this."""
+        if self.error is not None:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        if not self._thread.is_alive():
+            raise EngineDead("the engine loop is not running")
+        silent = time.monotonic() - self.heartbeat
+        if silent > self.stall_timeout_s:
+            raise EngineDead(f"the engine loop has not completed a step for {silent:.0f} s")
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
     def shutdown(self) -> None:
         self._stopped.set()
         self._commands.put(("wake", None, None))
         self._thread.join(timeout=10)
         if self.kv_transfer is not None:
             self.kv_transfer.close()
+
+    @property
+    def limits(self):
+        return self.core.limits
+
+    def stats(self) -> dict[str, float]:
+        """The engine's load, under the metric names (without the prefix) it feeds."""
+        return {"num_requests_running": self.num_running, "num_requests_waiting": self.num_waiting,
+                "kv_cache_usage_perc": self.core.kv.usage}
 
     @property
     def num_running(self) -> int:
@@ -144,14 +187,17 @@ class AsyncEngine:
             torch.cuda.set_device(self.core.device)   # kernels launch on the thread's device
         try:
             while not self._stopped.is_set():
+                self.heartbeat = time.monotonic()
                 self._drain_commands(self.core.poll_interval())
                 # Held prefill blocks are polled for release even when idle.
                 if self.core.has_unfinished() or self.core.has_held_blocks:
                     for out in self.core.step():
                         self._deliver(out)
         except BaseException as e:  # report to every waiter instead of hanging them
+            log.exception("engine step failed; failing %d requests in flight and refusing new work",
+                          len(self._streams))
             self.error = e
-            for rid, stream in list(self._streams.items()):
+            for stream in list(self._streams.values()):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDead(f"engine stopped: {e!r}"))
 
     def _drain_commands(self, wait_s: float | None) -> None:
@@ -179,12 +225,26 @@ class AsyncEngine:
         except ValueError as e:
             stream.loop.call_soon_threadsafe(_settle, fut, e)
             return
+        except Exception as e:      # admission never touched the batch: fail this request only
+            log.exception("admitting request %s failed", req.request_id)
+            self.core.abort_requests([req.request_id])
+            stream.loop.call_soon_threadsafe(_settle, fut, RequestFailed(f"the engine could not admit it: {e!r}"))
+            return
         stream.loop.call_soon_threadsafe(_settle, fut, None)
 
     def _deliver(self, out: EngineCoreOutput) -> None:
         stream = self._streams.get(out.request_id)
         if stream is None:
             return
+        try:
+            self._deliver_to(stream, out)
+        except Exception as e:      # e.g. detokenizing: this request fails, the batch goes on
+            log.exception("delivering tokens of request %s failed", out.request_id)
+            self.core.abort_requests([out.request_id])
+            stream.result.finished = True
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RequestFailed(repr(e)))
+
+    def _deliver_to(self, stream: _Stream, out: EngineCoreOutput) -> None:
         if out.error is not None:
             stream.result.finished = True
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, KVTransferFailed(out.error))

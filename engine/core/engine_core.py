@@ -11,9 +11,11 @@ import torch
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.kv_cache import KVCacheManager, PagedCacheSpec
+from engine.kv_cache.state_layout import state_slots_for
 from engine.kv_transfer import KVTransferHook, is_consumer
 from engine.models.loader import load_model
 from engine.request import Request, RequestStatus
+from engine.request_limits import RequestLimits
 from engine.runner.model_runner import ModelRunner, PendingOutput
 
 
@@ -33,14 +35,16 @@ class EngineCore:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype(model_config)
-        max_pos = getattr(model_config, "max_position_embeddings", 4096)
-        self.max_model_len = config.max_model_len or max_pos
+        self.limits = RequestLimits.for_model(config, model_config)
+        self.max_model_len = self.limits.max_model_len
         self.model = load_model(model_path, model_config, self.dtype, config.device, config.load_format, config.seed)
         layout = self.model.cache_layout()
         bytes_per_block = layout.bytes_per_block(config.block_size, self.dtype)
-        self.num_blocks = self._num_blocks(bytes_per_block)
+        # Hybrid models: per-request Mamba state slots, taken from the same memory budget first.
+        self.state_slots = state_slots_for(self.model, config.max_num_seqs, self.dtype)
+        self.num_blocks = self._num_blocks(bytes_per_block, self.state_slots.total_bytes if self.state_slots else 0)
         self.kv = KVCacheManager(PagedCacheSpec(config.block_size, bytes_per_block), self.num_blocks,
-                                 config.enable_prefix_caching)
+                                 config.enable_prefix_caching, *(self.state_slots or ()))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_chunked_prefill,
                                                    config.kv_load_failure_policy), self.kv)
@@ -48,7 +52,7 @@ class EngineCore:
         self._in_flight: PendingOutput | None = None    # async scheduling: the step the device runs
         self._rng = random.Random(config.seed)
 
-    def _num_blocks(self, bytes_per_block: int) -> int:
+    def _num_blocks(self, bytes_per_block: int, reserved: int = 0) -> int:
         c = self.config
         per_seq = -(-self.max_model_len // c.block_size)
         if c.num_kv_blocks is not None:
@@ -56,9 +60,9 @@ class EngineCore:
         else:
             if self.device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(self.device)
-                budget = free - (1 - c.gpu_memory_utilization) * total
+                budget = free - (1 - c.gpu_memory_utilization) * total - reserved
             else:
-                budget = c.kv_cache_memory_gb * 2**30
+                budget = c.kv_cache_memory_gb * 2**30 - reserved
             # Never more than every sequence at full length needs.
             n = min(int(budget // bytes_per_block), c.max_num_seqs * per_seq + 1)
         if n < per_seq:
@@ -110,21 +114,7 @@ class EngineCore:
     def validate(self, req: Request) -> None:
         """Raise ValueError, saying what to change, for a request this engine cannot run.
         Reads only settings, so any thread may call it."""
-        n = req.num_prompt_tokens
-        if n == 0:
-            raise ValueError("the prompt is empty; send at least one token")
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens but max_model_len is {self.max_model_len} (the "
-                             f"prompt and at least one new token must fit); shorten the prompt")
-        if n + req.sampling_params.max_tokens > self.max_model_len:
-            raise ValueError(f"the prompt ({n} tokens) plus max_tokens ({req.sampling_params.max_tokens}) exceeds "
-                             f"max_model_len {self.max_model_len}; lower max_tokens or shorten the prompt")
-        vocab = self.model.config.vocab_size
-        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        lp = req.sampling_params.logprobs
-        if lp is not None and lp > self.config.max_logprobs:
-            raise ValueError(f"logprobs={lp} is above the engine's max_logprobs={self.config.max_logprobs}")
+        self.limits.check(req.prompt_token_ids, req.sampling_params)
 
     def set_kv_transfer(self, hook: KVTransferHook) -> None:
         """Plug in a KV-transfer connector (disaggregated prefill/decode)."""

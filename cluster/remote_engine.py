@@ -1,0 +1,103 @@
+"""The router's engine client: requests go to a pool of engine replicas through a Ray
+Serve handle, and a stream whose replica dies goes on from another one.
+
+Engine replicas stream plain dicts (`token_delta` / `error_item`); an error is data,
+never a pickled exception, so both sides agree on what it means. When a replica is
+lost mid-stream, the request is resubmitted to another replica with the prompt plus
+the tokens already streamed and the tokens still owed: sampling noise is a function
+of (seed, position, token), and the router fixes a seed for every request, so the
+continuation is exactly what the lost replica would have produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+
+from cluster.metrics import Metrics
+from engine.async_engine import EngineDead, EngineOverloaded, RequestFailed, StreamDelta
+from engine.kv_transfer import KVTransferFailed
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request_limits import RequestLimits
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+_ERRORS = {"invalid": ValueError, "overloaded": EngineOverloaded, "dead": EngineDead,
+           "unavailable": KVTransferFailed, "failed": RequestFailed}
+
+
+def token_delta(d: StreamDelta) -> dict:
+    return {"token_ids": d.new_token_ids, "logprobs": d.new_logprobs, "finish_reason": d.output.finish_reason,
+            "num_cached_tokens": d.num_cached_tokens}
+
+
+def error_item(e: Exception) -> dict | None:
+    """An engine error as stream data, or None for an error that is not the engine's."""
+    for kind, cls in _ERRORS.items():
+        if isinstance(e, cls):
+            return {"error": {"kind": kind, "message": str(e)}}
+    return None
+
+
+def raise_error(item: dict) -> None:
+    err = item["error"]
+    raise _ERRORS.get(err["kind"], RequestFailed)(err["message"])
+
+
+class RemoteEngine:
+    """An engine client over a Serve deployment of engine replicas (see cluster/pools.py)."""
+
+    def __init__(self, pool, tokenizer, limits: RequestLimits, metrics: Metrics, max_resumes: int = 2) -> None:
+        self.pool = pool.options(stream=True)
+        self.tokenizer, self.limits, self.metrics = tokenizer, limits, metrics
+        self.max_resumes = max_resumes
+        self._rng = random.Random()
+
+    def check_health(self) -> None:
+        """The router holds no engine; each replica's own health check covers it."""
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[StreamDelta]:
+        if params.seed is None:     # fixed here, so a resumed stream draws the same noise
+            params = replace(params, seed=self._rng.getrandbits(63))
+        produced: list[int] = []
+        resumes = 0
+        while len(produced) < params.max_tokens:
+            request = {"request_id": f"{request_id}-{resumes}" if resumes else request_id,
+                       "prompt_token_ids": prompt_token_ids + produced,
+                       "sampling": asdict(replace(params, max_tokens=params.max_tokens - len(produced)))}
+            stream = self.pool.generate.remote(request)
+            try:
+                async for item in stream:
+                    if "error" in item:
+                        raise_error(item)
+                    produced += item["token_ids"]
+                    out = RequestOutput(request_id, None, prompt_token_ids,
+                                        [CompletionOutput(0, "", list(produced), item["finish_reason"])],
+                                        item["finish_reason"] is not None)
+                    yield StreamDelta(out, "", item["token_ids"], item["logprobs"], item["num_cached_tokens"])
+                    if item["finish_reason"] is not None:
+                        return
+                raise EngineDead("the engine replica ended the stream without finishing it")
+            except BackPressureError as e:
+                self.metrics.inc("tandem_requests_rejected_total", reason="queue_full")
+                raise EngineOverloaded(f"every engine replica is busy and the queue is full ({e}); "
+                                       f"retry later") from None
+            except (*LOST, EngineDead) as e:
+                if resumes >= self.max_resumes:
+                    raise EngineDead(f"the engine replica was lost {resumes + 1} times: {e}") from None
+                resumes += 1
+                self.metrics.inc("tandem_requests_resumed_total")
+                log.warning("request %s: engine replica lost after %d tokens (%s); resuming on another",
+                            request_id, len(produced), type(e).__name__)
+            finally:
+                stream.cancel()     # no-op once finished; a client gone or a stop string: abort there
+        # Lost right after its last token, before the replica said it was the last.
+        out = RequestOutput(request_id, None, prompt_token_ids, [CompletionOutput(0, "", produced, "length")], True)
+        yield StreamDelta(out, "", [], [], 0)
