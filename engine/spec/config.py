@@ -123,3 +123,24 @@ def unsupported_options(cfg: dict) -> list[str]:
 def default_aux_layers(num_target_layers: int) -> list[int]:
     """vLLM's default taps when a head names none: (2, L // 2, L - 3)."""
     return [2, num_target_layers // 2, num_target_layers - 3]
+
+
+def check_fits_target(cfg: PEagleConfig, target_config, num_spec: int, max_spec: int) -> list[int]:
+    """Start-up check of a head against its target and the asked K; returns the target
+    layers to tap. Raises with what to change; nothing here runs per step."""
+    if not 1 <= num_spec <= max_spec:
+        raise ValueError(f"num_speculative_tokens must be between 1 and {max_spec}, got {num_spec}")
+    if cfg.target_hidden_size != target_config.hidden_size:
+        raise ValueError(f"the head fuses target hidden states of size {cfg.target_hidden_size}, the target's are "
+                         f"{target_config.hidden_size}: this head was trained for another model")
+    if cfg.vocab_size != target_config.vocab_size:
+        raise ValueError(f"the head's vocabulary ({cfg.vocab_size}) differs from the target's "
+                         f"({target_config.vocab_size}): this head was trained for another model")
+    layers = cfg.aux_layer_ids or default_aux_layers(target_config.num_hidden_layers)
+    if len(layers) != 3 or not all(0 <= i < target_config.num_hidden_layers for i in layers):
+        raise ValueError(f"the head taps target layers {layers}; the target has {target_config.num_hidden_layers} "
+                         f"layers and P-EAGLE fuses exactly three")
+    if cfg.num_speculative_tokens and num_spec > cfg.num_speculative_tokens:
+        raise ValueError(f"the head was trained to draft {cfg.num_speculative_tokens} tokens; "
+                         f"num_speculative_tokens={num_spec} asks for more (acceptance collapses past the trained depth)")
+    return list(layers)
