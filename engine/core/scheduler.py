@@ -54,7 +54,15 @@ class Scheduler:
 
     # -- admission -----------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        if is_consumer(req):
+        if is_consumer(req) and len(self.kv.groups) > 1:
+            # A hybrid model's Mamba state does not travel with the KV blocks: prefill
+            # the prompt (and the producer's first token) here instead, as a failed load
+            # under the recompute policy does. Same answer; the producer's lease expires.
+            req.kv_transfer_params = {**req.kv_transfer_params, "do_remote_prefill": False,
+                                      "error": "hybrid model: its state is not transferred"}
+            self.num_recomputed += 1
+            self.remote_admitted.append(req)
+        elif is_consumer(req):
             if self.kv_transfer is None:
                 raise ValueError("this engine has no KV-transfer connector; it cannot take a remote prefill")
             req.status = RequestStatus.WAITING_FOR_REMOTE_KV

@@ -6,7 +6,7 @@
    expert's run through per-expert atomic cursors. The order inside a run is not
    fixed, and need not be: every row of a GEMM is computed independently.
 2. `_w13_kernel`: per block, gate and up tiles of x[token] @ w13[e]^T with SiLU(gate)
-   * up fused, into the block-sorted intermediate.
+   * up fused (or, not gated, relu(up)^2), into the block-sorted intermediate.
 3. `_w2_kernel`: intermediate @ w2[e]^T times the routing weight, to the entry's row:
    a local one, or (expert parallelism, engine/layers/ep_low_latency.py) the row of
    the rank that sent the token, written straight into its peer-mapped memory.
@@ -73,7 +73,7 @@ def _block_rows(block_expert_ptr, cursor_ptr, sorted_ptr, pid_m, BLOCK_M: tl.con
 @triton.jit
 def _w13_kernel(x_ptr, sx_t, w_ptr, sw_e, sw_n, inter_ptr, s_inter, block_expert_ptr, cursor_ptr, sorted_ptr,
                 H, I, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, GATED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, rows, row_ok, entry = _block_rows(block_expert_ptr, cursor_ptr, sorted_ptr, pid_m, BLOCK_M)
@@ -92,14 +92,22 @@ def _w13_kernel(x_ptr, sx_t, w_ptr, sw_e, sw_n, inter_ptr, s_inter, block_expert
     for kk in range(0, H, BLOCK_K):
         k_ok = k < H - kk
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        gate = mma(a, wg, gate, UPCAST)
-        up = mma(a, wu, up, UPCAST)
+        if GATED:
+            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            gate = mma(a, wg, gate, UPCAST)
+            up = mma(a, wu, up, UPCAST)
+        else:       # the only rows are the up rows
+            wu = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            up = mma(a, wu, up, UPCAST)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    act = gate / (1.0 + tl.exp(-gate)) * up
+    if GATED:
+        act = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        act = tl.maximum(up, 0.0)
+        act = act * act
     dst = inter_ptr + rows[:, None].to(tl.int64) * s_inter + n[None, :]
     tl.store(dst, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -181,13 +189,14 @@ class PeerRows(NamedTuple):
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_weights: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+                     topk_weights: torch.Tensor, config: MoEConfig | None = None,
+                     activation: str = "silu") -> torch.Tensor:
     """[T, H]: each token's weighted expert outputs summed (ids of -1 add nothing)."""
     T, H = x.shape
     top_k = topk_ids.shape[1]
     if T * top_k == 0:
         return torch.zeros_like(x)
-    out = moe_entries_triton(x, w13, w2, topk_ids, topk_weights, config)
+    out = moe_entries_triton(x, w13, w2, topk_ids, topk_weights, config, activation=activation)
     combined = torch.empty(T, H, dtype=x.dtype, device=x.device)
     block_h = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, block_h))](out, topk_ids.reshape(-1), combined, H, TOPK=top_k,
@@ -197,13 +206,14 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
 def moe_entries_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor, config: MoEConfig | None = None,
-                       to_peers: PeerRows | None = None) -> torch.Tensor | None:
+                       to_peers: PeerRows | None = None, activation: str = "silu") -> torch.Tensor | None:
     """Each (token, choice) entry's weighted expert output, uncombined: [T * k, H] in
     entry order (rows of id -1 are left unwritten), or with to_peers written into the
     peers' buffers (returns None)."""
     T, H = x.shape
-    E, two_i, _ = w13.shape
-    inter = two_i // 2
+    E, rows, _ = w13.shape
+    gated = activation == "silu"
+    inter = rows // 2 if gated else rows
     top_k = topk_ids.shape[1]
     N = T * top_k
     cfg = config or default_config(N, E)
@@ -224,7 +234,7 @@ def moe_entries_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     up = upcast_dots()
     _w13_kernel[(max_blocks, triton.cdiv(inter, cfg.block_n))](
         x, x.stride(0), w13, w13.stride(0), w13.stride(1), act, act.stride(0), block_expert, cursor, sorted_ids,
-        H, inter, TOPK=top_k, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=up,
+        H, inter, TOPK=top_k, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=up, GATED=gated,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if to_peers is None:
         out = torch.empty(N, H, dtype=x.dtype, device=dev)

@@ -9,11 +9,13 @@ without state slots.
 from __future__ import annotations
 
 import hashlib
+import logging
 from array import array
 
 from engine.kv_cache.groups import CacheGroup, PagedCacheSpec, PagedGroup, StateSlotGroup, StateSlotSpec
 from engine.request import Request
 
+log = logging.getLogger("engine.kv_cache")
 
 def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
     """Hash chain over full blocks: a block's hash covers every token before it."""
@@ -27,6 +29,8 @@ class KVCacheManager:
     def __init__(self, paged: PagedCacheSpec, num_blocks: int, enable_prefix_caching: bool = True,
                  state: StateSlotSpec | None = None, num_state_slots: int = 0) -> None:
         caching = enable_prefix_caching and state is None
+        if enable_prefix_caching and state is not None:
+            log.info("prefix caching is off for this hybrid model: its Mamba state is per request, not per block")
         self.paged = PagedGroup(paged, num_blocks, caching)
         self.groups: list[CacheGroup] = [self.paged]
         if state is not None:

@@ -19,14 +19,17 @@ from engine.ops.router import to_physical
 
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, hidden: int, inter: int, num_physical: int | None = None,
-                 slot_experts: list[int] | None = None) -> None:
+                 slot_experts: list[int] | None = None, activation: str = "silu") -> None:
         super().__init__()
         self.num_experts = num_experts
         # slot_experts: the expert each slot loads, when this layer holds only an EP
         # rank's own slots (engine/layers/ep_dispatch.py); default: one slot per expert.
         self.num_physical = len(slot_experts) if slot_experts is not None else num_physical or num_experts
         self.inter = inter
-        self.w13 = param(self.num_physical, 2 * inter, hidden, loader=self._load_expert)
+        # "silu": w13 = gate rows | up rows; "relu2" (not gated): w13 = up rows only.
+        self.activation = activation
+        self.gated = activation == "silu"
+        self.w13 = param(self.num_physical, (2 if self.gated else 1) * inter, hidden, loader=self._load_expert)
         self.w2 = param(self.num_physical, hidden, inter, loader=self._load_expert)
         identity = torch.arange(num_experts)
         self.register_buffer("phy2log", identity.clone() if slot_experts is None else torch.tensor(slot_experts),
@@ -66,7 +69,7 @@ class FusedMoE(nn.Module):
         phys = to_physical(logical_ids, self.log2phy, self.logcnt, self.expert_load)
         if self.ep is not None:
             return self.ep.forward(self, x, weights, phys, logical_ids)
-        return fused_moe(x, self.w13, self.w2, phys, weights)
+        return fused_moe(x, self.w13, self.w2, phys, weights, activation=self.activation)
 
     def _load_expert(self, p: torch.Tensor, w: torch.Tensor, shard: object) -> int:
         """shard = (logical expert, part): part 0/1 = gate/up rows of w13, None = whole slot
@@ -74,6 +77,11 @@ class FusedMoE(nn.Module):
         expert, part = shard
         if expert is None:
             return sum(self._load_expert(p, w[e], (e, part)) for e in range(self.num_experts))
+        if part is not None and not self.gated:
+            if part == 0:
+                raise ValueError(f"expert {expert} has a gate projection, but the experts' activation "
+                                 f"{self.activation!r} is not gated")
+            part = 0    # the up rows are the only rows
         written = 0
         for slot in (self.phy2log == expert).nonzero().flatten().tolist():
             dst = p[slot] if part is None else p[slot, part * self.inter:(part + 1) * self.inter]

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from engine.models.base import CausalLM
-from engine.models.registry import model_class
+from engine.models.registry import check_raw_config, model_class
 
 
 def load_config(path: str | Path):
@@ -25,6 +25,7 @@ def load_config(path: str | Path):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path}: pass a Hugging Face model folder "
                                 f"(config.json, *.safetensors, tokenizer files)")
+    check_raw_config(json.loads((path / "config.json").read_text()))
     return AutoConfig.from_pretrained(str(path))
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from engine.core.scheduler_output import SchedulerOutput
+from engine.kv_cache.state_layout import state_layout_of
+from engine.layers.mamba import HybridMetadata
 from engine.models.base import CausalLM
 from engine.ops.attention import AttentionMetadata
 from engine.ops.router import counting_tokens
@@ -50,6 +52,17 @@ class ModelRunner:
             attn.k_cache = self.kv_cache[:, i, 0]
             attn.v_cache = self.kv_cache[:, i, 1] if layout.entries == 2 else attn.k_cache[..., :attn.v_head_dim]
         model.reserve_positions(max_model_len)
+        # Hybrid models: each request's Mamba state in a fixed-size slot (the state-slot
+        # cache group's id), [slots, layers, ...] so a slot's layers sit together; one
+        # scratch slot past the real ones takes the writes of padded graph entries.
+        self.state_layout = state_layout_of(model)
+        self.conv_state = self.ssm_state = None
+        if self.state_layout is not None:
+            sl, slots = self.state_layout, max_num_seqs + 1
+            self.conv_state = torch.zeros(slots, sl.num_layers, *sl.conv_shape, dtype=dtype, device=device)
+            self.ssm_state = torch.zeros(slots, sl.num_layers, *sl.ssm_shape, dtype=sl.ssm_dtype, device=device)
+            for i, layer in enumerate(model.mamba_layers()):
+                layer.conv_state, layer.ssm_state = self.conv_state[:, i], self.ssm_state[:, i]
         self.graphs: DecodeGraphs | None = None
         self.num_forwards = 0     # steps that ran the model (graph replays included)
         # When a list, each step appends (start, end) CUDA events around its device work
@@ -105,10 +118,15 @@ class ModelRunner:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.table
         inp = prepare_inputs(t, rows, nsched, num_tokens, self.block_size)
-        meta = AttentionMetadata(
+        states = {}
+        if self.state_layout is not None:
+            # A request continues from its slot when it computed tokens before this step.
+            qsl = inp.query_start_loc
+            states = dict(state_slots=t.state_slot[rows], has_initial_state=(inp.seq_lens - (qsl[1:] - qsl[:-1])) > 0)
+        meta = (HybridMetadata if states else AttentionMetadata)(
             num_reqs=rows.shape[0], query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
             block_table=inp.block_table, slot_mapping=inp.slot_mapping, block_size=self.block_size,
-            query_lens_cpu=query_lens_cpu, seq_lens_cpu=seq_lens_cpu, num_splits=num_splits)
+            query_lens_cpu=query_lens_cpu, seq_lens_cpu=seq_lens_cpu, num_splits=num_splits, **states)
         with counting_tokens(inp.query_start_loc[-1:]):     # padding is no expert load
             hidden = self.model(inp.input_ids, inp.positions, meta)
         logits = self.model.compute_logits(hidden[inp.logits_indices])

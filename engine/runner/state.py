@@ -13,6 +13,8 @@ device (the previous step may still be running under async scheduling).
 
 One extra row, `pad_row`, stays all zeros: padded batch entries of a CUDA-graph
 replay point at it with no tokens scheduled, so they read and write nothing real.
+(Its state slot is the scratch slot max_reqs, which hybrid models' state caches hold
+beyond the real ones: Mamba layers update a state for every decode entry.)
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class RequestStateTable:
         self.top_p = z(rows, dtype=torch.float32)
         self.min_p = z(rows, dtype=torch.float32)
         self.seeds = z(rows, dtype=torch.int64)
+        self.state_slot = z(rows)           # hybrid models: the request's Mamba state slot
+        self.state_slot[self.pad_row] = max_reqs
         # Host mirrors of what the host decides anyway (no device reads needed). The
         # counts are optimistic under async scheduling: they include tokens still
         # being sampled.
@@ -102,7 +106,8 @@ class RequestStateTable:
         flat = starts + np.arange(int(lens.sum()), dtype=np.int64)
         tokens = np.fromiter((t for _, n in staged for t in n.token_ids), dtype=np.int64, count=int(lens.sum()))
         self._scatter(self.token_ids, flat, tokens)
-        ints = np.array([[len(n.token_ids), n.num_computed_tokens, n.sampling_params.top_k, n.seed]
+        ints = np.array([[len(n.token_ids), n.num_computed_tokens, n.sampling_params.top_k, n.seed,
+                          n.block_ids[1][0] if len(n.block_ids) > 1 and n.block_ids[1] else 0]
                          for _, n in staged], dtype=np.int64)
         floats = np.array([[n.sampling_params.temperature, n.sampling_params.top_p, n.sampling_params.min_p]
                            for _, n in staged], dtype=np.float32)
@@ -112,6 +117,7 @@ class RequestStateTable:
         self.num_computed[idx] = ints_d[:, 1].to(torch.int32)
         self.top_k[idx] = ints_d[:, 2].to(torch.int32)
         self.seeds[idx] = ints_d[:, 3]
+        self.state_slot[idx] = ints_d[:, 4].to(torch.int32)
         self.temperature[idx] = floats_d[:, 0]
         self.top_p[idx] = floats_d[:, 1]
         self.min_p[idx] = floats_d[:, 2]

@@ -42,10 +42,24 @@ CONFIGS = {
         norm_topk_prob=False, tie_word_embeddings=False)),
 }
 
+# Hybrid models (Mamba state per request): prefix caching is off for them, so they are
+# tested apart (tests/engine/test_nemotron_h.py). Nano layout (plain MoE, n_group 1) and
+# Super layout (LatentMoE, group-limited routing); every layer type of the pattern.
+NEMOTRON_H = dict({k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, hybrid_override_pattern="ME*EM-E",
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4,
+                  chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                  moe_shared_expert_intermediate_size=48, routed_scaling_factor=2.5, norm_topk_prob=True,
+                  intermediate_size=96, layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+HYBRID_CONFIGS = {
+    "nemotron_h_nano": ("NemotronHConfig", "NemotronHForCausalLM", dict(NEMOTRON_H, n_group=1, topk_group=1)),
+    "nemotron_h_super": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        NEMOTRON_H, moe_latent_size=32, n_group=2, topk_group=1)),
+}
+
 
 def build(family: str, folder: Path, seed: int = 0):
     """Build, randomise and save a tiny model; returns the transformers model (eval, fp32)."""
-    config_cls, model_cls, kwargs = CONFIGS[family]
+    config_cls, model_cls, kwargs = CONFIGS[family] if family in CONFIGS else HYBRID_CONFIGS[family]
     config = getattr(transformers, config_cls)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -58,6 +72,11 @@ def build(family: str, folder: Path, seed: int = 0):
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
+            elif name.endswith("dt_bias"):
+                # Mamba step sizes dt = softplus(dt_raw + dt_bias) stay above transformers'
+                # prefill clamp (1e-3) for dt_raw > -3 (5 sigma here), where its prefill and
+                # decode paths agree (reference/models.md).
+                p.uniform_(-3.0, -1.0)
     model.generation_config.eos_token_id = None
     model.save_pretrained(str(folder))
     return model

@@ -113,3 +113,25 @@ def test_fused_moe_gpu(tokens, shape):
 @pytest.mark.gpu
 def test_fused_moe_gpu_fp32_skewed():
     _check(300, 64, 256, 128, 6, torch.float32, "cuda", skew=6.0)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_squared_relu_experts(dtype):
+    """NemotronH's experts: not gated, relu(x W_up^T)^2 W_down^T; w13 holds only the up rows."""
+    g = torch.Generator().manual_seed(7)
+    T, E, H, inter, k = 23, 8, 48, 40, 3
+    x = torch.randn(T, H, generator=g)
+    w1 = torch.randn(E, inter, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, inter, generator=g) / inter ** 0.5
+    weights, ids = torch.randn(T, E, generator=g).softmax(-1).topk(k, dim=-1)
+    direct = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            e = ids[t, j]
+            direct[t] += weights[t, j].double() * (torch.relu(x[t].double() @ w1[e].double().T) ** 2) @ w2[e].double().T
+    ref = fused_moe_ref(x.double(), w1.double(), w2.double(), ids, weights.double(), activation="relu2")
+    assert torch.allclose(ref, direct, atol=1e-10)
+    to = lambda t: t.to(dtype)  # noqa: E731
+    out = fused_moe(to(x), to(w1), to(w2), ids, to(weights), backend="triton", activation="relu2")
+    assert out.dtype == dtype and rel_err(out, direct) < TOL[dtype]
