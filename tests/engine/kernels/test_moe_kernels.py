@@ -135,3 +135,17 @@ def test_fused_moe_squared_relu_experts(dtype):
     to = lambda t: t.to(dtype)  # noqa: E731
     out = fused_moe(to(x), to(w1), to(w2), ids, to(weights), backend="triton", activation="relu2")
     assert out.dtype == dtype and rel_err(out, direct) < TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_fused_moe_squared_relu_experts_gpu():
+    g = torch.Generator().manual_seed(8)
+    T, E, H, inter, k = 300, 128, 2688, 1856, 6      # Nemotron-3-Nano's experts
+    x = torch.randn(T, H, generator=g).bfloat16().cuda()
+    w1 = (torch.randn(E, inter, H, generator=g) / H ** 0.5).bfloat16().cuda()
+    w2 = (torch.randn(E, H, inter, generator=g) / inter ** 0.5).bfloat16().cuda()
+    weights, ids = torch.randn(T, E, generator=g).softmax(-1).topk(k, dim=-1)
+    ids, weights = ids.cuda(), weights.cuda()
+    ref = fused_moe_ref(x.double(), w1.double(), w2.double(), ids, weights.double(), activation="relu2")
+    out = fused_moe(x, w1, w2, ids, weights.bfloat16(), activation="relu2")
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
