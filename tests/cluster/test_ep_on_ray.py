@@ -11,19 +11,19 @@ import ray
 from cluster.ep_ranks import RayRankLauncher
 from engine import LLM, EngineConfig, SamplingParams
 from eplb.elastic import ElasticEPEngine
+from tests.ray_cluster import local_ray
 
 PROMPTS = ["Experts, spread out.", "a second, somewhat longer prompt for the other rank"]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}})
-    yield
-    ray.shutdown()
+def ray_instance():
+    """A local Ray of the test's own (tests/ray_cluster.py); two CPUs, one per rank."""
+    with local_ray(num_cpus=2, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
+        yield
 
 
-def test_ep_ranks_as_ray_actors_in_a_placement_group(local_ray):
+def test_ep_ranks_as_ray_actors_in_a_placement_group(ray_instance):
     params = SamplingParams(max_tokens=8, temperature=0.0)
     want = [o.outputs[0].token_ids for o in LLM("default", max_model_len=256).generate(PROMPTS, params)]
     launcher = RayRankLauncher()

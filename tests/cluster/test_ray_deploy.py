@@ -1,87 +1,105 @@
-"""`ray serve deploy config.yaml` against a real local cluster (`ray start --head`)."""
+"""`ray serve deploy config.yaml` on real local clusters, each the test's own (see
+tests/ray_cluster.py): the README's cluster lines as written, on a fresh home with Ray's
+default token authentication, and mode colocated on a head started by the helper."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import re
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.ray_cluster import (
+    BIN, REPO, RayHead, free_port, node_port_flags, ray_env, run, short_temp_dir, stop_session, wait_until,
+)
+
+CLUSTER_LINE = "ray start --head && ray serve deploy config.yaml && serve status"
 
 
-def sh(*args: str, timeout: int = 180, check: bool = True) -> str:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    r = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout,
-                       env=env, cwd=ROOT)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout + r.stderr
+def readme_cluster_block() -> str:
+    """The README's shell block that holds the cluster line."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    [block] = [b for b in blocks if CLUSTER_LINE in b]
+    return block
+
+
+def config_on_port(port: int, **args) -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"].update(args)
+    return config
+
+
+def serve_running(env: dict, *flags: str):
+    def check():
+        out = run(["serve", "status", *flags], env, check=False)
+        return "status: RUNNING" in out and "DEPLOYING" not in out, out
+    return check
+
+
+def test_readme_cluster_lines_run_as_written_with_ray_token_auth(default_llm):
+    """The README's block, run by bash on a fresh home (no ~/.ray, no RAY_* variables).
+    Two changes keep it off any other cluster on the machine, nothing else: `ray start
+    --head` gets a temp dir and free ports (RAY_DASHBOARD_ADDRESS points the Serve CLI at
+    that dashboard), and config.yaml's HTTP port is a free one. Token authentication stays
+    as Ray sets it: the dashboard must refuse a request without the token."""
+    tmp = short_temp_dir()
+    home, work = tmp / "home", tmp / "work"
+    home.mkdir(), work.mkdir()
+    port, dashboard_port = free_port(), free_port()
+    (work / "config.yaml").write_text(yaml.safe_dump(config_on_port(port)))
+    isolation = " ".join([f"--temp-dir={tmp / 'ray'}", f"--port={free_port()}", f"--dashboard-port={dashboard_port}",
+                          f"--ray-client-server-port={free_port()}", "--disable-usage-stats", *node_port_flags()])
+    block = readme_cluster_block().replace("ray start --head", f"ray start --head {isolation}")
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    env = ray_env(None, HOME=str(home), PATH=f"{BIN}:{ray_env(None)['PATH']}", RAY_DASHBOARD_ADDRESS=dashboard)
+    shell = subprocess.Popen(["bash", "-e", "-c", block], cwd=work, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = shell.communicate(timeout=300)
+        assert shell.returncode == 0, out[-4000:]
+        assert "tandem" in out, out[-4000:]                      # `serve status` listed the app
+        assert (home / ".ray" / "auth_token").is_file()
+        assert httpx.get(f"{dashboard}/api/serve/applications/", timeout=30).status_code == 401
+        authed = dict(env, RAY_AUTH_MODE="token")                # what the block exported
+        status = wait_until(serve_running(authed), "the application to run", 300)
+        assert "Prefill" in status and "Decode" in status, status  # config.yaml is pd
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2)
+        name = config_on_port(port)["applications"][0]["args"]["served_model_name"]
+        assert [m.id for m in client.models.list()] == [name]
+        from engine import SamplingParams
+        for prompt in ("over Ray", "a prompt of a few more words than one block of sixteen tokens"):
+            r = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
+            want = default_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
+            assert r.choices[0].text == want.outputs[0].text
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        moved = [line for line in metrics.splitlines() if line.startswith("tandem_kv_transfer_bytes_total{")]
+        assert moved and float(moved[0].rsplit(" ", 1)[1]) > 0, metrics[-2000:]
+        run(["serve", "shutdown", "-y"], authed, check=False)
+    finally:
+        stop_session(shell.pid)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    if shutil.which("ray", path=str(BIN)) is None:
-        pytest.fail("the ray CLI is not installed in this environment")
-    tmp = tmp_path_factory.mktemp("ray")
-    sh("ray", "stop", "--force", check=False)
-    sh("ray", "start", "--head", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={tmp}",
-       "--include-dashboard=true", "--dashboard-port=8265")
-    yield
-    sh("ray", "stop", "--force", check=False)
+def head():
+    with RayHead(num_cpus=1) as h:
+        yield h
 
 
-def deploy(config_file: str | Path) -> None:
-    sh("serve", "deploy", str(config_file))
-    deadline = time.time() + 240
-    status = ""
-    while time.time() < deadline:
-        status = sh("serve", "status", check=False)
-        if "status: RUNNING" in status and "DEPLOYING" not in status:
-            break
-        time.sleep(3)
-    assert "status: RUNNING" in status, status
-
-
-def test_serve_deploy_config_yaml_runs_the_app(ray_cluster):
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    deploy("config.yaml")
-    port = config["http_options"]["port"]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2)
-    name = config["applications"][0]["args"]["served_model_name"]
-    assert [m.id for m in client.models.list()] == [name]
-    r = client.completions.create(model=name, prompt="over Ray", max_tokens=5, temperature=0)
-    assert r.usage.completion_tokens == 5
-    sh("serve", "shutdown", "-y")
-
-
-def test_prefill_decode_pools_hand_off_over_nixl(ray_cluster, default_llm, tmp_path):
-    """config.yaml in mode pd: a prefill replica and a decode replica (Ray actors) with
-    the KV handed over through NIXL; the answer equals one engine's."""
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    config["applications"][0]["args"]["mode"] = "pd"
-    (tmp_path / "pd.yaml").write_text(yaml.safe_dump(config))
-    deploy(tmp_path / "pd.yaml")
-    status = sh("serve", "status")
-    assert "Prefill" in status and "Decode" in status, status
-    port = config["http_options"]["port"]
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=2)
-    name = config["applications"][0]["args"]["served_model_name"]
-    from engine import SamplingParams
-    for prompt in ("over Ray", "a prompt of a few more words than one block of sixteen tokens"):
-        r = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
-        want = default_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
-        assert r.choices[0].text == want.outputs[0].text
-    metrics = httpx.get(base + "/metrics", timeout=30).text
-    moved = [line for line in metrics.splitlines() if line.startswith("tandem_kv_transfer_bytes_total{")]
-    assert moved and float(moved[0].rsplit(" ", 1)[1]) > 0, metrics[-2000:]
-    sh("serve", "shutdown", "-y")
+def test_serve_deploy_in_mode_colocated(head, tmp_path):
+    port = free_port()
+    config = config_on_port(port, mode="colocated")
+    (tmp_path / "colocated.yaml").write_text(yaml.safe_dump(config))
+    head.ray("serve", "deploy", "-a", head.dashboard, str(tmp_path / "colocated.yaml"))
+    try:
+        status = wait_until(serve_running(head.env, "-a", head.dashboard), "the application to run", 300)
+        assert "Colocated" in status and "Decode" not in status, status
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2)
+        name = config["applications"][0]["args"]["served_model_name"]
+        r = client.completions.create(model=name, prompt="over Ray", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5
+    finally:
+        head.ray("serve", "shutdown", "-a", head.dashboard, "-y", check=False)

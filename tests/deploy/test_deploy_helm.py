@@ -151,30 +151,33 @@ def test_large_integer_ray_start_param_keeps_its_digits():
     assert pod_groups(rayservice)["head"]["rayStartParams"]["object-store-memory"] == "10000000000"
 
 
-def test_default_renders_head_and_colocated_group_on_cpu():
+def test_default_renders_head_and_prefill_decode_groups_on_cpu():
+    """Mode pd is the default, as in config.yaml and `tandem serve`."""
     objects = render_file("default")
     assert sorted(o["kind"] for o in objects) == ["ConfigMap", "RayService", "Service"]
     rayservice = one(objects, "RayService")
-    groups = pod_groups(rayservice)
-    assert list(groups) == ["head", "colocated"]
-    assert groups["head"]["rayStartParams"]["num-cpus"] == "0"
-    assert groups["colocated"]["labels"] == {"tandem.io/pool": "colocated"}
-    assert GPU not in json.dumps(rayservice)
-    assert ray_container(groups["head"])["image"] == "tandem:0.1.0"
-
-
-def test_mode_pd_on_defaults_switches_to_prefill_and_decode_groups():
-    rayservice = one(
-        render_file("default", {"serveConfig": {"application": {"args": {"mode": "pd"}}}}),
-        "RayService",
-    )
     validate_rayservice(rayservice)
     groups = pod_groups(rayservice)
     assert sorted(groups) == ["decode", "head", "prefill"]
+    assert groups["head"]["rayStartParams"]["num-cpus"] == "0"
     for name in ("prefill", "decode"):
         assert groups[name]["labels"] == {"tandem.io/pool": name}
         assert "num-gpus" not in groups[name]["rayStartParams"]
     assert serve_config(rayservice)["applications"][0]["args"]["mode"] == "pd"
+    assert GPU not in json.dumps(rayservice)
+    assert ray_container(groups["head"])["image"] == "tandem:0.1.0"
+
+
+def test_mode_colocated_on_defaults_switches_to_the_colocated_group():
+    rayservice = one(
+        render_file("default", {"serveConfig": {"application": {"args": {"mode": "colocated"}}}}),
+        "RayService",
+    )
+    validate_rayservice(rayservice)
+    groups = pod_groups(rayservice)
+    assert list(groups) == ["head", "colocated"]
+    assert groups["colocated"]["labels"] == {"tandem.io/pool": "colocated"}
+    assert serve_config(rayservice)["applications"][0]["args"]["mode"] == "colocated"
 
 
 def test_gpu_pd_puts_gpus_on_prefill_and_decode_groups():
@@ -402,7 +405,7 @@ def test_values_schema_rejects_bad_values(values, message):
             "KubeRay rejects --labels",
         ),
         (
-            {"workerGroups": {"colocated": {"replicas": 2, "maxReplicas": 1}}},
+            {"workerGroups": {"decode": {"replicas": 2, "maxReplicas": 1}}},
             "replicas .2. <= maxReplicas .1.",
         ),
     ],
@@ -432,6 +435,21 @@ def test_notes_tell_how_to_reach_the_api_and_dashboards():
         "tandem/templates/NOTES.txt"
     ]
     assert "PodMonitor tandem scrapes port `metrics`" in monitored
+
+
+def test_notes_state_the_node_pools_mode_pd_needs():
+    notes = render()["tandem/templates/NOTES.txt"]
+    assert "kubectl label node <node> tandem.io/pool=prefill" in notes
+    assert "kubectl label node <node> tandem.io/pool=decode" in notes
+    assert "- prefill: 1 pod(s) of 2 CPU, 8Gi memory, 0 GPU(s), for 1 engine(s) of 1 CPU / 0 GPU" in notes
+    assert "- decode: 1 pod(s) of 2 CPU, 8Gi memory, 0 GPU(s), for 1 engine(s) of 1 CPU / 0 GPU" in notes
+    assert "NetworkPolicy" in notes
+    gpu = render(values_file("gpu-pd"))["tandem/templates/NOTES.txt"]
+    assert "- decode: 1 pod(s) of" in gpu and "2 GPU(s), for 2 engine(s) of 4 CPU / 1 GPU" in gpu
+    on_head = render(values_file("cpu"))["tandem/templates/NOTES.txt"]
+    assert "- prefill: no worker group of its own" in on_head
+    colocated = render({"serveConfig": {"application": {"args": {"mode": "colocated"}}}})
+    assert "Mode pd" not in colocated["tandem/templates/NOTES.txt"]
 
 
 def test_chart_metadata():

@@ -119,9 +119,9 @@ def test_extra_custom_resources_and_user_deployment_options_are_merged():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"workerGroups": {"colocated": {"rayStartParams": {"resources": '"{\\"x\\": 1}"'}}}},
+    ({"workerGroups": {"decode": {"rayStartParams": {"resources": '"{\\"x\\": 1}"'}}}},
      r"rayStartParams.resources: the chart renders this parameter .*rayResources"),
-    ({"poolPinning": {"deployments": {"colocated": ""}}}, r"poolPinning.deployments.colocated"),
+    ({"poolPinning": {"deployments": {"decode": ""}}}, r"poolPinning.deployments.decode"),
 ])
 def test_conflicting_pinning_values_fail_clearly(values, message):
     with pytest.raises(helm.HelmError, match=message):

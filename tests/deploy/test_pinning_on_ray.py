@@ -4,130 +4,60 @@ group's rendered rayStartParams as `ray start --key=value` flags through `bash -
 `serve deploy` of the chart's serveConfigV2 must then run the app with each pool's engine
 replica holding one unit of the resource that only its own group's node advertises.
 
-Mode colocated keeps this to one engine (a minute on two cores); that each group
-advertises only its own pool's resource, and each pool asks only for its own, is checked
-for mode pd on the rendered objects in test_deploy_pinning.py."""
+The chart's default mode, pd: a prefill node and a decode node, one engine each. The
+cluster is the test's own (tests/ray_cluster.py): temp dir, free ports (the chart's
+per-pod ports are replaced, these nodes share one machine), token authentication."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 import yaml
 
 from deploy_support import one, pod_groups, render_file
-from live_support import REPO, free_port
+from tests.ray_cluster import BIN, NODE_PORT_FLAGS, RayHead, free_port, node_port_flags, wait_until
 
-BIN = Path(sys.executable).parent
-# The chart's ports are per pod; these nodes share one machine, so each gets free ones.
-PER_NODE_PORTS = ("metrics-export-port", "dashboard-agent-listen-port", "runtime-env-agent-port")
+MODE, POOLS = "pd", ("prefill", "decode")
 
 
-def env() -> dict:
-    return dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
-
-
-def run(*args: str, timeout: float = 120, check: bool = True) -> str:
-    r = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
-                       timeout=timeout, env=env(), cwd=REPO)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout + r.stderr
+def without_port_flags(params: dict[str, str]) -> dict[str, str]:
+    """A group's rayStartParams less the per-node ports, which the test picks free."""
+    return {k: v for k, v in params.items() if k not in NODE_PORT_FLAGS}
 
 
 def ray_start_command(params: dict[str, str], address: str) -> str:
     """The `ray start` line KubeRay builds from a group's rayStartParams (`--key=value`,
     values verbatim, run by bash), with per-node ports made free."""
-    params = {**params, **{k: str(free_port()) for k in PER_NODE_PORTS}}
-    flags = " ".join(f"--{key}={value}" for key, value in params.items())
-    return f"{BIN / 'ray'} start --block --address={address} --num-cpus=1 {flags}"
-
-
-@contextlib.contextmanager
-def ray_node(command: list[str], log: Path) -> Iterator[None]:
-    """A `ray start --block` process in its own process group, ended with it."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env(),
-                                start_new_session=True)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)    # raylet and GCS stop on SIGTERM...
-        time.sleep(1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)    # ...`ray start --block` itself ignores it
-        proc.wait(timeout=10)
-
-
-def gcs_listening(port: int):
-    def check():
-        with socket.socket() as s:
-            s.settimeout(1)
-            return s.connect_ex(("127.0.0.1", port)) == 0, f"nothing listens on {port}"
-    return check
-
-
-def wait_until(check, what: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        ok, last = check()
-        if ok:
-            return last
-        time.sleep(1)
-    pytest.fail(f"timed out waiting for {what}:\n{last[-3000:]}")
-
-
-MODE, POOLS = "colocated", ("colocated",)
+    flags = " ".join(f"--{key}={value}" for key, value in without_port_flags(params).items())
+    return f"{BIN / 'ray'} start --block --address={address} --num-cpus=1 {' '.join(node_port_flags())} {flags}"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """(GCS address, dashboard URL, rayservice): a head and one node per pool's group."""
-    if not (BIN / "ray").exists():
-        pytest.fail("the ray CLI is not installed in this environment")
-    rayservice = one(render_file("default", {"serveConfig": {"application": {"args": {"mode": MODE}}}}),
-                     "RayService")
+def cluster():
+    """(head, rayservice): a head and one node per pool's group."""
+    rayservice = one(render_file("default"), "RayService")
+    assert yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]["mode"] == MODE
     groups = pod_groups(rayservice)
     assert sorted(groups) == sorted(["head", *POOLS])
-    tmp = tmp_path_factory.mktemp("ray")
-    gcs, dashboard = free_port(), free_port()
-    head_params = {**groups["head"]["rayStartParams"], **{k: str(free_port()) for k in PER_NODE_PORTS}}
-    head = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={tmp}",
-            f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats",
-            *(f"--{k}={v}" for k, v in head_params.items())]
-    address = f"127.0.0.1:{gcs}"
-
-    def nodes(count: int):
-        def check():
-            out = run("ray", "status", f"--address={address}", check=False)
-            return len(re.findall(r"^\s*1 node_", out, re.M)) == count, out
-        return check
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(ray_node(head, tmp / "head.log"))
-        wait_until(gcs_listening(gcs), "the head's GCS", 90)
-        for pool in POOLS:
-            command = ["bash", "-lc", ray_start_command(groups[pool]["rayStartParams"], address)]
-            stack.enter_context(ray_node(command, tmp / f"{pool}.log"))
-        wait_until(nodes(1 + len(POOLS)), "the worker groups' nodes", 90)
-        yield address, f"http://127.0.0.1:{dashboard}", rayservice
+    head_params = without_port_flags(groups["head"]["rayStartParams"])
+    with RayHead(num_cpus=int(head_params.pop("num-cpus")), params=head_params) as head:
+        def nodes(count: int):
+            def check():
+                out = head.ray("ray", "status", f"--address={head.address}", check=False)
+                return len(re.findall(r"^\s*1 node_", out, re.M)) == count, out
+            return check
+        for started, pool in enumerate(POOLS, start=2):   # one at a time: two cores
+            command = ["bash", "-lc", ray_start_command(groups[pool]["rayStartParams"], head.address)]
+            head.add_node(command, pool)
+            wait_until(nodes(started), f"the {pool} group's node", 150)
+        yield head, rayservice
 
 
 def test_serve_deploy_places_the_pool_on_its_group(cluster, tmp_path):
-    address, dashboard, rayservice = cluster
-    status = run("ray", "status", f"--address={address}")
+    head, rayservice = cluster
+    status = head.ray("ray", "status", f"--address={head.address}")
     for pool in POOLS:   # each node advertises its pool's resource, parsed from the chart's string
         assert f"0.0/1000.0 tandem_pool_{pool}" in status, status
     document = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
@@ -135,23 +65,23 @@ def test_serve_deploy_places_the_pool_on_its_group(cluster, tmp_path):
     document["http_options"] = {"host": "127.0.0.1", "port": port}
     config = tmp_path / "serve-config.yaml"
     config.write_text(yaml.safe_dump(document))
-    run("serve", "deploy", "-a", dashboard, str(config))
+    head.ray("serve", "deploy", "-a", head.dashboard, str(config))
 
     def running():
-        out = run("serve", "status", "-a", dashboard, check=False)
+        out = head.ray("serve", "status", "-a", head.dashboard, check=False)
         return "status: RUNNING" in out and "DEPLOYING" not in out, out
 
     try:
-        wait_until(running, "the application to run", 240)
+        wait_until(running, "the application to run", 300)
         name = document["applications"][0]["args"]["served_model_name"]
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2)
         r = client.completions.create(model=name, prompt="pinned", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4
         # Each pool's engine replica holds one unit of the resource only its node has,
         # and each node's one CPU is taken by its own pool's engine.
-        status = run("ray", "status", f"--address={address}")
+        status = head.ray("ray", "status", f"--address={head.address}")
         for pool in POOLS:
             assert f"1.0/1000.0 tandem_pool_{pool}" in status, status
         assert f"{len(POOLS)}.0/{len(POOLS)}.0 CPU" in status, status
     finally:
-        run("serve", "shutdown", "-a", dashboard, "-y", check=False)
+        head.ray("serve", "shutdown", "-a", head.dashboard, "-y", check=False)
