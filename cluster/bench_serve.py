@@ -1,9 +1,12 @@
-"""`tandem bench serve`: an open-loop load generator for OpenAI-compatible servers.
+"""`tandem bench serve`: a load generator for OpenAI-compatible servers with `vllm bench
+serve`'s options, so a user's scripts carry over.
 
-Sends `--num-prompts` random-token prompts at `--request-rate` (Poisson; `inf` sends
-all at once), streams each completion, and reports TTFT, TPOT, ITL and end-to-end
-latency (mean, p50, p90, p99), throughput and goodput (requests/s meeting both SLOs),
-laid out as `vllm bench serve` users know it.
+Requests arrive open-loop at --request-rate (gaps from a gamma distribution of shape
+--burstiness: 1 is Poisson; `inf` sends all at once), optionally capped at
+--max-concurrency in flight. Each completion is streamed; TTFT, TPOT, ITL and end-to-end
+latency, throughput and goodput (requests meeting every --goodput SLO) are reported as
+vLLM reports them, and --save-result writes vLLM's JSON keys. The old spellings
+(--input-len, --output-len, --slo-ttft-ms, --slo-itl-ms, --result-json) still work.
 """
 
 from __future__ import annotations
@@ -11,42 +14,139 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
-from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 import httpx
 import numpy as np
 from tqdm import tqdm
 
+from cluster.bench_datasets import Prompt, random_prompts, sharegpt_prompts
+from cluster.bench_metrics import PERCENTILE_METRICS, Result, parse_goodput, report, summarize
 
-@dataclass
-class Result:
-    ok: bool = False
-    ttft: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    e2e: float = 0.0
-    output_tokens: int = 0
-    prompt_tokens: int = 0
-    error: str = ""
+ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default=None, help="default: the first model the server lists")
-    p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson), or inf")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-itl-ms", type=float, default=100.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--result-json", default=None)
+    """vLLM's names; every option says its default."""
+    t = p.add_argument_group("target")
+    t.add_argument("--backend", default="openai", choices=list(ENDPOINTS),
+                   help="openai: /v1/completions; openai-chat: /v1/chat/completions (default: openai)")
+    t.add_argument("--base-url", default=None, help="server URL (default: http://HOST:PORT)")
+    t.add_argument("--host", default="127.0.0.1", help="server host when no --base-url (default: 127.0.0.1)")
+    t.add_argument("--port", type=int, default=8000, help="server port when no --base-url (default: 8000)")
+    t.add_argument("--endpoint", default=None, help="API path (default: the backend's, /v1/completions "
+                                                      "or /v1/chat/completions)")
+    t.add_argument("--model", default=None, help="model name in requests (default: the first of /v1/models)")
+    t.add_argument("--tokenizer", default=None, help="tokenizer folder for text prompts and ShareGPT lengths "
+                                                      "(default: the embedded model's when the server serves it)")
+    t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY, else none)")
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset-name", default="random", choices=["random", "sharegpt"],
+                   help="random token prompts, or a local ShareGPT JSON file (default: random)")
+    d.add_argument("--dataset-path", default=None, help="the ShareGPT JSON file (default: none)")
+    d.add_argument("--num-prompts", type=int, default=1000, help="requests to send (default: 1000)")
+    d.add_argument("--random-input-len", "--input-len", type=int, default=1024,
+                   help="random: prompt tokens (default: 1024)")
+    d.add_argument("--random-output-len", "--output-len", type=int, default=128,
+                   help="random: output tokens (default: 128)")
+    d.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random: lengths uniform in [len*(1-r), len*(1+r)] (default: 0.0)")
+    d.add_argument("--random-prefix-len", type=int, default=0,
+                   help="random: tokens of a prefix shared by every prompt (default: 0)")
+    d.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="sharegpt: output tokens of every request (default: the reply's length)")
+    load = p.add_argument_group("load")
+    load.add_argument("--request-rate", type=float, default=float("inf"),
+                      help="requests/s, or inf to send all at once (default: inf)")
+    load.add_argument("--burstiness", type=float, default=1.0,
+                      help="gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 steadier (default: 1.0)")
+    load.add_argument("--max-concurrency", type=int, default=None,
+                      help="most requests in flight (default: no limit)")
+    load.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals (default: 0)")
+    load.add_argument("--ignore-eos", action="store_true",
+                      help="generate exactly the output length (default: off; always on for random)")
+    load.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0.0)")
+    load.add_argument("--disable-tqdm", action="store_true", help="no progress bar (default: shown)")
+    r = p.add_argument_group("results")
+    r.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
+                   help="SLOs in ms for goodput, keys ttft, tpot, e2el, e.g. ttft:500 tpot:50 (default: none)")
+    r.add_argument("--slo-ttft-ms", type=float, default=None, help="old spelling of --goodput ttft:MS (default: none)")
+    r.add_argument("--slo-itl-ms", type=float, default=None,
+                   help="old spelling of --goodput tpot:MS (a request's mean ITL is its TPOT) (default: none)")
+    r.add_argument("--percentile-metrics", default="ttft,tpot,itl",
+                   help=f"metrics to report, of {','.join(PERCENTILE_METRICS)} (default: ttft,tpot,itl)")
+    r.add_argument("--metric-percentiles", default="99", help="percentiles to report, e.g. 50,90,99 (default: 99)")
+    r.add_argument("--save-result", action="store_true", help="write the results as JSON (default: off)")
+    r.add_argument("--result-dir", default=None, help="folder of the JSON file (default: the current one)")
+    r.add_argument("--result-filename", default=None,
+                   help="JSON file name (default: BACKEND-RATEqps[-concurrencyN]-MODEL-DATE.json)")
+    r.add_argument("--result-json", default=None, help="old spelling of --save-result --result-filename FILE "
+                                                       "(default: none)")
+    r.add_argument("--metadata", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra KEY=VALUE pairs stored in the JSON (default: none)")
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict, bar: tqdm) -> Result:
-    r = Result(prompt_tokens=len(body["prompt"]))
+def settings(ns: argparse.Namespace) -> tuple[dict[str, float], list[str], list[float]]:
+    slos = parse_goodput(ns.goodput)
+    if ns.slo_ttft_ms is not None:
+        slos.setdefault("ttft", ns.slo_ttft_ms)
+    if ns.slo_itl_ms is not None:
+        slos.setdefault("tpot", ns.slo_itl_ms)
+    metrics = [m.strip() for m in ns.percentile_metrics.split(",") if m.strip()]
+    bad = set(metrics) - set(PERCENTILE_METRICS)
+    if bad:
+        raise SystemExit(f"--percentile-metrics: unknown {', '.join(sorted(bad))} (known: {', '.join(PERCENTILE_METRICS)})")
+    try:
+        percentiles = [float(p) for p in ns.metric_percentiles.split(",")]
+    except ValueError:
+        raise SystemExit(f"--metric-percentiles {ns.metric_percentiles!r}: expected numbers like 50,99") from None
+    if any("=" not in item for item in ns.metadata):
+        raise SystemExit(f"--metadata: expected KEY=VALUE pairs, got {ns.metadata}")
+    if ns.burstiness <= 0 or ns.request_rate <= 0:
+        raise SystemExit("--burstiness and --request-rate must be > 0")
+    return slos, metrics, percentiles
+
+
+def tokenizer_for(ns: argparse.Namespace, model: str):
+    from engine.tokenizer import load_tokenizer
+    if ns.tokenizer:
+        return load_tokenizer(ns.tokenizer)
+    if model == "tandem-default":
+        from engine.default_model import default_model_path
+        return load_tokenizer(default_model_path())
+    return None
+
+
+def build_prompts(ns: argparse.Namespace, model: str) -> list[Prompt]:
+    rng = random.Random(ns.seed)
+    chat = ns.backend == "openai-chat"
+    if ns.dataset_name == "sharegpt":
+        if not ns.dataset_path:
+            raise SystemExit("--dataset-name sharegpt needs --dataset-path FILE (a local ShareGPT JSON)")
+        return sharegpt_prompts(ns.dataset_path, ns.num_prompts, rng, tokenizer_for(ns, model), ns.sharegpt_output_len)
+    tokenizer = tokenizer_for(ns, model) if chat else None
+    return random_prompts(ns.num_prompts, ns.random_input_len, ns.random_output_len, ns.random_range_ratio,
+                          ns.random_prefix_len, rng, tokenizer, as_text=chat)
+
+
+def request_body(ns: argparse.Namespace, model: str, p: Prompt) -> dict:
+    body = {"model": model, "max_tokens": p.output_len, "temperature": ns.temperature, "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": ns.ignore_eos or ns.dataset_name == "random"}
+    if ns.backend == "openai-chat":
+        body["messages"] = [{"role": "user", "content": p.prompt}]
+    else:
+        body["prompt"] = p.prompt
+    return body
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict, prompt: Prompt, bar: tqdm | None) -> Result:
+    r = Result(prompt_len=prompt.prompt_len or 0)
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body) as resp:
@@ -58,101 +158,85 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, bar: tqdm) -> Res
                     continue
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
+                if chunk.get("usage"):
+                    r.output_len = chunk["usage"]["completion_tokens"]
+                    r.prompt_len = prompt.prompt_len or chunk["usage"]["prompt_tokens"]
                 if not chunk.get("choices"):
-                    if chunk.get("usage"):
-                        r.output_tokens = chunk["usage"]["completion_tokens"]
                     continue
+                choice = chunk["choices"][0]
+                r.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                 if r.ttft == 0.0:
                     r.ttft = now - start
                 else:
                     r.itl.append(now - last)
                 last = now
-        r.e2e = time.perf_counter() - start
+        r.latency = time.perf_counter() - start
         r.ok = True
     except httpx.HTTPError as e:
         r.error = f"{type(e).__name__}: {e}"
     finally:
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     return r
 
 
 async def drive(ns: argparse.Namespace) -> tuple[list[Result], float, str]:
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
-    async with httpx.AsyncClient(base_url=ns.base_url, headers=headers, timeout=httpx.Timeout(600.0)) as client:
+    base_url = ns.base_url or f"http://{ns.host}:{ns.port}"
+    endpoint = ns.endpoint or ENDPOINTS[ns.backend]
+    limits = httpx.Limits(max_connections=ns.max_concurrency) if ns.max_concurrency else httpx.Limits()
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(600.0),
+                                 limits=limits) as client:
         model = ns.model or (await client.get("/v1/models")).json()["data"][0]["id"]
-        rng = random.Random(ns.seed)
-        vocab = 256
+        prompts = build_prompts(ns, model)
+        gaps = np.random.default_rng(ns.seed)
+        gate = asyncio.Semaphore(ns.max_concurrency) if ns.max_concurrency else None
+        bar = None if ns.disable_tqdm else tqdm(total=len(prompts), desc="requests", unit="req")
+
+        async def limited(p: Prompt) -> Result:
+            if gate is None:
+                return await one(client, endpoint, request_body(ns, model, p), p, bar)
+            async with gate:
+                return await one(client, endpoint, request_body(ns, model, p), p, bar)
+
         tasks = []
-        bar = tqdm(total=ns.num_prompts, desc="requests", unit="req")
         t0 = time.perf_counter()
-        for i in range(ns.num_prompts):
-            body = {"model": model, "prompt": [rng.randrange(vocab) for _ in range(ns.input_len)],
-                    "max_tokens": ns.output_len, "temperature": 0.0, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            tasks.append(asyncio.create_task(one(client, "/v1/completions", body, bar)))
-            if ns.request_rate != float("inf") and i + 1 < ns.num_prompts:
-                await asyncio.sleep(rng.expovariate(ns.request_rate))
+        for i, p in enumerate(prompts):
+            tasks.append(asyncio.create_task(limited(p)))
+            if ns.request_rate != float("inf") and i + 1 < len(prompts):
+                # Gamma gaps of mean 1/rate; shape 1 is exponential (Poisson arrivals).
+                await asyncio.sleep(gaps.gamma(ns.burstiness, 1.0 / (ns.request_rate * ns.burstiness)))
         results = await asyncio.gather(*tasks)
-        bar.close()
+        if bar is not None:
+            bar.close()
         return results, time.perf_counter() - t0, model
 
 
-def summarize(ns: argparse.Namespace, results: list[Result], duration: float, model: str) -> dict:
-    ok = [r for r in results if r.ok]
-    ms = lambda xs: np.asarray(xs, dtype=float) * 1000.0  # noqa: E731
-    ttft = ms([r.ttft for r in ok])
-    tpot = ms([(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
-    itl = ms([g for r in ok for g in r.itl])
-    e2e = ms([r.e2e for r in ok])
-    mean_itl = {id(r): (np.mean(r.itl) * 1000 if r.itl else 0.0) for r in ok}
-    good = [r for r in ok if r.ttft * 1000 <= ns.slo_ttft_ms and mean_itl[id(r)] <= ns.slo_itl_ms]
-    out_tokens = sum(r.output_tokens for r in ok)
-    stats = lambda a: {"mean": float(a.mean()) if a.size else 0.0,  # noqa: E731
-                       **{f"p{p}": float(np.percentile(a, p)) if a.size else 0.0 for p in (50, 90, 99)}}
-    return {
-        "model": model, "base_url": ns.base_url, "num_prompts": ns.num_prompts, "request_rate": ns.request_rate,
-        "input_len": ns.input_len, "output_len": ns.output_len, "duration_s": duration,
-        "completed": len(ok), "failed": len(results) - len(ok),
-        "errors": sorted({r.error for r in results if not r.ok})[:5],
-        "total_input_tokens": sum(r.prompt_tokens for r in ok), "total_output_tokens": out_tokens,
-        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
-        "total_token_throughput": (out_tokens + sum(r.prompt_tokens for r in ok)) / duration,
-        "slo_ttft_ms": ns.slo_ttft_ms, "slo_itl_ms": ns.slo_itl_ms,
-        "goodput": len(good) / duration,
-        "ttft_ms": stats(ttft), "tpot_ms": stats(tpot), "itl_ms": stats(itl), "e2el_ms": stats(e2e),
-    }
-
-
-def report(s: dict) -> str:
-    line = lambda k, v: f"{k:<40}{v:<10}"  # noqa: E731
-    rows = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="="),
-            line("Successful requests:", s["completed"]), line("Failed requests:", s["failed"]),
-            line("Benchmark duration (s):", f"{s['duration_s']:.2f}"),
-            line("Total input tokens:", s["total_input_tokens"]),
-            line("Total generated tokens:", s["total_output_tokens"]),
-            line("Request throughput (req/s):", f"{s['request_throughput']:.2f}"),
-            line("Request goodput (req/s):", f"{s['goodput']:.2f}"),
-            line("Output token throughput (tok/s):", f"{s['output_throughput']:.2f}"),
-            line("Total Token throughput (tok/s):", f"{s['total_token_throughput']:.2f}")]
-    for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st token)"),
-                       ("itl_ms", "Inter-token Latency"), ("e2el_ms", "End-to-end Latency")):
-        short = key.split("_")[0].upper()
-        rows.append("{s:{c}^50}".format(s=title, c="-"))
-        rows.append(line(f"Mean {short} (ms):", f"{s[key]['mean']:.2f}"))
-        for p in (50, 90, 99):
-            rows.append(line(f"P{p} {short} (ms):", f"{s[key][f'p{p}']:.2f}"))
-    rows.append(f"SLOs: TTFT <= {s['slo_ttft_ms']:.0f} ms, mean ITL <= {s['slo_itl_ms']:.0f} ms")
-    if s["errors"]:
-        rows.append("errors: " + "; ".join(s["errors"]))
-    rows.append("=" * 50)
-    return "\n".join(rows)
+def result_path(ns: argparse.Namespace, model: str, date: str) -> Path:
+    if ns.result_json:
+        return Path(ns.result_json)
+    rate = "inf" if ns.request_rate == float("inf") else f"{ns.request_rate:g}"
+    concurrency = f"-concurrency{ns.max_concurrency}" if ns.max_concurrency else ""
+    name = ns.result_filename or f"{ns.backend}-{rate}qps{concurrency}-{Path(model).name}-{date}.json"
+    return Path(ns.result_dir or ".") / name
 
 
 def run(ns: argparse.Namespace) -> int:
+    slos, metrics, percentiles = settings(ns)
     results, duration, model = asyncio.run(drive(ns))
-    summary = summarize(ns, results, duration, model)
-    print(report(summary))
-    if ns.result_json:
-        with open(ns.result_json, "w") as f:
-            json.dump(summary, f, indent=2)
+    summary = summarize(results, duration, slos, metrics, percentiles)
+    print(report(summary, metrics, percentiles, ns.max_concurrency, ns.request_rate, slos))
+    if ns.save_result or ns.result_json:
+        date = datetime.now().strftime("%Y%m%d-%H%M%S")
+        document = {"date": date, "backend": ns.backend, "endpoint_type": ns.backend, "model_id": model,
+                    "tokenizer_id": ns.tokenizer or model, "dataset_name": ns.dataset_name,
+                    "num_prompts": ns.num_prompts,
+                    "request_rate": "inf" if ns.request_rate == float("inf") else ns.request_rate,
+                    "burstiness": ns.burstiness, "max_concurrency": ns.max_concurrency,
+                    "goodput_slos_ms": slos or None,
+                    **dict(item.split("=", 1) for item in ns.metadata), **summary}
+        path = result_path(ns, model, date)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2))
+        print(f"results written to {path}")
     return 0 if summary["completed"] else 1
