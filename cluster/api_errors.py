@@ -32,8 +32,9 @@ def error_body(status: int, message: str, type_: str = "invalid_request_error", 
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
-                   param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+                   param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    if status == 503:
+        headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(error_body(status, message, type_, param), status, headers=headers)
 
 
@@ -54,7 +55,8 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             return error_response(400, "the body is not valid JSON", param=None)
-        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        # Union members show in the location ("prompt.constrained-str"): keep field names.
+        loc = ".".join(str(x) for x in first.get("loc", ())[1:] if isinstance(x, int) or x.isidentifier()) or None
         msg = first.get("msg", "invalid request")
         return error_response(400, f"invalid request: {loc}: {msg}" if loc else f"invalid request: {msg}", param=loc)
 
@@ -62,7 +64,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, e: StarletteHTTPException):
         # Starlette's own refusals: unknown route, wrong method, unreadable body.
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), kind)
+        return error_response(e.status_code, str(e.detail), kind, headers=e.headers)   # 405 keeps Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
@@ -90,22 +92,17 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
+                if seen > self.max_bytes:       # the app's error handlers answer it
+                    raise StarletteHTTPException(413, self._message())
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than the limit of {self.max_bytes} bytes (max_body_bytes)"
 
     async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(413, f"the request body is larger than the limit of {self.max_bytes} bytes "
-                                          f"(max_body_bytes)")).encode()
+        body = json.dumps(error_body(413, self._message())).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass

@@ -10,13 +10,41 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from engine.sampling_params import INT32_MAX, MAX_SEED, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from engine.sampling_params import INT32_MAX, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 MAX_LOGPROBS = 20             # OpenAI's range for logprobs / top_logprobs
+
+
+def _json_integer(value):
+    """JSON's integers: 7 and 7.0 (JSON Schema counts both), never true/false or "7"."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _json_number(value):
+    """JSON's numbers, never true/false (Python counts bools as numbers)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_json_number)]
+
+
+def bounded(lo: int, hi: int):
+    """A JSON integer in [lo, hi] (as a type, so the bounds reach the schema inside unions)."""
+    return Annotated[StrictInt, Field(ge=lo, le=hi), BeforeValidator(_json_integer)]
+
+
+TokenId = bounded(0, INT32_MAX)
+# Any integer seed, reduced to the engine's 63 bits (seed mod 2**63). No bound is
+# stated: past 2**53 JSON tools compare numbers as doubles, so no 64-bit bound means
+# the same to every client and validator.
+Seed = Annotated[StrictInt, BeforeValidator(_json_integer)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
-TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
 
 def _encodable(value):
@@ -39,18 +67,17 @@ class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions. Unknown fields are ignored."""
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str = Field(description="The served model's name (see GET /v1/models)")
-    max_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX,
-                                         description="Tokens to generate (default 16); prompt + max_tokens "
-                                                     "must fit in max_model_len")
-    temperature: float = Field(1.0, ge=0.0, description="0 is greedy; must be finite")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(-1, ge=-1, le=INT32_MAX, description="-1 or 0 disables; at most the vocabulary size")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: StrictInt | None = Field(None, ge=-(MAX_SEED + 1), le=MAX_SEED, description="Any 64-bit signed integer")
+    max_tokens: bounded(1, INT32_MAX) | None = Field(None, description="Tokens to generate (default 16); generation also stops "
+                                                           "where the context (max_model_len) ends")
+    temperature: Number = Field(1.0, ge=0.0, description="0 is greedy; must be finite")
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    top_k: bounded(-1, INT32_MAX) = Field(-1, description="-1 or 0 disables; at most the vocabulary size")
+    min_p: Number = Field(0.0, ge=0.0, le=1.0)
+    seed: Seed | None = Field(None, description="Any integer; the engine uses it modulo 2**63")
     stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported")
+    n: bounded(1, 1) = Field(1, description="Only 1 is supported")
     ignore_eos: StrictBool = False
     user: str | None = Field(None, max_length=256)
 
@@ -60,7 +87,7 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] = Field(
         description="Text, or token ids")
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: bounded(0, MAX_LOGPROBS) | None = None
 
     _prompt = field_validator("prompt")(classmethod(lambda cls, v: _encodable(v)))
 
@@ -84,10 +111,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX,
-                                                    description="Takes precedence over max_tokens")
+    max_completion_tokens: bounded(1, INT32_MAX) | None = Field(None, description="Takes precedence over max_tokens")
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: bounded(0, MAX_LOGPROBS) | None = None
 
 
 # -- responses (documented in the schema; the routes build plain dicts) ----------------

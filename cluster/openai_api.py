@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -39,8 +40,11 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# Each event's data is one JSON chunk, an error object, or the final "[DONE]".
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "data": {"type": "string", "description": "a JSON chunk, an error, or [DONE]"}}}
 SSE = {200: {"description": "The answer (JSON), or with stream=true an event stream of chunks",
-             "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+             "content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 class _Output:
@@ -66,6 +70,30 @@ class _Output:
     @property
     def text(self) -> str:
         return self.detok.text
+
+
+class _Admission:
+    """One admitted request's place in the in-flight count. `with` it while preparing
+    (an error there gives the place back); `hold()` hands it to the stream, whose own
+    `with` gives it back when the stream ends."""
+
+    def __init__(self, counter: list[int]) -> None:
+        self.counter, self.held, self.released = counter, False, False
+        counter[0] += 1
+
+    def hold(self) -> None:
+        self.held = True
+
+    def __enter__(self) -> _Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.held and exc[0] is None:
+            self.held = False      # the stream's `with` releases it
+            return
+        if not self.released:
+            self.released = True
+            self.counter[0] -= 1
 
 
 def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_key: str | None = None,
@@ -110,6 +138,13 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
                            "not_found_error", param="model")
+        for name in ("max_tokens", "max_completion_tokens"):       # as the schema states
+            value = getattr(body, name, None)
+            if value is not None and value >= limits.max_model_len:
+                raise APIError(400, f"{name} must be below max_model_len ({limits.max_model_len})", param=name)
+        if body.top_k > limits.vocab_size:
+            raise APIError(400, f"top_k must be -1 or at most the vocabulary size ({limits.vocab_size})",
+                           param="top_k")
         try:
             return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens,
                                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -118,6 +153,15 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    in_flight = [0]     # requests admitted here and not yet finished
+
+    def admit() -> _Admission:
+        """Refuse at once, before any tokenizing, when the engine is full."""
+        if in_flight[0] >= engine.max_in_flight:
+            metrics.inc("tandem_requests_rejected_total", reason="overloaded")
+            raise overloaded(f"{in_flight[0]} requests are in flight, the limit; retry later")
+        return _Admission(in_flight)
+
     async def tokens_of(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
             return prompt
@@ -125,34 +169,40 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
             raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
         return await asyncio.to_thread(engine.tokenizer.encode, prompt)
 
-    async def run(ids: list[int], params: SamplingParams, rid: str, out: _Output) -> AsyncIterator[str]:
+    async def run(ids: list[int], params: SamplingParams, rid: str, out: _Output,
+                  admission: _Admission) -> AsyncIterator[str]:
         """The request's text deltas; the engine's errors as APIErrors."""
-        try:
-            limits.check(ids, params)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        timer = RequestTimer(metrics, slo)
-        stream = engine.generate(ids, params, rid)
-        try:
-            async for delta in stream:
-                timer.on_tokens(len(delta.new_token_ids))
-                text = out.add(delta)
-                yield text
-                if out.finish_reason is not None:
-                    return
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        except EngineOverloaded as e:
-            metrics.inc("tandem_requests_rejected_total", reason="overloaded")
-            raise overloaded(str(e)) from None
-        except (EngineDead, KVTransferFailed) as e:   # the client may retry
-            raise APIError(503, str(e), "server_error") from None
-        except RequestFailed as e:
-            raise APIError(500, f"the request failed in the engine: {e}", "server_error") from None
-        finally:
-            await stream.aclose()        # a stop string or a disconnect: the engine aborts it
-            if out.token_ids or out.finish_reason:
-                timer.on_finish(out.finish_reason or "abort", len(ids), out.num_cached_tokens)
+        with admission:
+            if len(ids) < limits.max_model_len:     # generation stops at the context's end ("length")
+                params = replace(params, max_tokens=min(params.max_tokens, limits.max_model_len - len(ids)))
+            try:
+                limits.check(ids, params)
+            except ValueError as e:
+                raise APIError(400, str(e)) from None
+            timer = RequestTimer(metrics, slo)
+            stream = engine.generate(ids, params, rid)
+            try:
+                async for delta in stream:
+                    timer.on_tokens(len(delta.new_token_ids))
+                    text = out.add(delta)
+                    yield text
+                    if out.finish_reason is not None:
+                        return
+            except ValueError as e:
+                raise APIError(400, str(e)) from None
+            except EngineOverloaded as e:
+                metrics.inc("tandem_requests_rejected_total", reason="overloaded")
+                raise overloaded(str(e)) from None
+            except (EngineDead, KVTransferFailed) as e:   # the client may retry
+                metrics.inc("tandem_request_errors_total", kind="unavailable")
+                raise APIError(503, str(e), "server_error") from None
+            except RequestFailed as e:
+                metrics.inc("tandem_request_errors_total", kind="failed")
+                raise APIError(500, f"the request failed in the engine: {e}", "server_error") from None
+            finally:
+                await stream.aclose()        # a stop string or a disconnect: the engine aborts it
+                if out.token_ids or out.finish_reason:
+                    timer.on_finish(out.finish_reason or "abort", len(ids), out.num_cached_tokens)
 
     def usage(prompt_tokens: int, out: _Output) -> dict:
         n = len(out.token_ids)
@@ -190,7 +240,9 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
     @app.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE})
     async def completions(body: CompletionRequest):
         params = sampling(body, body.logprobs, body.max_tokens)
-        ids = await tokens_of(body.prompt)
+        with admit() as admission:
+            ids = await tokens_of(body.prompt)
+            admission.hold()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         out = _Output(engine.tokenizer, params.stop)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -220,14 +272,16 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
         def final():
             return chunk([{"index": 0, "text": out.text, "logprobs": lp(0, len(out.token_ids)),
                            "finish_reason": out.finish_reason}], usage(len(ids), out))
-        return await respond(run(ids, params, rid, out), body.stream, chunks, final)
+        return await respond(run(ids, params, rid, out, admission), body.stream, chunks, final)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **SSE})
     async def chat(body: ChatRequest):
         n_lp = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling(body, n_lp, max_tokens)
-        ids = await asyncio.to_thread(_chat_prompt, engine.tokenizer, body.messages)
+        with admit() as admission:
+            ids = await asyncio.to_thread(_chat_prompt, engine.tokenizer, body.messages)
+            admission.hold()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         out = _Output(engine.tokenizer, params.stop)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -266,7 +320,7 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
                                  "logprobs": chat_logprobs(0, len(out.token_ids)),
                                  "finish_reason": out.finish_reason}],
                     "usage": usage(len(ids), out)}
-        return await respond(run(ids, params, rid, out), body.stream, chunks, final)
+        return await respond(run(ids, params, rid, out, admission), body.stream, chunks, final)
 
     return app
 
@@ -288,22 +342,25 @@ def openapi_with_limits(app: FastAPI, model_name: str, limits) -> dict:
     schema = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
     for path in schema["paths"].values():
         for op in path.values():
-            op.get("responses", {}).pop("422", None)
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "Invalid request", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
     comps = schema["components"]["schemas"]
     for name in ("ValidationError", "HTTPValidationError"):
         comps.pop(name, None)
     for req in ("CompletionRequest", "ChatRequest"):
         props = comps[req]["properties"]
         props["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
-        props["top_k"]["maximum"] = limits.vocab_size
+        props["top_k"]["maximum"] = min(props["top_k"]["maximum"], limits.vocab_size)
         for field in ("max_tokens", "max_completion_tokens"):
             if field in props:
                 for option in props[field].get("anyOf", [props[field]]):
                     if option.get("type") == "integer":
-                        option["maximum"] = limits.max_model_len - 1
+                        option["maximum"] = min(option["maximum"], limits.max_model_len - 1)
     for option in comps["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
         if option.get("type") == "array":
-            option["items"]["maximum"] = limits.vocab_size - 1
+            option["items"]["maximum"] = min(option["items"]["maximum"], limits.vocab_size - 1)
             option["maxItems"] = limits.max_model_len - 1
     app.openapi_schema = schema
     return schema

@@ -122,8 +122,7 @@ def engine_deployment(cls, name: str, settings: AppSettings, pool: str):
     capacity = settings.max_waiting + settings.engine_config().max_num_seqs
     return serve.deployment(
         cls, name=name, num_replicas=p.replicas, max_ongoing_requests=capacity,
-        max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None
-        else settings.engine_config().max_num_seqs,
+        max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None else capacity,
         ray_actor_options={"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
         health_check_period_s=settings.health_check_period_s, health_check_timeout_s=30)
 

@@ -53,10 +53,11 @@ def raise_error(item: dict) -> None:
 class RemoteEngine:
     """An engine client over a Serve deployment of engine replicas (see cluster/pools.py)."""
 
-    def __init__(self, pool, tokenizer, limits: RequestLimits, metrics: Metrics, max_resumes: int = 2) -> None:
+    def __init__(self, pool, tokenizer, limits: RequestLimits, metrics: Metrics, max_in_flight: int,
+                 max_resumes: int = 2) -> None:
         self.pool = pool.options(stream=True)
         self.tokenizer, self.limits, self.metrics = tokenizer, limits, metrics
-        self.max_resumes = max_resumes
+        self.max_in_flight, self.max_resumes = max_in_flight, max_resumes
         self._rng = random.Random()
 
     def check_health(self) -> None:
@@ -73,9 +74,11 @@ class RemoteEngine:
                        "prompt_token_ids": prompt_token_ids + produced,
                        "sampling": asdict(replace(params, max_tokens=params.max_tokens - len(produced)))}
             stream = self.pool.generate.remote(request)
+            settled = False     # finished, or failed in a way that needs no cancelling
             try:
                 async for item in stream:
                     if "error" in item:
+                        settled = True
                         raise_error(item)
                     produced += item["token_ids"]
                     out = RequestOutput(request_id, None, prompt_token_ids,
@@ -83,13 +86,17 @@ class RemoteEngine:
                                         item["finish_reason"] is not None)
                     yield StreamDelta(out, "", item["token_ids"], item["logprobs"], item["num_cached_tokens"])
                     if item["finish_reason"] is not None:
+                        settled = True
                         return
+                settled = True
                 raise EngineDead("the engine replica ended the stream without finishing it")
             except BackPressureError as e:
+                settled = True
                 self.metrics.inc("tandem_requests_rejected_total", reason="queue_full")
                 raise EngineOverloaded(f"every engine replica is busy and the queue is full ({e}); "
                                        f"retry later") from None
             except (*LOST, EngineDead) as e:
+                settled = True
                 if resumes >= self.max_resumes:
                     raise EngineDead(f"the engine replica was lost {resumes + 1} times: {e}") from None
                 resumes += 1
@@ -97,7 +104,8 @@ class RemoteEngine:
                 log.warning("request %s: engine replica lost after %d tokens (%s); resuming on another",
                             request_id, len(produced), type(e).__name__)
             finally:
-                stream.cancel()     # no-op once finished; a client gone or a stop string: abort there
+                if not settled:     # the client went away, or a stop string ended it: abort there
+                    stream.cancel()
         # Lost right after its last token, before the replica said it was the last.
         out = RequestOutput(request_id, None, prompt_token_ids, [CompletionOutput(0, "", produced, "length")], True)
         yield StreamDelta(out, "", [], [], 0)

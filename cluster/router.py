@@ -34,7 +34,7 @@ class Router:
         served_pool = "decode" if settings.mode == "pd" else "colocated"
         registry = ClusterRegistry(serve.get_replica_context().app_name)
         self.metrics = Metrics(settings.model_name, served_pool, registry=registry, ray_metrics=ray_metrics)
-        self.engine = RemoteEngine(pool, tokenizer, limits, self.metrics)
+        self.engine = RemoteEngine(pool, tokenizer, limits, self.metrics, max_in_flight(settings))
         self.settings = settings
 
     def __serve_build_asgi_app__(self):
@@ -42,6 +42,15 @@ class Router:
         # Engine gauges arrive with the replicas' snapshots; nothing to refresh here.
         return build_api(self.engine, s.model_name, self.metrics, s.slo, s.api_key,
                          refresh_gauges=lambda: None, max_body_bytes=s.max_body_bytes)
+
+
+def max_in_flight(settings: AppSettings) -> int:
+    """This router's share of what the pool it feeds can hold: every replica full, and
+    the handle's queue full."""
+    pool = settings.pool("decode" if settings.mode == "pd" else "colocated")
+    per_replica = settings.max_waiting + settings.engine_config().max_num_seqs
+    queued = pool.max_queued_requests if pool.max_queued_requests is not None else per_replica
+    return max(1, (pool.replicas * per_replica + queued) // settings.pool("router").replicas)
 
 
 def router_deployment(settings: AppSettings):

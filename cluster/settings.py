@@ -18,8 +18,9 @@ class PoolSettings:
     replicas: int = 1
     num_cpus: float = 1
     num_gpus: float = 0
-    # Requests a caller (the router) may queue for this pool when every replica is
-    # full; beyond it they are refused at once with 503. None: the engine's max_num_seqs.
+    # Requests a caller (the router) may hold for this pool while it picks a replica or
+    # every replica is full; beyond it they are refused at once with 503. None: one
+    # replica's capacity (max_num_seqs + max_waiting).
     max_queued_requests: int | None = None
 
 

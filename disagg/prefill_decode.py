@@ -70,6 +70,10 @@ class PrefillDecodeEngine:
     def check_health(self) -> None:
         self.decode.check_health()
 
+    @property
+    def max_in_flight(self) -> int:
+        return self.decode.max_in_flight
+
     def stats(self) -> dict[str, float]:
         return self.decode.stats()
 

@@ -108,7 +108,7 @@ class AsyncEngine:
             raise EngineDead(f"the engine stopped: {self.error!r}")
         ids = self.encode(prompt)
         with self._lock:
-            if len(self._streams) >= self.max_waiting + self.config.max_num_seqs:
+            if len(self._streams) >= self.max_in_flight:
                 raise EngineOverloaded(f"{len(self._streams)} requests in flight; retry later")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -154,8 +154,9 @@ class AsyncEngine:
             raise EngineDead(f"the engine loop has not completed a step for {silent:.0f} s")
 
     @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
+    def max_in_flight(self) -> int:
+        """Requests the engine holds at once: running plus waiting, up to their limits."""
+        return self.max_waiting + self.config.max_num_seqs
 
     def shutdown(self) -> None:
         self._stopped.set()

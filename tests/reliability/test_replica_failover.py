@@ -1,0 +1,131 @@
+"""Replicas killed under steady load: no request is lost or silently cut.
+
+A decode replica killed mid-stream is invisible to its clients: the router resumes each
+stream on the other decode replica with the prompt plus the tokens already sent, and the
+text is exactly what an undisturbed run gives. A prefill replica killed mid-run costs a
+local prefill on the decode side, counted by the transfer-failure metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import ray
+
+from tests.reliability.conftest import REPORT, complete, replica_gauges, stream_completion, wait_ready
+
+
+def serve_replicas(deployment: str) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"])
+
+
+def kill(name: str) -> None:
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def counter(url: str, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def load_with_kill(url: str, bodies: list[dict], victim: str, after_chunks: int) -> list[dict]:
+    """Stream every body at once; kill `victim` once `after_chunks` chunks have arrived
+    in total."""
+    seen = {"chunks": 0}
+
+    async def one(client, body):
+        r = await stream_completion(client, url, body)
+        return r
+
+    async def killer():
+        while seen["chunks"] < after_chunks:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(kill, victim)
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        original = client.stream
+
+        def counting_stream(*a, **kw):       # count chunks as they arrive
+            cm = original(*a, **kw)
+
+            class Wrapped:
+                async def __aenter__(self):
+                    r = await cm.__aenter__()
+                    lines = r.aiter_lines
+
+                    async def counted():
+                        async for line in lines():
+                            if line.startswith("data: {"):
+                                seen["chunks"] += 1
+                            yield line
+                    r.aiter_lines = counted
+                    return r
+
+                async def __aexit__(self, *exc):
+                    return await cm.__aexit__(*exc)
+            return Wrapped()
+        client.stream = counting_stream
+        kill_task = asyncio.create_task(killer())
+        results = await asyncio.gather(*[one(client, b) for b in bodies])
+        await kill_task
+        return results
+
+
+def test_decode_replica_killed_mid_stream_is_invisible(cluster):
+    greedy = [{"prompt": f"resume me {i}", "max_tokens": 40, "temperature": 0, "ignore_eos": True} for i in range(4)]
+    seeded = [{"prompt": f"seeded {i}", "max_tokens": 40, "temperature": 0.9, "seed": 100 + i, "ignore_eos": True}
+              for i in range(4)]
+    refs = [complete(cluster, **b).json()["choices"][0]["text"] for b in greedy + seeded]
+    resumed_before = counter(cluster, "tandem_requests_resumed_total")
+    decode = serve_replicas("Decode")
+    assert len(decode) == 2
+    unseeded = [{"prompt": f"free {i}", "max_tokens": 40, "ignore_eos": True} for i in range(4)]
+    results = asyncio.run(load_with_kill(cluster, greedy + seeded + unseeded, decode[0], after_chunks=60))
+    for r in results:
+        REPORT.failed += not (r["done"] and r["error"] is None)
+        assert r["status"] == 200 and r["done"] and r["error"] is None and r["finish_reason"] == "length", r
+    assert [r["text"] for r in results[:8]] == refs
+    resumed = counter(cluster, "tandem_requests_resumed_total") - resumed_before
+    REPORT.resumed += int(resumed)
+    assert resumed >= 1
+    wait_ready(cluster)     # Serve has replaced the replica
+    assert len(serve_replicas("Decode")) == 2 and decode[0] not in serve_replicas("Decode")
+
+
+def test_prefill_replica_killed_mid_run_costs_a_local_prefill(cluster):
+    bodies = [{"prompt": f"prefill gone {i} " * 8, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+              for i in range(12)]
+    refs = [complete(cluster, **b).json()["choices"][0]["text"] for b in bodies[:4]]
+    failures_before = counter(cluster, "tandem_kv_transfer_failures_total")
+    prefill = serve_replicas("Prefill")
+    t0 = time.perf_counter()
+
+    async def staggered():
+        async def later(client, i, body):
+            await asyncio.sleep(0.1 * i)         # requests keep arriving around the kill
+            return await stream_completion(client, cluster, body)
+
+        async def killer():
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(kill, prefill[0])
+        async with httpx.AsyncClient(timeout=300) as client:
+            k = asyncio.create_task(killer())
+            out = await asyncio.gather(*[later(client, i, b) for i, b in enumerate(bodies)])
+            await k
+            return out
+
+    results = asyncio.run(staggered())
+    wall = time.perf_counter() - t0
+    for r in results:
+        REPORT.failed += not (r["done"] and r["error"] is None)
+        assert r["status"] == 200 and r["done"] and r["error"] is None, r
+    assert [r["text"] for r in results[:4]] == refs
+    assert counter(cluster, "tandem_kv_transfer_failures_total") > failures_before
+    REPORT.notes.append(f"prefill replica killed: {len(bodies)} requests over {wall:.1f} s all completed")
+    wait_ready(cluster)
+    assert prefill[0] not in serve_replicas("Prefill") and len(replica_gauges(cluster, "tandem_kv_cache_usage_perc")) >= 3
