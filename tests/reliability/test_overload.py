@@ -5,11 +5,14 @@ answer quickly throughout."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
 
-from tests.reliability.conftest import APP_ARGS, REPORT, stream_completion
+from tests.reliability.conftest import APP_ARGS, MODEL, REPORT, stream_completion
+
+FACTOR = int(os.environ.get("TANDEM_OVERLOAD_FACTOR", "10"))
 
 
 def capacity() -> int:
@@ -19,7 +22,7 @@ def capacity() -> int:
 
 
 def test_ten_times_capacity_is_refused_fast_and_the_rest_completes(cluster):
-    n = 10 * capacity()
+    n = FACTOR * capacity()
 
     async def probe(client: httpx.AsyncClient, path: str, times: list[float], stop: asyncio.Event):
         while not stop.is_set():
@@ -59,6 +62,41 @@ def test_ten_times_capacity_is_refused_fast_and_the_rest_completes(cluster):
     slowest = max(r["head_s"] for r in refused)
     assert slowest < 5.0, f"a refusal took {slowest:.2f} s"
     assert max(health_s) < 5.0 and max(metrics_s) < 5.0, (max(health_s), max(metrics_s))
-    REPORT.notes.append(f"overload: {n} streams at 10x capacity in {wall:.1f} s: {len(admitted)} completed, "
+    REPORT.notes.append(f"overload burst: {n} streams at {FACTOR}x capacity in {wall:.1f} s: {len(admitted)} completed, "
                         f"{len(refused)} refused; /health max {max(health_s) * 1000:.0f} ms, "
                         f"/metrics max {max(metrics_s) * 1000:.0f} ms")
+
+
+def test_a_full_pool_refuses_each_new_request_at_once(cluster):
+    """With every slot taken by long streams, requests one at a time are refused, each
+    in about the time of an HTTP round trip (no burst queueing in front of them)."""
+    async def main():
+        limits = httpx.Limits(max_connections=4 * capacity())
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            hold = [asyncio.create_task(stream_completion(client, cluster, {
+                "prompt": f"hold {i}", "max_tokens": 200, "ignore_eos": True})) for i in range(2 * capacity())]
+            await asyncio.sleep(2.0)
+            probes = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                REPORT.sent += 1
+                r = await client.post(f"{cluster}/v1/completions", json={"model": MODEL, "prompt": "one more",
+                                                                        "max_tokens": 4})
+                probes.append((r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")))
+            held = await asyncio.gather(*hold)
+            return probes, held
+
+    probes, held = asyncio.run(main())
+    refused = [(s, t, ra) for s, t, ra in probes if s == 503]
+    assert len(refused) >= 15, probes
+    assert all(ra is not None for _, _, ra in refused)
+    for r in held:
+        if r["status"] == 200:
+            REPORT.failed += not r["done"]
+            assert r["done"] and r["error"] is None and r["finish_reason"] == "length", r
+    times = sorted(t for _, t, _ in refused)
+    REPORT.refused += len(refused)
+    REPORT.refusal_latency_s += times
+    assert times[-1] < 5.0
+    REPORT.notes.append(f"full pool: {len(refused)}/{len(probes)} single requests refused, "
+                        f"median {times[len(times) // 2] * 1000:.0f} ms, max {times[-1] * 1000:.0f} ms")

@@ -8,9 +8,11 @@ local prefill on the decode side, counted by the transfer-failure metrics."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
+import pytest
 import ray
 
 from tests.reliability.conftest import REPORT, complete, replica_gauges, stream_completion, wait_ready
@@ -76,7 +78,11 @@ async def load_with_kill(url: str, bodies: list[dict], victim: str, after_chunks
         return results
 
 
-def test_decode_replica_killed_mid_stream_is_invisible(cluster):
+KILL_ROUNDS = int(os.environ.get("TANDEM_KILL_ROUNDS", "1"))
+
+
+@pytest.mark.parametrize("round_", range(KILL_ROUNDS))
+def test_decode_replica_killed_mid_stream_is_invisible(cluster, round_):
     greedy = [{"prompt": f"resume me {i}", "max_tokens": 40, "temperature": 0, "ignore_eos": True} for i in range(4)]
     seeded = [{"prompt": f"seeded {i}", "max_tokens": 40, "temperature": 0.9, "seed": 100 + i, "ignore_eos": True}
               for i in range(4)]
@@ -97,7 +103,8 @@ def test_decode_replica_killed_mid_stream_is_invisible(cluster):
     assert len(serve_replicas("Decode")) == 2 and decode[0] not in serve_replicas("Decode")
 
 
-def test_prefill_replica_killed_mid_run_costs_a_local_prefill(cluster):
+@pytest.mark.parametrize("round_", range(KILL_ROUNDS))
+def test_prefill_replica_killed_mid_run_costs_a_local_prefill(cluster, round_):
     bodies = [{"prompt": f"prefill gone {i} " * 8, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
               for i in range(12)]
     refs = [complete(cluster, **b).json()["choices"][0]["text"] for b in bodies[:4]]
