@@ -191,6 +191,11 @@ class RayHead:
         self.stop()
 
 
+# One token for every local_ray of this process: Ray's driver loads the token once and
+# keeps it, so a second instance with another token would refuse this process.
+LOCAL_TOKEN = new_token()
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 1, **init_kwargs) -> Iterator[None]:
     """`ray.init()` of a new local cluster in this process, as Ray starts one by default
@@ -201,7 +206,7 @@ def local_ray(num_cpus: int = 1, **init_kwargs) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in FOREIGN_RAY_VARS}
     for k in FOREIGN_RAY_VARS:
         os.environ.pop(k, None)
-    os.environ["RAY_AUTH_TOKEN"] = new_token()
+    os.environ["RAY_AUTH_TOKEN"] = LOCAL_TOKEN
     temp_dir = short_temp_dir()
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,

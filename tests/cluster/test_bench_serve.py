@@ -98,3 +98,22 @@ def test_old_spellings_still_work(api_server, tmp_path):
 def test_goodput_refuses_what_vllm_refuses(items, message):
     with pytest.raises(SystemExit, match=message):
         parse_goodput(items)
+
+
+def test_help_gives_every_option_a_line_and_its_default():
+    import argparse
+
+    from cluster.cli import parser
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bench_commands = next(a for a in commands.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    serve = bench_commands.choices["serve"]
+    for action in serve._actions:
+        if not isinstance(action, argparse._HelpAction):
+            assert action.help and "(default: " in action.help, action.option_strings
+    text = serve.format_help()
+    for flag in ("--backend", "--endpoint", "--dataset-name", "--dataset-path", "--random-input-len",
+                 "--random-output-len", "--random-range-ratio", "--num-prompts", "--request-rate", "--burstiness",
+                 "--max-concurrency", "--goodput", "--percentile-metrics", "--metric-percentiles", "--save-result",
+                 "--result-dir", "--result-filename", "--seed", "--ignore-eos", "--input-len", "--result-json"):
+        assert flag in text, flag
