@@ -158,6 +158,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> 
                 result["text"] += "".join(c["text"] for c in obj["choices"])
                 if obj["choices"] and obj["choices"][0]["finish_reason"]:
                     result["finish_reason"] = obj["choices"][0]["finish_reason"]
+    result["e2e_s"] = time.perf_counter() - t0
     return result
 
 

@@ -127,3 +127,70 @@ def test_a_request_failing_to_deliver_fails_alone(default_llm):
         assert engine.core.kv.usage == 0
     finally:
         engine.shutdown()
+
+
+def test_an_error_after_the_stream_started_is_an_error_event():
+    """The served API over an engine whose step fails mid-stream: the client gets its
+    chunks, then an error event in OpenAI's shape and [DONE], never a silent cut."""
+    import json
+
+    import httpx
+
+    from cluster.metrics import Metrics
+    from cluster.openai_api import build_api
+    from tests.cluster.conftest import Served
+
+    engine = AsyncEngine(EngineConfig(max_model_len=128, max_num_seqs=4), max_waiting=4)
+    served = Served(build_api(engine, "m", Metrics("m", "colocated")))
+    events = []
+    try:
+        with httpx.stream("POST", f"{served.url}/v1/completions", timeout=60, json={
+                "model": "m", "prompt": [1, 2, 3], "max_tokens": 60, "stream": True, "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        engine.core.runner.execute = _broken
+        REPORT.sent += 1
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == 503 and "injected fault" in error["message"]
+        assert all("choices" in json.loads(e) for e in events[:-2])
+        assert httpx.get(f"{served.url}/health").status_code == 503
+    finally:
+        served.stop()
+        engine.shutdown()
+
+
+def test_a_failed_local_recompute_is_counted_apart():
+    """pd: the prefill pool fails, and then so does the local recompute: the transfer
+    failure is counted, and the recompute as failed, not as recomputed."""
+    from cluster.kv_transfer_metrics import KVTransferMetrics
+    from cluster.metrics import Metrics
+    from disagg.prefill_decode import PrefillDecodeEngine
+
+    async def dead_prefill(_request):
+        raise ConnectionError("prefill replica gone")
+
+    metrics = Metrics("m", "decode")
+    decode = AsyncEngine(EngineConfig(max_model_len=128, max_num_seqs=4), max_waiting=4)
+    pd = PrefillDecodeEngine(decode, dead_prefill, KVTransferMetrics(metrics, "recompute"))
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    async def run(rid):
+        return [d async for d in pd.generate([1, 2, 3], sp, rid)]
+
+    def value(name):
+        return sum(s.value for f in metrics.registry.collect() for s in f.samples if s.name == name)
+    try:
+        assert len(asyncio.run(run("ok"))) >= 1
+        assert value("tandem_kv_transfer_recomputed_total") == 1
+        decode.core.runner.execute = _broken
+        with pytest.raises(EngineDead):
+            asyncio.run(run("fails"))
+        assert value("tandem_kv_transfer_failures_total") == 2
+        assert value("tandem_kv_transfer_recomputed_total") == 1
+        assert value("tandem_kv_transfer_recompute_failures_total") == 1
+    finally:
+        decode.shutdown()
