@@ -11,6 +11,7 @@ continuation is exactly what the lost replica would have produced.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -54,10 +55,11 @@ class RemoteEngine:
     """An engine client over a Serve deployment of engine replicas (see cluster/pools.py)."""
 
     def __init__(self, pool, tokenizer, limits: RequestLimits, metrics: Metrics, max_in_flight: int,
-                 max_resumes: int = 2) -> None:
+                 max_resumes: int = 2, resume_wait_s: float = 60.0) -> None:
         self.pool = pool.options(stream=True)
         self.tokenizer, self.limits, self.metrics = tokenizer, limits, metrics
         self.max_in_flight, self.max_resumes = max_in_flight, max_resumes
+        self.resume_wait_s = resume_wait_s
         self._rng = random.Random()
 
     def check_health(self) -> None:
@@ -68,9 +70,11 @@ class RemoteEngine:
         if params.seed is None:     # fixed here, so a resumed stream draws the same noise
             params = replace(params, seed=self._rng.getrandbits(63))
         produced: list[int] = []
-        resumes = 0
+        resumes = attempts = 0
+        waited = 0.0
         while len(produced) < params.max_tokens:
-            request = {"request_id": f"{request_id}-{resumes}" if resumes else request_id,
+            attempts += 1
+            request = {"request_id": f"{request_id}-{attempts}" if attempts > 1 else request_id,
                        "prompt_token_ids": prompt_token_ids + produced,
                        "sampling": asdict(replace(params, max_tokens=params.max_tokens - len(produced)))}
             stream = self.pool.generate.remote(request)
@@ -90,8 +94,15 @@ class RemoteEngine:
                         return
                 settled = True
                 raise EngineDead("the engine replica ended the stream without finishing it")
-            except BackPressureError as e:
+            except (BackPressureError, EngineOverloaded) as e:
                 settled = True
+                if resumes and waited < self.resume_wait_s:
+                    # An admitted stream being resumed is owed its tokens: the surviving
+                    # replicas are full for now (they took the lost one's load), so wait.
+                    pause = min(1.0, 0.05 * 2 ** min(attempts, 5))
+                    await asyncio.sleep(pause)
+                    waited += pause
+                    continue
                 self.metrics.inc("tandem_requests_rejected_total", reason="queue_full")
                 raise EngineOverloaded(f"every engine replica is busy and the queue is full ({e}); "
                                        f"retry later") from None

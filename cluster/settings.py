@@ -28,7 +28,7 @@ class PoolSettings:
 class AppSettings:
     model: str = "default"
     served_model_name: str | None = None
-    mode: str = "colocated"         # colocated: one pool; pd: prefill pool -> decode pool (NIXL)
+    mode: str = "pd"                # pd: prefill pool -> decode pool (NIXL); colocated: one pool
     engine: dict = field(default_factory=dict)
     pools: dict[str, PoolSettings] = field(default_factory=dict)
     slo: SLO = field(default_factory=SLO)
