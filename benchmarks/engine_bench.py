@@ -238,9 +238,16 @@ def config_dir(model: str, smoke: bool) -> Path:
     if smoke:   # same families, toy sizes
         cfg.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512, intermediate_size=128,
                    moe_intermediate_size=32, max_position_embeddings=2048)
-        cfg.update(dict(num_key_value_heads=2, head_dim=16, num_experts=8) if "qwen" in model else
-                   dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2))
+        if "qwen" in model:
+            cfg.update(num_key_value_heads=2, head_dim=16, num_experts=8)
+        elif "nemotron" in model:   # the same layer pattern cut to 6 layers, toy widths
+            cfg.update(num_key_value_heads=2, head_dim=16, num_hidden_layers=6, hybrid_override_pattern="MEM*EM",
+                       mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, n_groups=2, n_routed_experts=8,
+                       num_experts_per_tok=2, moe_shared_expert_intermediate_size=64, chunk_size=16,
+                       **(dict(moe_latent_size=32) if "moe_latent_size" in cfg else {}))
+        else:
+            cfg.update(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                       v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2)
     folder = Path(tempfile.mkdtemp(prefix=f"{model}-"))
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
@@ -248,7 +255,9 @@ def config_dir(model: str, smoke: bool) -> Path:
 
 def decode_floor(llm, batch: int, ctx: float, bandwidth: float, distinct: float | None) -> dict:
     """Bytes one decode step must read: non-expert weights (LM head included, the embedding
-    only as rows), the experts the step's tokens touch in each MoE layer, and the KV."""
+    only as rows), the experts the step's tokens touch in each MoE layer, the KV of the
+    attention layers, and for hybrid models each sequence's Mamba state slot (conv window
+    and SSM state of every Mamba layer), read and written back once per step."""
     model = llm.engine.model
     moe = model.moe_layers()
     expert_params = sum(m.w13.numel() + m.w2.numel() for m in moe)
@@ -261,8 +270,10 @@ def decode_floor(llm, batch: int, ctx: float, bandwidth: float, distinct: float 
     layout = model.cache_layout()
     kv = batch * ctx * layout.bytes_per_block(1, torch.bfloat16)
     weights = other * 2 + len(moe) * used * per_expert
-    return dict(floor_ms=(weights + kv) / bandwidth * 1e3, weight_gb=weights / 1e9, kv_gb=kv / 1e9,
-                experts_per_layer=used, experts_if_uniform=uniform)
+    state_layout = getattr(model, "state_layout", lambda: None)()
+    state = 2 * batch * state_layout.bytes_per_slot(torch.bfloat16) if state_layout is not None else 0
+    return dict(floor_ms=(weights + kv + state) / bandwidth * 1e3, weight_gb=weights / 1e9, kv_gb=kv / 1e9,
+                state_rw_gb=state / 1e9, experts_per_layer=used, experts_if_uniform=uniform)
 
 
 def measured_distinct_experts(llm, prompts: list[list[int]]) -> float:
@@ -460,7 +471,7 @@ def host_overhead_phase(smoke: bool) -> None:
 
 # -- transformers -----------------------------------------------------------------------
 
-def hf_phase(model: str, batches: list[int], smoke: bool, new: int) -> None:
+def hf_phase(model: str, batches: list[int], smoke: bool, new: int, budget_s: float = 1e9) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     dev = "cpu" if smoke else "cuda"
     cfg = AutoConfig.from_pretrained(str(config_dir(model, smoke)))
@@ -484,11 +495,16 @@ def hf_phase(model: str, batches: list[int], smoke: bool, new: int) -> None:
 
     call(1, 4)
     for b in batches:
-        call(b, 8)
+        warm = call(b, 4)
+        left = budget_s - (time.perf_counter() - t0)
+        est = 1.2 * warm * (new / 4 + 0.3)
+        if est > left:
+            emit(phase="hf", model=model, batch=b, skipped=f"estimated {est:.0f}s > {left:.0f}s left", warm_s=warm)
+            continue
         t_new, t_one = call(b, new), call(b, 1)
         step = (t_new - t_one) / (new - 1)
         emit(phase="hf", model=model, batch=b, new_tokens=new, step_ms=step * 1e3, decode_tok_s=b / step,
-             t_new_s=t_new, t_one_s=t_one)
+             prefill_tok_s=b * plen / t_one, t_new_s=t_new, t_one_s=t_one)
 
 
 def main() -> None:
@@ -498,7 +514,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=[p.stem for p in SHAPES.glob("*.json")])
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--new-tokens", type=int, default=64, help="hf phase: tokens per timed generate")
-    ap.add_argument("--budget-s", type=float, default=400, help="engine phase: skip batches that would overrun")
+    ap.add_argument("--budget-s", type=float, default=400, help="engine and hf phases: skip batches that would overrun")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--eager", action="store_true", help="CUDA graphs off")
@@ -527,7 +543,7 @@ def main() -> None:
     elif args.phase == "idle":
         idle_phase(args.model, batches, args.smoke)
     elif args.phase == "hf":
-        hf_phase(args.model, batches, args.smoke, args.new_tokens)
+        hf_phase(args.model, batches, args.smoke, args.new_tokens, args.budget_s)
     else:
         emit(phase="copy", **copy_bandwidth())
 
