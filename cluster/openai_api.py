@@ -47,6 +47,18 @@ SSE = {200: {"description": "The answer (JSON), or with stream=true an event str
              "content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body when the response ends, however it ends: on a client hang-up
+    Starlette cancels the sending task and leaves the generator suspended until the
+    garbage collector finds it, which would leave the request running in the engine."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 class _Output:
     """One request's output as the client sees it: tokens, logprobs and text, folded
     from the engine's token deltas; a stop string ends it here."""
@@ -235,7 +247,7 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
             finally:
                 await texts.aclose()    # the client went away mid-stream: abort in the engine
             yield "data: [DONE]\n\n"
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return _ClosingStreamingResponse(sse(), media_type="text/event-stream")
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE})
     async def completions(body: CompletionRequest):

@@ -58,10 +58,12 @@ def test_ten_times_capacity_is_refused_fast_and_the_rest_completes(cluster):
     REPORT.refused += len(refused)
     REPORT.refusal_latency_s += [r["head_s"] for r in refused]
     # Bounds that catch a hang (refusals once queued behind generation for 46 s, /health
-    # for 15 s), loose enough for a loaded 2-core CI machine; the figures are reported.
+    # for 15 s), loose enough for a burst on a loaded 2-core CI machine, where the burst's
+    # own connections queue in front of everything; the figures are reported.
+    bound = 0.5 * FACTOR
     slowest = max(r["head_s"] for r in refused)
-    assert slowest < 5.0, f"a refusal took {slowest:.2f} s"
-    assert max(health_s) < 5.0 and max(metrics_s) < 5.0, (max(health_s), max(metrics_s))
+    assert slowest < bound, f"a refusal took {slowest:.2f} s"
+    assert max(health_s) < bound and max(metrics_s) < bound, (max(health_s), max(metrics_s))
     REPORT.notes.append(f"overload burst: {n} streams at {FACTOR}x capacity in {wall:.1f} s: {len(admitted)} completed, "
                         f"{len(refused)} refused; /health max {max(health_s) * 1000:.0f} ms, "
                         f"/metrics max {max(metrics_s) * 1000:.0f} ms")
