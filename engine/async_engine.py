@@ -59,6 +59,7 @@ class StreamDelta:
     new_token_ids: list[int]
     new_logprobs: list[dict[int, float]]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None   # on the first delta, when asked for
 
 
 class _Stream:
@@ -252,7 +253,7 @@ class AsyncEngine:
             return
         delta = apply_output(self.core, stream.result, stream.detok, out)
         item = StreamDelta(_snapshot(stream.result), delta, list(out.new_token_ids), list(out.new_logprobs),
-                           out.num_cached_tokens)
+                           out.num_cached_tokens, out.prompt_logprobs)
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
@@ -269,4 +270,5 @@ def _snapshot(r: RequestOutput) -> RequestOutput:
     c = r.outputs[0]
     comp = CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
                             None if c.logprobs is None else list(c.logprobs))
-    return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [comp], r.finished, r.kv_transfer_params)
+    return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [comp], r.finished, r.kv_transfer_params,
+                         r.prompt_logprobs)

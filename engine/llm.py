@@ -57,6 +57,8 @@ def apply_output(core: EngineCore, result: RequestOutput, detok: IncrementalDeto
     result.finished = reason is not None
     if out.kv_transfer_params is not None:
         result.kv_transfer_params = out.kv_transfer_params
+    if out.prompt_logprobs is not None:
+        result.prompt_logprobs = out.prompt_logprobs
     return delta
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# One dict per generated token: token id -> logprob (the sampled token and the top-n).
-Logprobs = list[dict[int, float]]
+# One dict per token: token id -> logprob (the token itself and the top-n).
+Logprobs = list[dict[int, float] | None]
 
 
 @dataclass
@@ -25,6 +25,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     kv_transfer_params: dict | None = None   # a prefill for another engine: its KV handle
+    # SamplingParams.prompt_logprobs: per prompt token (None for the first), once the first token is out.
+    prompt_logprobs: Logprobs | None = None
 
     # Shortcuts to the single completion (n=1 is the only mode).
     @property

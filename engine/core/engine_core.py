@@ -28,6 +28,9 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None   # producer: the handle of the held KV
     error: str | None = None                 # why the request failed (KV transfer, fail policy)
+    # With the first token of a request that asked for them: one entry per prompt token
+    # (None for the first, which nothing scores).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class EngineCore:
@@ -51,6 +54,7 @@ class EngineCore:
         self.runner = self._make_runner(bytes_per_block)
         self._in_flight: PendingOutput | None = None    # async scheduling: the step the device runs
         self._rng = random.Random(config.seed)
+        self._prompt_lps: dict[str, list] = {}   # prompt logprobs gathered until the first token
 
     def _num_blocks(self, bytes_per_block: int, reserved: int = 0) -> int:
         c = self.config
@@ -110,6 +114,8 @@ class EngineCore:
             req.output_token_ids = list(first)
         req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self._rng.getrandbits(63)
         self.scheduler.add_request(req)
+        if req.sampling_params.prompt_logprobs is not None and not is_consumer(req):
+            self._prompt_lps[req.request_id] = [None] * req.num_prompt_tokens
 
     def validate(self, req: Request) -> None:
         """Raise ValueError, saying what to change, for a request this engine cannot run.
@@ -123,6 +129,7 @@ class EngineCore:
     def abort_requests(self, req_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         for rid in req_ids:
             self.scheduler.finish(rid, status)
+            self._prompt_lps.pop(rid, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -157,13 +164,17 @@ class EngineCore:
         if pending is None:
             return outputs
         result = pending.result()
+        for rid, entries in result.prompt_logprobs.items():
+            acc = self._prompt_lps.get(rid)     # None once delivered (a recompute after preemption)
+            for pos, entry in entries if acc is not None else ():
+                acc[pos] = entry
         changed = self.scheduler.update_from_output(result.sampled)
         for req in changed:
             rid = req.request_id
             lps = [result.logprobs[rid]] if rid in result.logprobs else []
             outputs.append(EngineCoreOutput(rid, [req.output_token_ids[-1]], req.finish_reason(), lps,
                                             req.num_cached_tokens, req.kv_transfer_params if rid in self.scheduler.held
-                                            else None))
+                                            else None, prompt_logprobs=self._prompt_lps.pop(rid, None)))
         return outputs
 
     def _remote_prefill_outputs(self) -> list[EngineCoreOutput]:

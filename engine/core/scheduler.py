@@ -120,7 +120,10 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) + len(self.loading) < self.config.max_num_seqs):
             req = self.waiting[0]
-            cached, num_cached = self.kv.find_cached_prefix(req)
+            if req.sampling_params.prompt_logprobs is not None and req.status != RequestStatus.WAITING_FOR_REMOTE_KV:
+                cached, num_cached = [], 0      # every prompt position is computed, for its logprobs
+            else:
+                cached, num_cached = self.kv.find_cached_prefix(req)
             if req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
                 if not self._start_load(req, cached, num_cached):
                     break
@@ -147,7 +150,7 @@ class Scheduler:
             out.new_reqs.append(NewRequestData(
                 req_id=rid, token_ids=req.all_token_ids, num_computed_tokens=req.num_computed_tokens,
                 block_ids=[list(b) for b in self.kv.block_ids(rid)],
-                sampling_params=req.sampling_params, seed=req.seed))
+                sampling_params=req.sampling_params, seed=req.seed, num_prompt_tokens=req.num_prompt_tokens))
         else:
             ids = self.kv.block_ids(rid)
             fresh = [g[k:] for g, k in zip(ids, req.runner_block_counts)]

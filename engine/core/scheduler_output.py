@@ -16,6 +16,7 @@ class NewRequestData:
     block_ids: list[list[int]]    # per cache group
     sampling_params: SamplingParams
     seed: int
+    num_prompt_tokens: int = 0    # token_ids[:num_prompt_tokens] is the prompt
 
 
 @dataclass

@@ -20,6 +20,7 @@ from engine.kv_cache.state_layout import state_layout_of
 from engine.layers.mamba import HybridMetadata
 from engine.models.base import CausalLM
 from engine.ops.attention import AttentionMetadata
+from engine.ops.penalties import apply_penalties, count_sampled
 from engine.ops.router import counting_tokens
 from engine.ops.sampling import sample, topn_logprobs
 from engine.runner.cuda_graphs import DecodeGraphs, EagerPaddedSteps, GraphUnsafe, graph_batch_sizes
@@ -31,6 +32,23 @@ __all__ = ["ModelRunner", "RunnerOutput", "PendingOutput"]
 log = logging.getLogger("engine.runner")
 
 
+def prompt_positions(rows: np.ndarray, nsched: np.ndarray, seq_lens: np.ndarray, num_prompt: np.ndarray,
+                     want: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The step's tokens whose logits give prompt logprobs: position p's logits score
+    prompt token p + 1, for requests that want them (want >= 0). Returns (batch entry
+    of each, [3, N] int64: index in the step's tokens, state-table row, position p + 1),
+    or None when there are none."""
+    start = seq_lens - nsched
+    count = np.where(want >= 0, np.clip(np.minimum(seq_lens, num_prompt - 1) - start, 0, None), 0)
+    total = int(count.sum())
+    if total == 0:
+        return None
+    entry = np.repeat(np.arange(rows.shape[0]), count)
+    offset = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+    first_token = np.concatenate(([0], np.cumsum(nsched)[:-1]))
+    return entry, np.stack([first_token[entry] + offset, rows[entry], start[entry] + offset + 1])
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_model_len: int, dtype: torch.dtype, device: torch.device,
@@ -40,7 +58,7 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         max_blocks = -(-max_model_len // block_size)
-        self.table = RequestStateTable(max_num_seqs, max_model_len, max_blocks, device)
+        self.table = RequestStateTable(max_num_seqs, max_model_len, max_blocks, device, model.config.vocab_size)
         layout = model.cache_layout()
         # [blocks, layers, entries, block_size, heads, dim]: a block's data for every
         # layer is contiguous, so a request's KV moves in few large transfers.
@@ -101,7 +119,9 @@ class ModelRunner:
             query_lens, seq_lens_cpu = [1] * size, [self.max_model_len] * size
         else:
             query_lens = [int(n > 0) for n in seq_lens_cpu]
-        return self._forward_sample(rows, nsched, mask, num_tokens, query_lens, seq_lens_cpu, num_splits=splits)
+        # Penalties are in every graph: rows without them leave their kernel at once.
+        return self._forward_sample(rows, nsched, mask, num_tokens, query_lens, seq_lens_cpu, num_splits=splits,
+                                    penalties=True)[:2]
 
     # -- one step ---------------------------------------------------------------------
     def _update_table(self, out: SchedulerOutput) -> None:
@@ -114,8 +134,11 @@ class ModelRunner:
         self.table.flush()
 
     def _forward_sample(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,
-                        query_lens_cpu: list[int], seq_lens_cpu: list[int], num_splits: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        query_lens_cpu: list[int], seq_lens_cpu: list[int], num_splits: int | None = None,
+                        penalties: bool = False, prompt_idx: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns the logits of the sampled positions (with any bias and penalties
+        applied), the sampled tokens, and the logits of the tokens at `prompt_idx`."""
         t = self.table
         inp = prepare_inputs(t, rows, nsched, num_tokens, self.block_size)
         states = {}
@@ -130,10 +153,15 @@ class ModelRunner:
         with counting_tokens(inp.query_start_loc[-1:]):     # padding is no expert load
             hidden = self.model(inp.input_ids, inp.positions, meta)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
+        prompt_logits = self.model.compute_logits(hidden[prompt_idx]) if prompt_idx is not None else None
+        if penalties:
+            apply_penalties(logits, rows, t.penalties)
         sampled = sample(logits, t.temperature[rows], t.top_k[rows], t.top_p[rows], t.min_p[rows],
                          t.seeds[rows], inp.seq_lens.long())
+        if penalties:
+            count_sampled(rows, sampled, mask, t.penalties)
         commit_step(t, rows, nsched, sampled, mask)
-        return logits, sampled
+        return logits, sampled, prompt_logits
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> PendingOutput:
@@ -158,21 +186,36 @@ class ModelRunner:
         t.num_tokens_cpu[rows] += samples
         num_tokens = int(nsched.sum())
         want = np.array([-1 if t.logprobs_cpu[r] is None else t.logprobs_cpu[r] for r in rows], dtype=np.int64)
+        prompt = prompt_positions(rows, nsched, seq_lens, t.num_prompt_cpu[rows], t.prompt_logprobs_cpu[rows])
 
-        size = self.graphs.size_for(batch) if self.graphs is not None and num_tokens == batch else None
+        size = (self.graphs.size_for(batch) if self.graphs is not None and num_tokens == batch and prompt is None
+                else None)
+        prompt_logits = None
         if size is not None:
             logits, sampled, host = self.graphs.replay(rows, samples, size, seq_lens)
             logits, sampled = logits[:batch], sampled[:batch]
         else:
             host = np.stack([rows, nsched, samples.astype(np.int64)])
             dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-            logits, sampled = self._forward_sample(dev[0], dev[1], dev[2], num_tokens, nsched.tolist(),
-                                                   seq_lens.tolist())
+            extra = None
+            if prompt is not None:
+                host = (host, prompt[1])
+                extra = torch.from_numpy(prompt[1]).to(self.device, non_blocking=True)
+            # Without bias or penalties in the batch, neither of their kernels runs.
+            logits, sampled, prompt_logits = self._forward_sample(
+                dev[0], dev[1], dev[2], num_tokens, nsched.tolist(), seq_lens.tolist(),
+                penalties=bool(t.penalized_cpu[rows].any()), prompt_idx=None if extra is None else extra[0])
         lp = None
         wanted = want[samples]
         if wanted.size and wanted.max() >= 0:
             lp = topn_logprobs(logits, sampled, int(wanted.max()))
-        pending = PendingOutput(req_ids, samples, want, sampled, lp, keep_alive=host)
+        plp = None
+        if prompt is not None:
+            entry, idx = prompt
+            targets = t.token_ids[extra[1], extra[2]].long()   # the prompt token after each position
+            n = t.prompt_logprobs_cpu[rows[entry]]
+            plp = (entry, idx[2], n, (targets, *topn_logprobs(prompt_logits, targets, int(n.max()))))
+        pending = PendingOutput(req_ids, samples, want, sampled, lp, keep_alive=host, prompt_logprobs=plp)
         if events is not None:
             events[1].record()
             self.step_events.append(events)

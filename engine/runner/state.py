@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from engine.core.scheduler_output import NewRequestData
+from engine.ops.penalties import PenaltyTables
 
 
 class RequestStateTable:
-    def __init__(self, max_reqs: int, max_model_len: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(self, max_reqs: int, max_model_len: int, max_blocks: int, device: torch.device,
+                 vocab_size: int = 1) -> None:
         self.max_reqs, self.max_model_len = max_reqs, max_model_len
         self.device = device
         self.pad_row = max_reqs
@@ -43,6 +45,8 @@ class RequestStateTable:
         self.seeds = z(rows, dtype=torch.int64)
         self.state_slot = z(rows)           # hybrid models: the request's Mamba state slot
         self.state_slot[self.pad_row] = max_reqs
+        # Logit bias and penalties (engine/ops/penalties.py); the pad row's flag stays 0.
+        self.penalties = PenaltyTables.empty(rows, vocab_size, device)
         # Host mirrors of what the host decides anyway (no device reads needed). The
         # counts are optimistic under async scheduling: they include tokens still
         # being sampled.
@@ -52,6 +56,9 @@ class RequestStateTable:
         self.num_tokens_cpu = np.zeros(rows, dtype=np.int64)
         self.num_computed_cpu = np.zeros(rows, dtype=np.int64)
         self.logprobs_cpu: list[int | None] = [None] * rows
+        self.penalized_cpu = np.zeros(rows, dtype=bool)       # the row's flag, as the device has it
+        self.num_prompt_cpu = np.zeros(rows, dtype=np.int64)
+        self.prompt_logprobs_cpu = np.full(rows, -1, dtype=np.int64)   # -1: none wanted
         self._staged_new: list[tuple[int, NewRequestData]] = []
         self._staged_blocks: list[tuple[int, int, list[int]]] = []   # (row, first column, block ids)
 
@@ -65,7 +72,11 @@ class RequestStateTable:
         self.num_blocks_cpu[row] = 0
         self.num_tokens_cpu[row] = n
         self.num_computed_cpu[row] = new.num_computed_tokens
-        self.logprobs_cpu[row] = new.sampling_params.logprobs
+        sp = new.sampling_params
+        self.logprobs_cpu[row] = sp.logprobs
+        self.penalized_cpu[row] = sp.uses_penalties
+        self.num_prompt_cpu[row] = new.num_prompt_tokens
+        self.prompt_logprobs_cpu[row] = -1 if sp.prompt_logprobs is None else sp.prompt_logprobs
         self._staged_new.append((row, new))
         self.append_blocks(new.req_id, new.block_ids[0])
         return row
@@ -121,12 +132,52 @@ class RequestStateTable:
         self.temperature[idx] = floats_d[:, 0]
         self.top_p[idx] = floats_d[:, 1]
         self.min_p[idx] = floats_d[:, 2]
+        self._flush_penalties(staged, rows, idx)
+
+    def _flush_penalties(self, staged: list[tuple[int, NewRequestData]], rows: np.ndarray,
+                         idx: torch.Tensor) -> None:
+        """Set every new row's flag; rebuild the tables of rows that use penalties from
+        their tokens (prompt mask, counts of the tokens generated so far: a resumed or
+        remotely prefilled request brings some) and their logit bias."""
+        p = self.penalties
+        on = np.array([n.sampling_params.uses_penalties for _, n in staged])
+        p.flags[idx] = self._to_device(on.astype(np.int32))
+        if not on.any():
+            return
+        pen = [(r, n) for r, n in staged if n.sampling_params.uses_penalties]
+        prow = np.array([r for r, _ in pen], dtype=np.int64)
+        pidx = self._to_device(prow)
+        p.counts[pidx] = 0
+        p.in_prompt[pidx] = False
+        vocab = p.counts.shape[1]
+        prompt = [(r, t) for r, n in pen for t in n.token_ids[:n.num_prompt_tokens]]
+        self._scatter(p.in_prompt, *(np.array(x, dtype=np.int64) for x in zip(*prompt)), vocab=vocab, value=1)
+        out = [(r, t) for r, n in pen for t in n.token_ids[n.num_prompt_tokens:]]
+        if out:
+            flat = np.array([r * vocab + t for r, t in out], dtype=np.int64)
+            p.counts.view(-1).index_put_((self._to_device(flat),), torch.ones(len(flat), dtype=torch.int32,
+                                                                            device=self.device), accumulate=True)
+        sp = [n.sampling_params for _, n in pen]
+        scal = np.array([[s.presence_penalty, s.frequency_penalty, s.repetition_penalty] for s in sp], dtype=np.float32)
+        scal_d = self._to_device(scal)
+        p.presence[pidx], p.frequency[pidx], p.repetition[pidx] = scal_d[:, 0], scal_d[:, 1], scal_d[:, 2]
+        ids = np.zeros((len(pen), p.bias_ids.shape[1]), dtype=np.int32)
+        vals = np.zeros(ids.shape, dtype=np.float32)
+        for i, s in enumerate(sp):
+            for j, (tok, bias) in enumerate((s.logit_bias or {}).items()):
+                ids[i, j], vals[i, j] = tok, bias
+        p.bias_ids[pidx] = self._to_device(ids)
+        p.bias_vals[pidx] = self._to_device(vals)
+        p.num_bias[pidx] = self._to_device(np.array([len(s.logit_bias or {}) for s in sp], dtype=np.int32))
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         # A fresh host array per call, never written again: the non-blocking copy is
         # staged by the driver (pageable memory) and cannot race the next step's writes.
         return torch.from_numpy(a).to(self.device, non_blocking=True)
 
-    def _scatter(self, dst: torch.Tensor, flat_idx: np.ndarray, values: np.ndarray) -> None:
+    def _scatter(self, dst: torch.Tensor, flat_idx: np.ndarray, values: np.ndarray, vocab: int | None = None,
+                 value: int | None = None) -> None:
+        if vocab is not None:       # (row, column) pairs of a [rows, vocab] table, all set to `value`
+            flat_idx, values = flat_idx * vocab + values, np.full(len(values), value, dtype=np.int64)
         both = self._to_device(np.stack([flat_idx, values]))
         dst.view(-1)[both[0]] = both[1].to(dst.dtype)

@@ -18,6 +18,8 @@ import torch
 class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)          # requests that produced a token
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    # Prompt logprobs computed this step: request -> (position of the prompt token, its entry).
+    prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
@@ -29,13 +31,21 @@ class PendingOutput:
     def __init__(self, req_ids: list[str] | None = None, samples: np.ndarray | None = None,
                  want_logprobs: np.ndarray | None = None, sampled: torch.Tensor | None = None,
                  logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 keep_alive: object = None) -> None:
+                 keep_alive: object = None,
+                 prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray, tuple[torch.Tensor, ...]] | None = None
+                 ) -> None:
         self.req_ids = req_ids or []
         self.samples = samples
         self.want = want_logprobs
         self._sampled = to_host(sampled) if sampled is not None else None
         self._logprobs = tuple(to_host(x) for x in logprobs) if logprobs is not None else None
         self._keep_alive = keep_alive   # host arrays an in-flight copy may still read
+        # Prompt logprobs: (batch entry, prompt position and top-n of each, then on the
+        # device the prompt tokens, their logprobs, top ids and top logprobs).
+        self._prompt = None
+        if prompt_logprobs is not None:
+            entry, pos, n, tensors = prompt_logprobs
+            self._prompt = (entry, pos, n, tuple(to_host(x) for x in tensors))
         self._event = None
         if sampled is not None and sampled.is_cuda:
             self._event = torch.cuda.Event()
@@ -61,6 +71,15 @@ class PendingOutput:
                     entry = dict(zip(top_ids[i][:n], top_lps[i][:n]))
                     entry[tokens[i]] = lp[i]
                     out.logprobs[rid] = entry
+        if self._prompt is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            entry, pos, want, tensors = self._prompt
+            tok, lp, top_ids, top_lps = (x.tolist() for x in tensors)
+            for k, (i, p, n) in enumerate(zip(entry.tolist(), pos.tolist(), want.tolist())):
+                d = dict(zip(top_ids[k][:n], top_lps[k][:n]))
+                d[tok[k]] = lp[k]
+                out.prompt_logprobs.setdefault(self.req_ids[i], []).append((p, d))
         self._result = out
-        self._sampled = self._logprobs = self._keep_alive = None
+        self._sampled = self._logprobs = self._keep_alive = self._prompt = None
         return out
