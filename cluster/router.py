@@ -59,5 +59,8 @@ def router_deployment(settings: AppSettings):
     p = settings.pool("router")
     return serve.deployment(
         Router, name="Router", num_replicas=p.replicas, max_ongoing_requests=settings.router_max_ongoing_requests,
-        max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None else 256,
+        # Serve's own refusal (plain text) only past the router's limit: below it, the
+        # router answers every refusal itself, in OpenAI's shape.
+        max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None
+        else settings.router_max_ongoing_requests,
         ray_actor_options={"num_cpus": p.num_cpus, "num_gpus": 0})
