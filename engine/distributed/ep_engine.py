@@ -168,6 +168,8 @@ class EPEngine:
             self.num_moe_layers = layout["moe_layers"]
             self.bytes_per_expert = layout["bytes_per_expert"]
             self.slots_loaded = layout["slots_loaded"]
+            # Values per token row a dispatch carries (a LatentMoE's latent size).
+            self.dispatch_width = layout["dispatch_width"]
             if self.num_experts is None:
                 self.num_experts = layout["num_experts"]
                 self._set_layout(ep_size)

@@ -71,6 +71,7 @@ class EPWorker:
             raise ValueError("this model has no MoE layers; expert parallelism has nothing to split")
         w13 = layers[0].w13
         return {"moe_layers": len(layers), "num_experts": layers[0].num_experts, "slots_loaded": w13.shape[0],
+                "dispatch_width": w13.shape[2],
                 "bytes_per_expert": (w13[0].numel() + layers[0].w2[0].numel()) * w13.element_size()}
 
     # -- group changes ------------------------------------------------------------------

@@ -52,7 +52,8 @@ class ExpertParallel:
 
     def forward(self, moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, phys: torch.Tensor,
                 logical_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights/phys/logical_ids [T, k] (phys: global slot ids) -> [T, H]."""
+        """x [T, H], weights/phys/logical_ids [T, k] (phys: global slot ids) -> [T, H].
+        H is the experts' input width (a LatentMoE's latent size, not the hidden size)."""
         if self.low_latency is not None:
             return low_latency_moe(self.low_latency, self.slots_per_rank, moe, x, weights, phys, logical_ids)
         tokens, k = phys.shape
@@ -86,7 +87,7 @@ class ExpertParallel:
     def compute(self, moe: nn.Module, rows: torch.Tensor, local_slots: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         """The received rows through this rank's experts, one (slot, weight) per row."""
-        return fused_moe(rows, moe.w13, moe.w2, local_slots, weights)
+        return fused_moe(rows, moe.w13, moe.w2, local_slots, weights, activation=moe.activation)
 
 
 def combine_in_logical_order(back: torch.Tensor, order: torch.Tensor, logical_ids: torch.Tensor,

@@ -110,7 +110,8 @@ def low_latency_moe(buffers: LowLatencyBuffers, slots_per_rank: int, moe: nn.Mod
         # grid has to allow: decode-sized batches stream weights with small tiles.
         config = default_config(max(tokens, 1) * k, moe.w13.shape[0])
         moe_entries_triton(mine["rx"].view(rows, -1), moe.w13, moe.w2, mine["ids"].view(rows, k),
-                           mine["wts"].view(rows, k), config, PeerRows(b.ptrs["pairs"], per_src, b.hidden))
+                           mine["wts"].view(rows, k), config, PeerRows(b.ptrs["pairs"], per_src, b.hidden),
+                           activation=moe.activation)
         b.memory.barrier()
         return sum_pairs_in_logical_order(mine["pairs"][:tokens * k].view(tokens, k, b.hidden), logical_ids)
 
@@ -123,7 +124,8 @@ def low_latency_moe(buffers: LowLatencyBuffers, slots_per_rank: int, moe: nn.Mod
         view["rx"][b.rank, :tokens] = x
     b.memory.barrier()
     ids = mine["ids"].view(rows, k)
-    entries = moe_entries_ref(mine["rx"].view(rows, -1), moe.w13, moe.w2, ids, mine["wts"].view(rows, k).to(x.dtype))
+    entries = moe_entries_ref(mine["rx"].view(rows, -1), moe.w13, moe.w2, ids, mine["wts"].view(rows, k).to(x.dtype),
+                              moe.activation)
     sink = torch.full((per_src,), per_src, dtype=torch.long, device=x.device)
     every = torch.arange(per_src, device=x.device)
     for src, view in enumerate(b.views):

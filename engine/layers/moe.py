@@ -68,9 +68,8 @@ class FusedMoE(nn.Module):
         # The map and the load count in one launch on the device (engine/ops/router.py).
         phys = to_physical(logical_ids, self.log2phy, self.logcnt, self.expert_load)
         if self.ep is not None:
-            if not self.gated:
-                raise ValueError(f"expert parallelism does not run {self.activation!r} experts (NemotronH) yet; "
-                                 f"serve this model without expert parallelism")
+            # x is what the experts take (for a LatentMoE, the latent vector): that is
+            # what travels to the experts' ranks.
             return self.ep.forward(self, x, weights, phys, logical_ids)
         return fused_moe(x, self.w13, self.w2, phys, weights, activation=self.activation)
 

@@ -91,3 +91,44 @@ def test_greedy_parity_through_rebalance_grow_and_shrink(family, dispatch) -> No
         assert eng.stats.num_rebalances == 3
         # The engine serves on after all that, through the plain offline API too.
         assert_matches(eng.generate(PROMPTS[:2], PARAMS), refs[:2])
+
+
+# NemotronH (Mamba-2 state slots, squared-ReLU experts): the Super layout dispatches the
+# LatentMoE's latent vector (moe_latent_size wide, half the hidden size here), the Nano
+# layout the hidden state.
+HYBRID_PROMPTS = [[5, 17, 99, 3], list(range(40, 61)), [7] * 11, [200, 1, 2, 3, 4]]
+HYBRID_PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module", params=["nemotron_h_super", "nemotron_h_nano"])
+def hybrid(request, tmp_path_factory):
+    from tests.engine.tiny_models import HYBRID_CONFIGS
+    folder = tmp_path_factory.mktemp(request.param)
+    build(request.param, folder)
+    kwargs = HYBRID_CONFIGS[request.param][2]
+    width = kwargs.get("moe_latent_size") or kwargs["hidden_size"]
+    return folder, width, LLM(str(folder), max_logprobs=5).generate(HYBRID_PROMPTS, HYBRID_PARAMS)
+
+
+@pytest.mark.parametrize("dispatch", ["normal", "low_latency"])
+def test_nemotron_h_greedy_parity_through_rebalance(hybrid, dispatch) -> None:
+    folder, width, refs = hybrid
+    config = EngineConfig(model=str(folder), max_logprobs=5,
+                          max_num_batched_tokens=16 if dispatch == "low_latency" else 2048)
+    with ElasticEPEngine(config, 2, eplb=EplbConfig(auto_rebalance=False), dispatch=dispatch) as eng:
+        layers, experts = eng.num_moe_layers, eng.num_experts
+        assert eng.dispatch_width == width, "what travels is the experts' input (the latent for LatentMoE)"
+        assert eng.slots_loaded == eng.slots_per_rank == experts // 2
+        rids = [eng.add_request(p, HYBRID_PARAMS) for p in HYBRID_PROMPTS[:2]]
+        for _ in range(3):
+            eng.step()
+        assert in_flight(eng, rids)
+        before = eng.phy2log.clone()
+        skew = torch.arange(1, experts + 1, dtype=torch.float64).pow(3).flip(0).repeat(layers, 1)
+        assert eng.rebalance(skew)
+        assert not torch.equal(eng.phy2log, before) and eng.stats.bytes_moved_total > 0
+        rids += [eng.add_request(p, HYBRID_PARAMS) for p in HYBRID_PROMPTS[2:]]
+        while eng.has_unfinished():
+            eng.step()
+        results = {o.request_id: o for o in eng.pop_finished()}
+        assert_matches([results[r] for r in rids], refs)
