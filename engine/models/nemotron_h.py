@@ -112,8 +112,17 @@ class NemotronHMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.c
         logits = F.linear(x.float(), self.gate.weight.float())
-        weights, ids = grouped_sigmoid_topk(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
-                                            c.n_group, c.topk_group, c.norm_topk_prob)
+        if c.n_group <= 1 or c.topk_group >= c.n_group:
+            # Every group is kept (Nano and Super: n_group 1), so the group step is a no-op:
+            # the same choice in 3 launches instead of ~10 (each one per MoE layer per step).
+            scores = logits.sigmoid()
+            ids = (scores + self.gate.e_score_correction_bias.float()).topk(c.num_experts_per_tok, dim=-1)[1]
+            weights = scores.gather(1, ids)
+            if c.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights, ids = grouped_sigmoid_topk(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
+                                                c.n_group, c.topk_group, c.norm_topk_prob)
         weights = weights * c.routed_scaling_factor
         routed = self.experts(self.fc1_latent_proj(x) if self.latent else x, weights, ids)
         if self.latent:
