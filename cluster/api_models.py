@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from engine.sampling_params import INT32_MAX, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from engine.sampling_params import (INT32_MAX, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_PENALTY,
+                                    MAX_REPETITION_PENALTY, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS)
 
 MAX_LOGPROBS = 20             # OpenAI's range for logprobs / top_logprobs
 
@@ -45,6 +46,24 @@ TokenId = bounded(0, INT32_MAX)
 # the same to every client and validator.
 Seed = Annotated[StrictInt, BeforeValidator(_json_integer)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+# JSON object keys are strings: a token id in decimal, no leading zeros (the served
+# schema narrows the pattern to the vocabulary, see openapi_with_limits).
+TOKEN_ID_KEY = r"^(0|[1-9][0-9]{0,9})$"
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=TOKEN_ID_KEY)],
+                           # (Field before the validator, or the bounds miss the schema)
+                           Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS),
+                                     BeforeValidator(_json_number)]],
+                      Field(max_length=MAX_LOGIT_BIAS_ENTRIES)]
+
+
+def unsupported(name: str, why: str = ""):
+    """A parameter clients send that this server does not implement: absent or null is
+    fine; anything else is a 400 naming it (never silently ignored)."""
+    def refuse(value):
+        if value is not None:
+            raise ValueError(f"{name} is not supported by this server{why}; leave it out")
+        return value
+    return Annotated[None, BeforeValidator(refuse), Field(None, description=f"Not supported{why}: null or absent")]
 
 
 def _encodable(value):
@@ -55,6 +74,24 @@ def _encodable(value):
                 s.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+def _plain_text_only(value):
+    if value is not None and value != {"type": "text"}:
+        raise ValueError("response_format is not supported by this server beyond {\"type\": \"text\"} "
+                         "(no structured output); leave it out")
+    return value
+
+
+def _no_tool_choice(value):
+    if value is not None and value != "none":
+        raise ValueError("tool_choice is not supported by this server (no tool calling); leave it out")
     return value
 
 
@@ -80,6 +117,29 @@ class SamplingRequest(BaseModel):
     n: bounded(1, 1) = Field(1, description="Only 1 is supported")
     ignore_eos: StrictBool = False
     user: str | None = Field(None, max_length=256)
+    presence_penalty: Number = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                     description="Subtracted from the logit of each token generated so far")
+    frequency_penalty: Number = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                      description="Times its count, subtracted from each generated token's logit")
+    repetition_penalty: Number = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY,
+                                       description="Prompt and generated tokens: a positive logit is divided by "
+                                                   "it, a negative one multiplied (1 is off)")
+    logit_bias: LogitBias | None = Field(None, description="Token id (a decimal string) -> bias added to its "
+                                                           "logit, in [-100, 100]")
+    # Sent by clients, not implemented: refused by name (see unsupported()).
+    response_format: Annotated[TextFormat | None, BeforeValidator(_plain_text_only)] = Field(
+        None, description="Only {\"type\": \"text\"} (the default): no structured output")
+    tools: unsupported("tools", " (no tool calling)") = None
+    tool_choice: Annotated[Literal["none"] | None, BeforeValidator(_no_tool_choice)] = Field(
+        None, description="Only \"none\": no tool calling")
+    functions: unsupported("functions", " (no tool calling)") = None
+    function_call: unsupported("function_call", " (no tool calling)") = None
+    guided_json: unsupported("guided_json", " (no structured output)") = None
+    guided_regex: unsupported("guided_regex", " (no structured output)") = None
+    guided_choice: unsupported("guided_choice", " (no structured output)") = None
+    guided_grammar: unsupported("guided_grammar", " (no structured output)") = None
+    structured_outputs: unsupported("structured_outputs", " (no structured output)") = None
+    min_tokens: unsupported("min_tokens") = None
 
     _text = field_validator("stop")(classmethod(lambda cls, v: _encodable(v)))
 
@@ -87,7 +147,15 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)] = Field(
         description="Text, or token ids")
-    logprobs: bounded(0, MAX_LOGPROBS) | None = None
+    max_tokens: bounded(0, INT32_MAX) | None = Field(None, description="Tokens to generate (default 16; 0 "
+                                                     "generates none, for echo); generation also stops where "
+                                                     "the context (max_model_len) ends")
+    logprobs: bounded(0, MAX_LOGPROBS) | None = Field(None, description="Top-n logprobs per token (with echo, "
+                                                                        "of the prompt's tokens too)")
+    echo: StrictBool = Field(False, description="The prompt before the completion (with logprobs: its "
+                                                "tokens' logprobs, the first null)")
+    best_of: bounded(1, 1) | None = Field(None, description="Only 1 is supported")
+    suffix: unsupported("suffix", " (no insertion)") = None
 
     _prompt = field_validator("prompt")(classmethod(lambda cls, v: _encodable(v)))
 
@@ -136,8 +204,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]          # with echo, null for the prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -63,14 +63,21 @@ class _Output:
     """One request's output as the client sees it: tokens, logprobs and text, folded
     from the engine's token deltas; a stop string ends it here."""
 
-    def __init__(self, tokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer, stop: list[str], generate: bool = True) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, stop)
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] = []
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.finish_reason: str | None = None
         self.num_cached_tokens = 0
+        self.generate = generate    # False: max_tokens=0, the engine's one token is not shown
 
     def add(self, d: StreamDelta) -> str:
+        if self.prompt_logprobs is None:    # the first attempt's (a resumed stream sends longer ones)
+            self.prompt_logprobs = d.prompt_logprobs
+        if not self.generate:
+            self.finish_reason = d.output.finish_reason and "length"
+            return ""
         self.token_ids += d.new_token_ids
         self.logprobs += d.new_logprobs
         self.num_cached_tokens = max(self.num_cached_tokens, d.num_cached_tokens)
@@ -146,7 +153,8 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "tandem", "max_model_len": limits.max_model_len}]}
 
-    def sampling(body: SamplingRequest, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+    def sampling(body: SamplingRequest, logprobs: int | None, max_tokens: int | None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
                            "not_found_error", param="model")
@@ -157,11 +165,19 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
         if body.top_k > limits.vocab_size:
             raise APIError(400, f"top_k must be -1 or at most the vocabulary size ({limits.vocab_size})",
                            param="top_k")
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        if bias and max(bias) >= limits.vocab_size:
+            raise APIError(400, f"logit_bias token ids must be below the vocabulary size ({limits.vocab_size})",
+                           param="logit_bias")
         try:
-            return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens,
+            # max_tokens=0 (echo only) still runs the prompt; its one token is dropped by _Output.
+            return SamplingParams(max_tokens=16 if max_tokens is None else max(max_tokens, 1),
                                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                   min_p=body.min_p, seed=None if body.seed is None else body.seed & MAX_SEED,
-                                  stop=body.stop or [], ignore_eos=body.ignore_eos, logprobs=logprobs)
+                                  stop=body.stop or [], ignore_eos=body.ignore_eos, logprobs=logprobs,
+                                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                  repetition_penalty=body.repetition_penalty, logit_bias=bias or None,
+                                  prompt_logprobs=prompt_logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -251,21 +267,40 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
 
     @app.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE})
     async def completions(body: CompletionRequest):
-        params = sampling(body, body.logprobs, body.max_tokens)
+        echo_lp = body.logprobs if body.echo else None
+        params = sampling(body, body.logprobs, body.max_tokens, prompt_logprobs=echo_lp)
         with admit() as admission:
             ids = await tokens_of(body.prompt)
             admission.hold()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        out = _Output(engine.tokenizer, params.stop)
+        out = _Output(engine.tokenizer, params.stop, generate=body.max_tokens != 0)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         sent = 0
+        echoed = False      # the prompt (and its logprobs) go out once, before the completion
 
-        def lp(start: int, end: int):
+        def lp(start: int, end: int, head: bool = False):
             if body.logprobs is None:
                 return None
             ts, lps = out.token_ids[start:end], out.logprobs[start:end]
-            return {"tokens": [tok(t) for t in ts], "token_logprobs": [p[t] for t, p in zip(ts, lps)],
-                    "top_logprobs": [{tok(k): v for k, v in p.items()} for p in lps], "text_offset": []}
+            res = {"tokens": [tok(t) for t in ts], "token_logprobs": [p[t] for t, p in zip(ts, lps)],
+                   "top_logprobs": [{tok(k): v for k, v in p.items()} for p in lps], "text_offset": []}
+            if head and body.echo:
+                plp = out.prompt_logprobs
+                if plp is None or len(plp) != len(ids):
+                    raise APIError(500, "the engine did not return the prompt's logprobs", "server_error")
+                res = {"tokens": [tok(t) for t in ids] + res["tokens"],
+                       "token_logprobs": [None if p is None else p[t] for t, p in zip(ids, plp)] + res["token_logprobs"],
+                       "top_logprobs": [None if p is None else {tok(k): v for k, v in p.items()} for p in plp]
+                       + res["top_logprobs"], "text_offset": []}
+            return res
+
+        async def prompt_text() -> str:
+            if isinstance(body.prompt, str):
+                return body.prompt
+            if engine.tokenizer is None:
+                return ""
+            return await asyncio.to_thread(engine.tokenizer.decode, ids)
+        echo_text = await prompt_text() if body.echo else ""
 
         def chunk(choices: list, use: dict | None = None) -> dict:
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
@@ -277,12 +312,14 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
                 return [chunk([], usage(len(ids), out))] if include_usage else []
             if text is None:
                 return []
+            nonlocal echoed
+            first, echoed = not echoed, True
             start, sent = sent, len(out.token_ids)
-            return [chunk([{"index": 0, "text": text, "logprobs": lp(start, sent),
-                            "finish_reason": out.finish_reason}])]
+            return [chunk([{"index": 0, "text": (echo_text if first else "") + text,
+                            "logprobs": lp(start, sent, head=first), "finish_reason": out.finish_reason}])]
 
         def final():
-            return chunk([{"index": 0, "text": out.text, "logprobs": lp(0, len(out.token_ids)),
+            return chunk([{"index": 0, "text": echo_text + out.text, "logprobs": lp(0, len(out.token_ids), head=True),
                            "finish_reason": out.finish_reason}], usage(len(ids), out))
         return await respond(run(ids, params, rid, out, admission), body.stream, chunks, final)
 
@@ -370,12 +407,31 @@ def openapi_with_limits(app: FastAPI, model_name: str, limits) -> dict:
                 for option in props[field].get("anyOf", [props[field]]):
                     if option.get("type") == "integer":
                         option["maximum"] = min(option["maximum"], limits.max_model_len - 1)
+        for option in props["logit_bias"]["anyOf"]:
+            if option.get("type") == "object":     # keys: token ids of this vocabulary, nothing else
+                option["patternProperties"] = {below_pattern(limits.vocab_size): option["patternProperties"].popitem()[1]}
+                option["additionalProperties"] = False
     for option in comps["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
         if option.get("type") == "array":
             option["items"]["maximum"] = min(option["items"]["maximum"], limits.vocab_size - 1)
             option["maxItems"] = limits.max_model_len - 1
     app.openapi_schema = schema
     return schema
+
+
+def below_pattern(n: int) -> str:
+    """A regex of the decimal integers 0 .. n - 1 (no leading zeros, n >= 1)."""
+    m = str(n - 1)
+    k = len(m)
+    alts = ["0"] if k == 1 else ["0", "[1-9][0-9]{0,%d}" % (k - 2) if k > 2 else "[1-9]"]
+    for i, d in enumerate(m):
+        lo = 1 if i == 0 else 0
+        if int(d) > lo:
+            hi = int(d) - 1
+            digit = str(lo) if hi == lo else f"[{lo}-{hi}]"
+            alts.append(m[:i] + digit + ("[0-9]{%d}" % (k - i - 1) if k - i - 1 else ""))
+    alts.append(m)
+    return "^(" + "|".join(dict.fromkeys(alts)) + ")$"
 
 
 def _sse(obj: dict) -> str:

@@ -35,7 +35,7 @@ _ERRORS = {"invalid": ValueError, "overloaded": EngineOverloaded, "dead": Engine
 
 def token_delta(d: StreamDelta) -> dict:
     return {"token_ids": d.new_token_ids, "logprobs": d.new_logprobs, "finish_reason": d.output.finish_reason,
-            "num_cached_tokens": d.num_cached_tokens}
+            "num_cached_tokens": d.num_cached_tokens, "prompt_logprobs": d.prompt_logprobs}
 
 
 def error_item(e: Exception) -> dict | None:
@@ -88,7 +88,8 @@ class RemoteEngine:
                     out = RequestOutput(request_id, None, prompt_token_ids,
                                         [CompletionOutput(0, "", list(produced), item["finish_reason"])],
                                         item["finish_reason"] is not None)
-                    yield StreamDelta(out, "", item["token_ids"], item["logprobs"], item["num_cached_tokens"])
+                    yield StreamDelta(out, "", item["token_ids"], item["logprobs"], item["num_cached_tokens"],
+                                      item.get("prompt_logprobs"))
                     if item["finish_reason"] is not None:
                         settled = True
                         return

@@ -40,7 +40,7 @@ async def prefill_request(engine: AsyncEngine, request: dict) -> dict:
     out = final.output
     return {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
             "logprobs": out.logprobs, "num_cached_tokens": final.num_cached_tokens,
-            "kv_transfer_params": out.kv_transfer_params}
+            "kv_transfer_params": out.kv_transfer_params, "prompt_logprobs": out.prompt_logprobs}
 
 
 class PrefillDecodeEngine:
@@ -143,7 +143,10 @@ class PrefillDecodeEngine:
             return
         kv = {"do_remote_prefill": True, "handle": handle, "first_token_ids": first["token_ids"],
               "first_logprobs": first["logprobs"]}
+        prompt_logprobs = first.get("prompt_logprobs")     # computed by the prefill engine
         async for delta in self.decode.generate(prompt, params, request_id, kv):
+            if prompt_logprobs is not None:
+                delta, prompt_logprobs = replace(delta, prompt_logprobs=prompt_logprobs), None
             yield delta
 
 
@@ -152,4 +155,4 @@ def _delta_from(request_id: str, prompt: str | None, ids: list[int], result: dic
                             result["logprobs"])
     out = RequestOutput(request_id, prompt, ids, [comp], True)
     return StreamDelta(out, result["text"], list(result["token_ids"]), list(result["logprobs"] or []),
-                       result.get("num_cached_tokens", 0))
+                       result.get("num_cached_tokens", 0), result.get("prompt_logprobs"))

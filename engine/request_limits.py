@@ -40,6 +40,9 @@ class RequestLimits:
         if params.top_k > vocab:
             raise ValueError(f"top_k must be -1 (disabled) or in [1, {vocab}] (the vocabulary size), "
                              f"got {params.top_k}")
-        lp = params.logprobs
-        if lp is not None and lp > self.max_logprobs:
-            raise ValueError(f"logprobs={lp} is above the engine's max_logprobs={self.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(params, name)
+            if lp is not None and lp > self.max_logprobs:
+                raise ValueError(f"{name}={lp} is above the engine's max_logprobs={self.max_logprobs}")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}) (the vocabulary)")

@@ -59,7 +59,7 @@ def test_seeded_sampling_is_reproducible_over_http(client):
 
 
 @pytest.mark.parametrize("kwargs, status", [
-    (dict(max_tokens=0), 400), (dict(temperature=-1), 400), (dict(top_p=2.0), 400),
+    (dict(max_tokens=-1), 400), (dict(temperature=-1), 400), (dict(top_p=2.0), 400),
     (dict(prompt=""), 400), (dict(prompt="x" * 400), 400), (dict(max_tokens=10**6), 400), (dict(model="other"), 404), (dict(n=2), 400),
 ])
 def test_bad_requests_get_openai_errors(client, kwargs, status):

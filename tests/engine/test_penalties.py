@@ -127,3 +127,14 @@ def test_prompt_logprobs_match_transformers_through_chunks_and_cache_hits(tiny, 
             assert set(top.indices.tolist()) <= set(entry)
             assert len(entry) <= 4
     assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+
+
+def test_penalties_survive_preemption(tiny):
+    """A preempted request's counts are rebuilt from its tokens when it comes back."""
+    hf, folder = tiny
+    llm = LLM(folder, max_model_len=96, max_num_seqs=4, block_size=4, num_kv_blocks=24, max_num_batched_tokens=64)
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, **CASES["all"])
+    outs = llm.generate(PROMPTS, sp)
+    assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool should force preemption"
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == reference(hf, prompt, sp)

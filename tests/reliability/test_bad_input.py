@@ -18,7 +18,7 @@ BAD_BODIES = [
     ({"prompt": "hi", "top_k": 10**6}, "top_k"),                      # above the vocabulary
     ({"prompt": "hi", "seed": 1.5}, "seed"),
     ({"prompt": "hi", "max_tokens": 2**31}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
     ({"prompt": [False]}, "prompt"),                                  # was taken as token 0
     ({"prompt": [1, True]}, "prompt"),
     ({"prompt": [10**9]}, "prompt"),
@@ -30,6 +30,14 @@ BAD_BODIES = [
     ({"prompt": "hi", "temperature": -1}, "temperature"),
     ({"prompt": "hi", "top_p": 0}, "top_p"),
     ({"prompt": "hi", "stream": "yes"}, "stream"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "logit_bias": {"1000000": 1}}, "logit_bias"),  # beyond the vocabulary
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),   # was ignored
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "hi", "best_of": 2}, "best_of"),
+    ({"prompt": "hi", "suffix": "end"}, "suffix"),
 ]
 
 
