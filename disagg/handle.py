@@ -16,6 +16,7 @@ class KVHandle:
     num_tokens: int         # tokens of KV in those blocks
     layout_hash: str
     lease_s: float          # the producer frees the blocks this long after the handle
+    state_slot: int | None = None   # hybrid models: the producer's Mamba state slot (same lease)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,4 +36,7 @@ class KVHandle:
             raise ValueError("KV handle block_ids must be non-negative ints")
         if d["num_tokens"] < 1 or not 0 < d["port"] < 65536 or d["lease_s"] <= 0:
             raise ValueError("KV handle num_tokens must be >= 1, port in 1..65535 and lease_s > 0")
-        return cls(**{k: d[k] for k in types})
+        slot = d.get("state_slot")
+        if slot is not None and (not isinstance(slot, int) or isinstance(slot, bool) or slot < 0):
+            raise ValueError(f"KV handle field 'state_slot' must be a non-negative int or null, got {slot!r:.80}")
+        return cls(**{k: d[k] for k in types}, state_slot=slot)

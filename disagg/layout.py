@@ -5,6 +5,11 @@ The engine's cache is one tensor [blocks, layers, entries, block_size, heads, di
 a block (every layer's KV for block_size tokens) is one contiguous run of bytes and
 adjacent block ids are adjacent memory: a request's blocks move in as many transfer
 descriptors as there are runs of consecutive ids on both sides, not one per layer.
+
+A hybrid model (NemotronH) also holds one fixed-size Mamba state slot per request: every
+Mamba layer's conv window and SSM state in one run of bytes (engine/kv_cache/
+state_layout.py), so the slot moves in one more descriptor. Its shapes and dtypes are
+part of the layout and of its hash.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import msgpack
 import torch
 
 # Fields that must match between producer and consumer (num_blocks may differ).
-_COMPATIBLE = ("block_shape", "dtype", "block_size", "block_bytes", "model")
+_COMPATIBLE = ("block_shape", "dtype", "block_size", "block_bytes", "model", "state")
 
 
 @dataclass(frozen=True)
@@ -28,14 +33,30 @@ class BlockLayout:
     block_bytes: int
     num_blocks: int
     model: str                     # fingerprint of the model the KV belongs to
+    # Hybrid models: the state slot's layout (layers, conv/SSM shapes and dtypes,
+    # bytes_per_slot; StateLayout.describe), else None.
+    state: dict | None = None
+    num_state_slots: int = 0
 
     @classmethod
-    def of(cls, kv_cache: torch.Tensor, model: str) -> BlockLayout:
+    def of(cls, kv_cache: torch.Tensor, model: str, state_cache: torch.Tensor | None = None,
+           state: dict | None = None) -> BlockLayout:
         if not kv_cache.is_contiguous():
             raise ValueError("the KV cache must be one contiguous tensor to be registered for transfer")
+        if (state_cache is None) != (state is None):
+            raise ValueError("a state cache and its description come together")
+        if state_cache is not None and (not state_cache.is_contiguous() or state_cache.dim() != 2
+                                        or state_cache.shape[1] * state_cache.element_size() != state["bytes_per_slot"]):
+            raise ValueError("the state cache must be one contiguous [slots, bytes_per_slot] tensor")
         shape = tuple(kv_cache.shape[1:])
         return cls(shape, str(kv_cache.dtype).removeprefix("torch."), shape[2],
-                   kv_cache[0].numel() * kv_cache.element_size(), kv_cache.shape[0], model)
+                   kv_cache[0].numel() * kv_cache.element_size(), kv_cache.shape[0], model,
+                   dict(state) if state is not None else None,
+                   state_cache.shape[0] if state_cache is not None else 0)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.state["bytes_per_slot"] if self.state else 0
 
     @property
     def hash(self) -> str:
@@ -55,7 +76,7 @@ class BlockLayout:
 
     def mismatch(self, other: BlockLayout) -> str | None:
         """Why a reader with this layout cannot read `other`'s blocks, or None."""
-        diffs = [f"{k}: ours {getattr(self, k)!r}, theirs {getattr(other, k)!r}"
+        diffs = [f"{'state slots' if k == 'state' else k}: ours {getattr(self, k)!r}, theirs {getattr(other, k)!r}"
                  for k in _COMPATIBLE if getattr(self, k) != getattr(other, k)]
         return "KV layouts differ (" + "; ".join(diffs) + ")" if diffs else None
 

@@ -5,9 +5,11 @@ agent metadata and block layout on a side channel. A producer keeps a finished
 prefill's blocks under a lease and hands out a KVHandle. A consumer fetches the
 producer's metadata once per peer (in a background thread, so a dead peer never stalls
 the engine loop), checks the layouts match, then pulls the blocks with one NIXL READ
-per request, in as few descriptors as there are runs of adjacent blocks. The READ
-carries a notification that tells the producer to free the blocks; an unread lease
-expires on its own.
+per request, in as few descriptors as there are runs of adjacent blocks. A hybrid
+model's engine registers its Mamba state slots too: the producer keeps the request's
+slot under the blocks' lease and the same READ copies it, one more descriptor. The
+READ carries a notification that tells the producer to free the blocks (and the slot);
+an unread lease expires on its own.
 
 Every hook method runs on the engine-core thread: NIXL is not called concurrently.
 """
@@ -71,6 +73,7 @@ class _Peer:
     dev_id: int
     mem_type: str
     layout: BlockLayout
+    state_base: int = 0
 
 
 @dataclass
@@ -83,6 +86,7 @@ class _Load:
     trust_until: float = float("inf")   # past this the producer's blocks may be reused
     num_tokens: int = 0
     first_block: int = 0
+    state_slot: int | None = None       # the local slot the producer's state goes into
     descriptors: int = 0
     started: float = 0.0
     xfer: object | None = None
@@ -93,15 +97,19 @@ class _Load:
 class NixlConnector(KVTransferHook):
     def __init__(self, kv_cache: torch.Tensor, model: str, host: str = "127.0.0.1", port: int = 0,
                  lease_s: float = 30.0, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 30.0,
-                 observer: TransferObserver | None = None, progress_thread: bool | None = None) -> None:
+                 observer: TransferObserver | None = None, progress_thread: bool | None = None,
+                 state_cache: torch.Tensor | None = None, state: dict | None = None) -> None:
+        """state_cache [slots, bytes_per_slot] and its description (StateLayout.describe):
+        a hybrid model's Mamba state slots, registered and read along with the blocks."""
         self.engine_id = f"tandem-{uuid.uuid4().hex[:12]}"
-        self.layout = BlockLayout.of(kv_cache, model)
+        self.layout = BlockLayout.of(kv_cache, model, state_cache, state)
         self.lease_s, self.transfer_timeout_s = lease_s, transfer_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
         self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
         self.dev_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
         self.base = kv_cache.data_ptr()
-        self._kv_cache = kv_cache     # keep the registered memory alive
+        self.state_base = state_cache.data_ptr() if state_cache is not None else 0
+        self._kv_cache, self._state_cache = kv_cache, state_cache     # keep the registered memory alive
         # NIXL's progress thread polls UCX on a core of its own, busy even when idle: worth
         # it beside a GPU, ruinous on a small CPU host, where the engine loop's own calls
         # (polling loads and notifications) drive progress instead.
@@ -109,10 +117,12 @@ class NixlConnector(KVTransferHook):
             progress_thread = kv_cache.is_cuda
         self.agent = nixl_agent(self.engine_id, nixl_agent_config(enable_prog_thread=progress_thread,
                                                                    backends=["UCX"]))
-        self._registration = self.agent.register_memory(kv_cache)
+        self._registration = self.agent.register_memory(
+            [kv_cache] if state_cache is None else [kv_cache, state_cache.view(torch.uint8)])
         self.side_channel = SideChannelServer(
             {"engine_id": self.engine_id, "agent_metadata": self.agent.get_agent_metadata(), "base": self.base,
-             "dev_id": self.dev_id, "mem_type": self.mem_type, "layout": self.layout.to_dict()}, host, port)
+             "state_base": self.state_base, "dev_id": self.dev_id, "mem_type": self.mem_type,
+             "layout": self.layout.to_dict()}, host, port)
         self.host, self.port = host, self.side_channel.port
         self.stats = TransferStats()
         self.observer = observer
@@ -126,14 +136,22 @@ class NixlConnector(KVTransferHook):
 
     @classmethod
     def for_engine(cls, core: EngineCore, **kwargs) -> NixlConnector:
-        """A connector over an engine core's KV cache; plug it in with core.set_kv_transfer."""
-        return cls(core.runner.kv_cache, model_fingerprint(core.model.config), **kwargs)
+        """A connector over an engine core's KV cache (and state slots, for a hybrid
+        model); plug it in with core.set_kv_transfer."""
+        runner = core.runner
+        state = None
+        if runner.state_cache is not None:
+            state = runner.state_layout.describe(runner.conv_state.dtype)
+        return cls(runner.kv_cache, model_fingerprint(core.model.config), state_cache=runner.state_cache,
+                   state=state, **kwargs)
 
     # -- producer ------------------------------------------------------------------------
-    def hold(self, req: Request, block_ids: list[int]) -> dict:
+    def hold(self, req: Request, block_ids: list[int], state_slot: int | None = None) -> dict:
+        if (state_slot is None) != (self.layout.state is None):
+            raise ValueError("a hybrid model's request is held with its state slot, any other without one")
         self._held[req.request_id] = time.monotonic() + self.lease_s
         return {"handle": KVHandle(self.engine_id, self.host, self.port, req.request_id, block_ids,
-                                   req.num_prompt_tokens, self.layout.hash, self.lease_s).to_dict()}
+                                   req.num_prompt_tokens, self.layout.hash, self.lease_s, state_slot).to_dict()}
 
     def released(self) -> list[str]:
         out = []
@@ -151,9 +169,11 @@ class NixlConnector(KVTransferHook):
         return out
 
     # -- consumer ------------------------------------------------------------------------
-    def start_load(self, req: Request, block_ids: list[int], num_local_tokens: int) -> None:
+    def start_load(self, req: Request, block_ids: list[int], num_local_tokens: int,
+                   state_slot: int | None = None) -> None:
         rid = req.request_id
-        load = _Load(rid, None, [], [], time.monotonic() + self.handshake_timeout_s + self.transfer_timeout_s)
+        load = _Load(rid, None, [], [], time.monotonic() + self.handshake_timeout_s + self.transfer_timeout_s,
+                     state_slot=state_slot)
         self._loads[rid] = load
         try:
             load.handle = handle = KVHandle.from_dict((req.kv_transfer_params or {}).get("handle"))
@@ -230,28 +250,42 @@ class NixlConnector(KVTransferHook):
                               f"{len(handle.block_ids)} blocks; the prompt has {load.num_tokens} tokens")
         if any(b >= peer.layout.num_blocks for b in handle.block_ids):
             return self._fail(load, "bad_handle", f"block ids beyond the producer's {peer.layout.num_blocks} blocks")
+        hybrid = self.layout.state is not None
+        if hybrid and (handle.state_slot is None or load.state_slot is None):
+            return self._fail(load, "bad_handle", "a hybrid model's hand-off needs the producer's state slot "
+                              "and a local one")
+        if not hybrid and handle.state_slot is not None:
+            return self._fail(load, "bad_handle", "the handle names a state slot; this model has none")
+        if hybrid and handle.state_slot >= peer.layout.num_state_slots:
+            return self._fail(load, "bad_handle", f"state slot beyond the producer's {peer.layout.num_state_slots}")
         load.remote = handle.block_ids[load.first_block:]
-        if not load.local:                   # every block was a local prefix-cache hit
+        if not load.local and not hybrid:    # every block was a local prefix-cache hit
             self._notify_done(load)
             self._finish(load)
             return
         size = self.layout.block_bytes
         runs = block_runs(load.local, load.remote)
+        local_descs = [(self.base + lo * size, n * size, self.dev_id) for lo, _, n in runs]
+        remote_descs = [(peer.base + ro * size, n * size, peer.dev_id) for _, ro, n in runs]
         load.nbytes = len(load.local) * size
+        if hybrid:
+            # The state after the prompt: one more descriptor, the whole slot.
+            slot = self.layout.state_bytes
+            local_descs.append((self.state_base + load.state_slot * slot, slot, self.dev_id))
+            remote_descs.append((peer.state_base + handle.state_slot * slot, slot, peer.dev_id))
+            load.nbytes += slot
         load.started = time.monotonic()
         load.deadline = load.started + self.transfer_timeout_s
         try:
-            local = self.agent.get_xfer_descs(
-                [(self.base + lo * size, n * size, self.dev_id) for lo, _, n in runs], self.mem_type)
-            remote = self.agent.get_xfer_descs(
-                [(peer.base + ro * size, n * size, peer.dev_id) for _, ro, n in runs], peer.mem_type)
+            local = self.agent.get_xfer_descs(local_descs, self.mem_type)
+            remote = self.agent.get_xfer_descs(remote_descs, peer.mem_type)
             load.xfer = self.agent.initialize_xfer("READ", local, remote, peer.agent_name,
                                                    _DONE + load.handle.request_id.encode())
             state = self.agent.transfer(load.xfer)
         except Exception as e:   # NIXL raises typed errors (remote disconnect, backend)
             return self._fail(load, "transfer", f"{type(e).__name__}: {e}", drop_peer=True)
-        load.descriptors = len(runs)
-        self.stats.descriptors_total += len(runs)
+        load.descriptors = len(local_descs)
+        self.stats.descriptors_total += len(local_descs)
         if state == "ERR":
             return self._fail(load, "transfer", "NIXL refused the READ")
         self._check(load)
@@ -294,7 +328,7 @@ class NixlConnector(KVTransferHook):
             raise LayoutMismatch(f"refusing KV from engine {meta['engine_id']}: {why}")
         name = self.agent.add_remote_agent(meta["agent_metadata"])
         name = name.decode() if isinstance(name, bytes) else name
-        peer = _Peer(name, meta["base"], meta["dev_id"], meta["mem_type"], layout)
+        peer = _Peer(name, meta["base"], meta["dev_id"], meta["mem_type"], layout, meta.get("state_base", 0))
         self._peers[meta["engine_id"]] = peer
         return peer
 

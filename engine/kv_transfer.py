@@ -5,13 +5,14 @@ The engine knows only this interface; `disagg/` implements it (NIXL, a side chan
 leases). Requests opt in through `Request.kv_transfer_params`:
 
 - producer: `{"do_remote_decode": True}`. When the request finishes by length (the
-  prefill's one token), the scheduler keeps its blocks and asks the hook to `hold`
-  them; the hook returns a handle that goes back to the caller in the output's
+  prefill's one token), the scheduler keeps its blocks (and a hybrid model's state
+  slot, under the same lease) and asks the hook to `hold` them; the hook returns a handle that goes back to the caller in the output's
   `kv_transfer_params`. The blocks are freed once the hook lists the request in
   `released()` (the consumer read them, or the lease ran out).
 - consumer: `{"do_remote_prefill": True, "handle": {...}, "first_token_ids": [t],
   "first_logprobs": [...]}`. The request starts with the producer's first token as
-  output. The scheduler allocates local blocks for the prompt, calls `start_load`, and
+  output. The scheduler allocates local blocks (and a state slot) for the prompt,
+  calls `start_load`, and
   admits the request as prefilled when `finished_loads()` reports it done. A failed
   load is recomputed locally or fails the request, by `kv_load_failure_policy`. The
   scheduler stamps `received` (time.monotonic()) into the params on arrival, so the hook
@@ -36,8 +37,9 @@ class KVTransferFailed(RuntimeError):
 class KVTransferHook(ABC):
     # -- producer side ----------------------------------------------------------------
     @abstractmethod
-    def hold(self, req: Request, block_ids: list[int]) -> dict:
-        """Keep `block_ids` (the request's KV, `req.num_prompt_tokens` tokens) for a
+    def hold(self, req: Request, block_ids: list[int], state_slot: int | None = None) -> dict:
+        """Keep `block_ids` (the request's KV, `req.num_prompt_tokens` tokens) and, for a
+        hybrid model, its Mamba `state_slot` (the state after the prompt) for a
         consumer; returns the handle the consumer needs to read them."""
 
     @abstractmethod
@@ -46,8 +48,10 @@ class KVTransferHook(ABC):
 
     # -- consumer side ----------------------------------------------------------------
     @abstractmethod
-    def start_load(self, req: Request, block_ids: list[int], num_local_tokens: int) -> None:
-        """Begin reading the remote KV of `req` into `block_ids`; the first
+    def start_load(self, req: Request, block_ids: list[int], num_local_tokens: int,
+                   state_slot: int | None = None) -> None:
+        """Begin reading the remote KV of `req` into `block_ids` (and, for a hybrid
+        model, the producer's state slot into `state_slot`); the first
         `num_local_tokens` tokens are already in local blocks (prefix-cache hits).
         Never raises for a bad handle: the failure is reported by `finished_loads`."""
 

@@ -54,15 +54,7 @@ class Scheduler:
 
     # -- admission -----------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        if is_consumer(req) and len(self.kv.groups) > 1:
-            # A hybrid model's Mamba state does not travel with the KV blocks: prefill
-            # the prompt (and the producer's first token) here instead, as a failed load
-            # under the recompute policy does. Same answer; the producer's lease expires.
-            req.kv_transfer_params = {**req.kv_transfer_params, "do_remote_prefill": False,
-                                      "error": "hybrid model: its state is not transferred"}
-            self.num_recomputed += 1
-            self.remote_admitted.append(req)
-        elif is_consumer(req):
+        if is_consumer(req):
             if self.kv_transfer is None:
                 raise ValueError("this engine has no KV-transfer connector; it cannot take a remote prefill")
             req.status = RequestStatus.WAITING_FOR_REMOTE_KV
@@ -194,8 +186,14 @@ class Scheduler:
         self.waiting.popleft()
         req.num_cached_tokens = num_cached
         self.loading[req.request_id] = req
-        self.kv_transfer.start_load(req, list(self.kv.block_ids(req.request_id)[0]), num_cached)
+        self.kv_transfer.start_load(req, list(self.kv.block_ids(req.request_id)[0]), num_cached,
+                                    state_slot=self._state_slot(req.request_id))
         return True
+
+    def _state_slot(self, rid: str) -> int | None:
+        """The request's Mamba state slot (hybrid models), else None."""
+        ids = self.kv.block_ids(rid)
+        return ids[1][0] if len(ids) > 1 and ids[1] else None
 
     def _poll_transfers(self) -> None:
         for rid in self.kv_transfer.released():
@@ -286,7 +284,9 @@ class Scheduler:
         del self.requests[rid]
         if status == RequestStatus.FINISHED_LENGTH and self.kv_transfer is not None and is_producer(req):
             # A prefill for another engine: keep the blocks until the reader is done.
-            req.kv_transfer_params = self.kv_transfer.hold(req, list(self.kv.block_ids(rid)[0]))
+            # A hybrid model's state slot (the state after the prompt) stays with them.
+            req.kv_transfer_params = self.kv_transfer.hold(req, list(self.kv.block_ids(rid)[0]),
+                                                           state_slot=self._state_slot(rid))
             self.held[rid] = req
             return
         self.kv.free(req)

@@ -74,11 +74,12 @@ class ModelRunner:
         # cache group's id), [slots, layers, ...] so a slot's layers sit together; one
         # scratch slot past the real ones takes the writes of padded graph entries.
         self.state_layout = state_layout_of(model)
-        self.conv_state = self.ssm_state = None
+        # state_cache [slots, bytes]: each slot's conv and SSM states in one run of bytes
+        # (a hand-off moves it as one piece); conv_state and ssm_state are views of it.
+        self.state_cache = self.conv_state = self.ssm_state = None
         if self.state_layout is not None:
-            sl, slots = self.state_layout, max_num_seqs + 1
-            self.conv_state = torch.zeros(slots, sl.num_layers, *sl.conv_shape, dtype=dtype, device=device)
-            self.ssm_state = torch.zeros(slots, sl.num_layers, *sl.ssm_shape, dtype=sl.ssm_dtype, device=device)
+            self.state_cache, self.conv_state, self.ssm_state = self.state_layout.allocate(max_num_seqs + 1, dtype,
+                                                                                           device)
             for i, layer in enumerate(model.mamba_layers()):
                 layer.conv_state, layer.ssm_state = self.conv_state[:, i], self.ssm_state[:, i]
         self.graphs: DecodeGraphs | None = None

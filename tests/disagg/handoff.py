@@ -71,4 +71,5 @@ def settle(*cores: EngineCore, timeout_s: float = 10) -> None:
 
 
 def pool_is_full(core: EngineCore) -> bool:
-    return core.kv.num_free_blocks == core.num_blocks
+    """Every block (and, for a hybrid model, every state slot) is free."""
+    return all(g.pool.num_free == g.pool.num_blocks for g in core.kv.groups)

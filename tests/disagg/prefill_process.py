@@ -6,15 +6,21 @@ import os
 import sys
 
 
-def serve_prefills(conn) -> None:
+def serve_prefills(conn, model: str = "default") -> None:
+    """Answers (kind, prompt) with (first token, handle); ("pools", None) with whether
+    its block pool and state slots are all free (nothing held)."""
     sys.path.insert(0, os.getcwd())
     os.environ.setdefault("TANDEM_CACHE", os.path.join(os.getcwd(), ".cache", "tandem-test"))
-    from tests.disagg.handoff import make_core, prefill
-    core = make_core(connector_args={"lease_s": 60.0})
+    from tests.disagg.handoff import make_core, pool_is_full, prefill
+    core = make_core(model, connector_args={"lease_s": 60.0})
     conn.send("ready")
     n = 0
     while True:
         kind, prompt = conn.recv()
+        if kind == "pools":
+            core.step()         # take any last notices
+            conn.send(pool_is_full(core) and not core.scheduler.held)
+            continue
         n += 1
         first, params = prefill(core, f"{kind}-{n}", prompt)
         conn.send((first, params["handle"]))

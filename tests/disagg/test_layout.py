@@ -36,6 +36,42 @@ def test_layout_hash_ignores_pool_size_and_names_differences():
         BlockLayout.of(torch.zeros(8, 2, 2, 16, 4, 32).transpose(0, 1), "m")
 
 
+def test_layout_hash_covers_the_state_slots():
+    """A hybrid model's Mamba state slots are part of the layout: shapes and dtypes."""
+    import torch as t
+
+    from engine.kv_cache.state_layout import StateLayout
+    kv = torch.zeros(8, 2, 2, 16, 4, 32)
+    f32 = StateLayout(2, (3, 192), (8, 16, 16), t.float32)
+    layouts = {}
+    for name, sl in [("f32", f32), ("bf16", StateLayout(2, (3, 192), (8, 16, 16), t.bfloat16)),
+                     ("heads", StateLayout(2, (3, 192), (4, 32, 16), t.float32))]:
+        buf, conv, ssm = sl.allocate(5, t.float32, t.device("cpu"))
+        assert conv.shape == (5, 2, 3, 192) and ssm.shape == (5, 2) + sl.ssm_shape
+        assert conv.data_ptr() == buf.data_ptr() and ssm.data_ptr() - buf.data_ptr() >= conv[0].nbytes
+        layouts[name] = BlockLayout.of(kv, "m", buf, sl.describe(t.float32))
+    plain = BlockLayout.of(kv, "m")
+    a = layouts["f32"]
+    assert a.num_state_slots == 5 and a.state_bytes == f32.bytes_per_slot(t.float32)
+    assert BlockLayout.from_dict(a.to_dict()) == a
+    assert len({x.hash for x in [plain, *layouts.values()]}) == 4
+    assert "state slots" in a.mismatch(layouts["bf16"]) and "bfloat16" in a.mismatch(layouts["bf16"])
+    assert "state slots" in a.mismatch(layouts["heads"]) and "state slots" in a.mismatch(plain)
+    with pytest.raises(ValueError, match="state cache"):
+        BlockLayout.of(kv, "m", torch.zeros(5, 10, dtype=torch.uint8), f32.describe(t.float32))
+
+
+def test_handle_state_slot_is_checked():
+    d = dict(engine_id="e", host="h", port=1, request_id="r", block_ids=[1], num_tokens=3, layout_hash="x",
+             lease_s=1.0)
+    assert KVHandle.from_dict(d).state_slot is None
+    assert KVHandle.from_dict({**d, "state_slot": 2}).state_slot == 2
+    assert KVHandle.from_dict(KVHandle.from_dict({**d, "state_slot": 2}).to_dict()).state_slot == 2
+    for bad in (-1, "2", True):
+        with pytest.raises(ValueError, match="state_slot"):
+            KVHandle.from_dict({**d, "state_slot": bad})
+
+
 def test_model_fingerprint_is_about_the_model_not_its_folder(tmp_path):
     cfg = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
     fps = []

@@ -161,34 +161,36 @@ def test_mtp_weights_are_skipped(nano_folder, tmp_path):
             == LLM(str(nano_folder)).generate([PROMPTS[0]], sp)[0].token_ids)
 
 
-class _RecordingHook(KVTransferHook):
-    """A connector that records what the scheduler asks of it and never moves data."""
+class _FailingHook(KVTransferHook):
+    """A connector that records what the scheduler asks of it and fails every load."""
 
     def __init__(self) -> None:
-        self.loads: list[str] = []
+        self.loads: list[tuple[str, int | None]] = []
 
-    def hold(self, req, block_ids):
+    def hold(self, req, block_ids, state_slot=None):
         return {}
 
     def released(self):
         return []
 
-    def start_load(self, req, block_ids, num_local_tokens):
-        self.loads.append(req.request_id)
+    def start_load(self, req, block_ids, num_local_tokens, state_slot=None):
+        self.loads.append((req.request_id, state_slot))
 
     def finished_loads(self):
-        return [], {}
+        return [], {rid: "test: no transfer" for rid, _ in self.loads}
 
     def cancel_load(self, req_id):
         pass
 
 
-def test_remote_prefill_on_a_hybrid_model_is_recomputed_here(family):
-    """The Mamba state does not travel with KV blocks: a consumer request never starts a
-    load; the prompt and the producer's first token are prefilled locally, same tokens."""
+def test_failed_remote_load_on_a_hybrid_model_is_recomputed_here(family):
+    """A consumer request on a hybrid model loads its KV with its state slot (the
+    hand-off itself: tests/disagg/test_hybrid_handoff.py); when the load fails, the
+    prompt and the producer's first token are prefilled locally: same tokens, and the
+    slot is freed with the blocks."""
     name, folder, refs = family
     llm = LLM(str(folder))
-    hook = _RecordingHook()
+    hook = _FailingHook()
     llm.engine.set_kv_transfer(hook)
     ref_tokens = refs[2][0]
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -197,7 +199,8 @@ def test_remote_prefill_on_a_hybrid_model_is_recomputed_here(family):
     tokens = []
     while llm.engine.has_unfinished():
         tokens += [t for o in llm.engine.step() for t in o.new_token_ids]
-    assert tokens == ref_tokens[:8] and hook.loads == []
+    assert tokens == ref_tokens[:8]
+    assert len(hook.loads) == 1 and hook.loads[0][0] == "r" and isinstance(hook.loads[0][1], int)
     assert llm.engine.scheduler.num_recomputed == 1
     _assert_all_freed(llm)
 
