@@ -15,7 +15,9 @@ set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-date -u +"%Y-%m-%d %H:%M:%S UTC"; git log -1 --format="code %h %s" 2>/dev/null
+date -u +"%Y-%m-%d %H:%M:%S UTC"
+# Run from a `git archive` of a commit (a COMMIT file beside it) or from a checkout.
+if [ -f COMMIT ]; then echo "code $(cat COMMIT)"; else git log -1 --format="code %h %s" 2>/dev/null; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 declare -A MODEL=([nano]=nemotron-3-nano-30b-a3b [super]=nemotron-3-super-width-random-depth18)
