@@ -46,7 +46,8 @@ class EngineReplica:
         error is the stream's last item."""
         try:
             params = SamplingParams(**request["sampling"])
-            async for delta in self.engine.generate(request["prompt_token_ids"], params, request["request_id"]):
+            async for delta in self.engine.generate(request["prompt_token_ids"], params, request["request_id"],
+                                                    output_prefix=request.get("output_token_ids")):
                 yield token_delta(delta)
         except Exception as e:
             item = error_item(e)
@@ -123,7 +124,7 @@ def engine_deployment(cls, name: str, settings: AppSettings, pool: str):
     return serve.deployment(
         cls, name=name, num_replicas=p.replicas, max_ongoing_requests=capacity,
         max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None else capacity,
-        ray_actor_options={"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
+        ray_actor_options=p.actor_options(),
         health_check_period_s=settings.health_check_period_s, health_check_timeout_s=30)
 
 

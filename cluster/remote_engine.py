@@ -3,10 +3,11 @@ Serve handle, and a stream whose replica dies goes on from another one.
 
 Engine replicas stream plain dicts (`token_delta` / `error_item`); an error is data,
 never a pickled exception, so both sides agree on what it means. When a replica is
-lost mid-stream, the request is resubmitted to another replica with the prompt plus
-the tokens already streamed and the tokens still owed: sampling noise is a function
-of (seed, position, token), and the router fixes a seed for every request, so the
-continuation is exactly what the lost replica would have produced.
+lost mid-stream, the request is resubmitted to another replica with the tokens already
+streamed as its output so far (recomputed there, counted by max_tokens and the
+penalties as before): sampling noise is a function of (seed, position, token), and the
+router fixes a seed for every request, so the continuation is exactly what the lost
+replica would have produced.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from cluster.metrics import Metrics
-from engine.async_engine import EngineDead, EngineOverloaded, RequestFailed, StreamDelta
+from engine.async_engine import EngineDead, EngineDown, EngineOverloaded, RequestFailed, StreamDelta
 from engine.kv_transfer import KVTransferFailed
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request_limits import RequestLimits
@@ -29,7 +30,8 @@ from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
-_ERRORS = {"invalid": ValueError, "overloaded": EngineOverloaded, "dead": EngineDead,
+# Subclasses before their bases: the first match names the kind.
+_ERRORS = {"invalid": ValueError, "overloaded": EngineOverloaded, "down": EngineDown, "dead": EngineDead,
            "unavailable": KVTransferFailed, "failed": RequestFailed}
 
 
@@ -75,8 +77,8 @@ class RemoteEngine:
         while len(produced) < params.max_tokens:
             attempts += 1
             request = {"request_id": f"{request_id}-{attempts}" if attempts > 1 else request_id,
-                       "prompt_token_ids": prompt_token_ids + produced,
-                       "sampling": asdict(replace(params, max_tokens=params.max_tokens - len(produced)))}
+                       "prompt_token_ids": prompt_token_ids, "output_token_ids": list(produced),
+                       "sampling": asdict(params)}
             stream = self.pool.generate.remote(request)
             settled = False     # finished, or failed in a way that needs no cancelling
             try:
@@ -84,17 +86,29 @@ class RemoteEngine:
                     if "error" in item:
                         settled = True
                         raise_error(item)
+                    # A resumed stream's prompt logprobs were delivered before it was lost.
+                    prompt_logprobs = None if produced else item.get("prompt_logprobs")
                     produced += item["token_ids"]
                     out = RequestOutput(request_id, None, prompt_token_ids,
                                         [CompletionOutput(0, "", list(produced), item["finish_reason"])],
                                         item["finish_reason"] is not None)
                     yield StreamDelta(out, "", item["token_ids"], item["logprobs"], item["num_cached_tokens"],
-                                      item.get("prompt_logprobs"))
+                                      prompt_logprobs)
                     if item["finish_reason"] is not None:
                         settled = True
                         return
                 settled = True
                 raise EngineDead("the engine replica ended the stream without finishing it")
+            except EngineDown as e:
+                # The replica's engine was already dead: the request never ran there.
+                # Serve keeps routing to it (it answers fastest) until its health check
+                # fails, so wait a little and send it again, for as long as a resume may.
+                settled = True
+                if waited >= self.resume_wait_s:
+                    raise EngineDead(f"no live engine replica for {waited:.0f} s: {e}") from None
+                pause = min(1.0, 0.05 * 2 ** min(attempts, 5))
+                await asyncio.sleep(pause)
+                waited += pause
             except (BackPressureError, EngineOverloaded) as e:
                 settled = True
                 if resumes and waited < self.resume_wait_s:

@@ -63,4 +63,4 @@ def router_deployment(settings: AppSettings):
         # router answers every refusal itself, in OpenAI's shape.
         max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None
         else settings.router_max_ongoing_requests,
-        ray_actor_options={"num_cpus": p.num_cpus, "num_gpus": 0})
+        ray_actor_options={**p.actor_options(), "num_gpus": 0})

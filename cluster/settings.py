@@ -22,6 +22,15 @@ class PoolSettings:
     # every replica is full; beyond it they are refused at once with 503. None: one
     # replica's capacity (max_num_seqs + max_waiting).
     max_queued_requests: int | None = None
+    # Ray's runtime_env for this pool's replicas (env vars such as NCCL settings, a
+    # worker_process_setup_hook, ...).
+    runtime_env: dict | None = None
+
+    def actor_options(self) -> dict:
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        return options
 
 
 @dataclass

@@ -99,12 +99,16 @@ class PrefillDecodeEngine:
     def shutdown(self) -> None:
         self.decode.shutdown()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[StreamDelta]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       output_prefix: list[int] | None = None) -> AsyncIterator[StreamDelta]:
         ids = self.encode(prompt)
         self.decode.check_request(ids, params)   # refuse bad input before using a prefill engine
         if params.seed is None:
             params = replace(params, seed=self._rng.getrandbits(63))
+        if output_prefix:       # a stream resumed here after its engine was lost: recompute it here
+            async for delta in self.decode.generate(prompt, params, request_id, output_prefix=output_prefix):
+                yield delta
+            return
         text_prompt = prompt if isinstance(prompt, str) else None
         try:
             if params.max_tokens == 1:          # nothing to decode: the prefill is the answer

@@ -46,6 +46,11 @@ class EngineDead(RuntimeError):
     """The engine loop stopped on an internal error (or stalled); it takes no more work."""
 
 
+class EngineDown(EngineDead):
+    """The engine had already stopped when the request came: it never ran there, so it
+    may go to another engine as it is."""
+
+
 class RequestFailed(RuntimeError):
     """One request failed inside the engine for a reason other than its input; the
     engine goes on with the others."""
@@ -104,9 +109,14 @@ class AsyncEngine:
         return list(prompt)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       kv_transfer_params: dict | None = None) -> AsyncIterator[StreamDelta]:
+                       kv_transfer_params: dict | None = None,
+                       output_prefix: list[int] | None = None) -> AsyncIterator[StreamDelta]:
+        """Stream the request's new tokens. `output_prefix`: tokens already generated for
+        it elsewhere (a stream resumed after its engine was lost): they are recomputed as
+        output, not prompt, so max_tokens and the penalties count them as before, and
+        only the tokens after them are streamed."""
         if self.error is not None:
-            raise EngineDead(f"the engine stopped: {self.error!r}")
+            raise EngineDown(f"the engine stopped: {self.error!r}")
         ids = self.encode(prompt)
         with self._lock:
             if len(self._streams) >= self.max_in_flight:
@@ -118,7 +128,7 @@ class AsyncEngine:
             stream = _Stream(asyncio.get_running_loop(), IncrementalDetokenizer(self.tokenizer, params.stop), result)
             self._streams[request_id] = stream
         req = Request(request_id, ids, params, self.eos_token_ids, arrival_time=time.monotonic(),
-                      kv_transfer_params=kv_transfer_params)
+                      kv_transfer_params=kv_transfer_params, output_token_ids=list(output_prefix or []))
         added = asyncio.get_running_loop().create_future()
         self._commands.put(("add", req, added))
         try:

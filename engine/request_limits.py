@@ -46,3 +46,10 @@ class RequestLimits:
                 raise ValueError(f"{name}={lp} is above the engine's max_logprobs={self.max_logprobs}")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}) (the vocabulary)")
+
+    def check_output_prefix(self, output_token_ids: list[int], params: SamplingParams) -> None:
+        """Tokens a resumed request generated before: valid ids, fewer than max_tokens."""
+        if len(output_token_ids) >= params.max_tokens:
+            raise ValueError(f"{len(output_token_ids)} tokens already generated, max_tokens is {params.max_tokens}")
+        if any(type(t) is not int or not 0 <= t < self.vocab_size for t in output_token_ids):
+            raise ValueError(f"generated token ids must be integers in [0, {self.vocab_size})")

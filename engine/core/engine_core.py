@@ -121,6 +121,8 @@ class EngineCore:
         """Raise ValueError, saying what to change, for a request this engine cannot run.
         Reads only settings, so any thread may call it."""
         self.limits.check(req.prompt_token_ids, req.sampling_params)
+        if req.output_token_ids:    # a resumed request's tokens so far
+            self.limits.check_output_prefix(req.output_token_ids, req.sampling_params)
 
     def set_kv_transfer(self, hook: KVTransferHook) -> None:
         """Plug in a KV-transfer connector (disaggregated prefill/decode)."""

@@ -194,3 +194,27 @@ def test_a_failed_local_recompute_is_counted_apart():
         assert value("tandem_kv_transfer_recompute_failures_total") == 1
     finally:
         decode.shutdown()
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0),
+    dict(temperature=0.9, seed=11),
+    dict(temperature=0.9, seed=5, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3),
+], ids=["greedy", "seeded", "penalised"])
+def test_a_resumed_request_continues_exactly(params):
+    """What a router sends when a stream's engine was lost: the same prompt with the
+    tokens so far as output. The continuation equals the uninterrupted run's tokens,
+    penalties included (they count the earlier tokens as output, not prompt)."""
+    engine = AsyncEngine(EngineConfig(max_model_len=128, max_num_seqs=4), max_waiting=4)
+    sp = SamplingParams(max_tokens=30, ignore_eos=True, **params)
+
+    async def run(rid, prefix=None):
+        return [t async for d in engine.generate([7, 8, 9, 10], sp, rid, output_prefix=prefix)
+                for t in d.new_token_ids]
+    try:
+        whole = asyncio.run(run("whole"))
+        for cut in (1, 13, 29):
+            assert asyncio.run(run(f"resumed-{cut}", whole[:cut])) == whole[cut:]
+        assert engine.core.kv.usage == 0
+    finally:
+        engine.shutdown()
