@@ -1,4 +1,5 @@
-"""A hybrid model's hand-off (NemotronH, Super layout: Mamba-2 + attention + LatentMoE):
+"""A hybrid model's hand-off (NemotronH, Super layout: Mamba-2 + attention + LatentMoE;
+Nano layout: plain MoE):
 the producer, in another process, keeps the request's Mamba state slot with its KV
 blocks; the consumer READs both through real NIXL (UCX on DRAM), the slot as one more
 descriptor, and decodes on from them: the same greedy tokens as one engine, and both
@@ -25,10 +26,10 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
     return [(7 * i + 3 + 11 * salt) % 200 + 10 for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("nemotron_h_super")
-    build("nemotron_h_super", folder)
+@pytest.fixture(scope="module", params=["nemotron_h_super", "nemotron_h_nano"])
+def engines(tmp_path_factory, request):
+    folder = tmp_path_factory.mktemp(request.param)
+    build(request.param, folder)
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     proc = ctx.Process(target=serve_prefills, args=(child_conn, str(folder)), daemon=True)
