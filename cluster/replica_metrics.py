@@ -11,6 +11,7 @@ also go through Ray's metrics pipeline (ray_ prefix), which is what KubeRay scra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -52,10 +53,8 @@ class MetricsPublisher:
 
     def stop(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(Exception):    # the GCS may be gone already at shutdown
             internal_kv._internal_kv_del(self.key, namespace=NAMESPACE)
-        except Exception:
-            pass
 
 
 class ClusterRegistry(CollectorRegistry):

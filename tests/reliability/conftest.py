@@ -12,6 +12,7 @@ replica's KV blocks are all free again (0 leaked).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -112,12 +113,10 @@ def cluster():
 def wait_ready(url: str, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(httpx.HTTPError):      # not listening yet
             if complete(url, "ready?", max_tokens=2).status_code == 200 and len(
                     replica_gauges(url, "tandem_kv_cache_usage_perc")) == 3:
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(1)
     raise TimeoutError("the application did not come up")
 
