@@ -17,6 +17,10 @@ from engine.models.loader import load_model
 from engine.request import Request, RequestStatus
 from engine.request_limits import RequestLimits
 from engine.runner.model_runner import ModelRunner, PendingOutput
+from engine.spec.checkpoint import load_head
+from engine.spec.config import check_fits_target
+from engine.spec.settings import MAX_SPECULATIVE_TOKENS, SpecDecodeSettings
+from engine.spec.stats import SpecDecodeStats
 
 
 @dataclass
@@ -50,8 +54,11 @@ class EngineCore:
                                  config.enable_prefix_caching, *(self.state_slots or ()))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_chunked_prefill,
-                                                   config.kv_load_failure_policy), self.kv)
+                                                   config.kv_load_failure_policy, self._num_spec()), self.kv)
         self.runner = self._make_runner(bytes_per_block)
+        self.spec_stats = SpecDecodeStats()
+        if config.speculative_config is not None:
+            self._enable_spec(model_config)
         self._in_flight: PendingOutput | None = None    # async scheduling: the step the device runs
         self._rng = random.Random(config.seed)
         self._prompt_lps: dict[str, list] = {}   # prompt logprobs gathered until the first token
@@ -78,6 +85,19 @@ class EngineCore:
                              f"max_model_len or give the cache more memory (raise gpu_memory_utilization / "
                              f"kv_cache_memory_gb)")
         return n
+
+    def _num_spec(self) -> int:
+        sc = self.config.speculative_config
+        return SpecDecodeSettings.from_dict(sc).num_speculative_tokens if sc is not None else 0
+
+    def _enable_spec(self, model_config) -> None:
+        """Load the P-EAGLE head, check it fits the target, and tap the target's layers."""
+        settings = SpecDecodeSettings.from_dict(self.config.speculative_config)
+        m = self.model
+        head = load_head(settings.model, self.dtype, self.device, shared_embedding=m.embed_tokens,
+                         shared_lm_head=m.embed_tokens if m.tie_word_embeddings else m.lm_head)
+        layers = check_fits_target(head.cfg, model_config, settings.num_speculative_tokens, MAX_SPECULATIVE_TOKENS)
+        self.runner.enable_spec(head, settings.num_speculative_tokens, layers)
 
     def _make_runner(self, bytes_per_block: int) -> ModelRunner:
         """The runner with its KV cache, and its CUDA graphs when on; running out of device
@@ -121,6 +141,11 @@ class EngineCore:
         """Raise ValueError, saying what to change, for a request this engine cannot run.
         Reads only settings, so any thread may call it."""
         self.limits.check(req.prompt_token_ids, req.sampling_params)
+        sp = req.sampling_params
+        if self.config.speculative_config is not None and (sp.uses_penalties or sp.logprobs is not None
+                                                           or sp.prompt_logprobs is not None):
+            raise ValueError("logprobs, prompt_logprobs, logit_bias and penalties are not supported with "
+                             "speculative decoding yet; leave them unset or serve without speculative_config")
         if req.output_token_ids:    # a resumed request's tokens so far
             self.limits.check_output_prefix(req.output_token_ids, req.sampling_params)
 
@@ -170,11 +195,13 @@ class EngineCore:
             acc = self._prompt_lps.get(rid)     # None once delivered (a recompute after preemption)
             for pos, entry in entries if acc is not None else ():
                 acc[pos] = entry
-        changed = self.scheduler.update_from_output(result.sampled)
+        self.spec_stats.observe(sched_out.spec_token_counts, result.spec_tokens)
+        changed = self.scheduler.update_from_output(result.sampled, result.spec_tokens)
         for req in changed:
             rid = req.request_id
             lps = [result.logprobs[rid]] if rid in result.logprobs else []
-            outputs.append(EngineCoreOutput(rid, [req.output_token_ids[-1]], req.finish_reason(), lps,
+            new = req.output_token_ids[-self.scheduler.num_new_tokens.get(rid, 1):]
+            outputs.append(EngineCoreOutput(rid, new, req.finish_reason(), lps,
                                             req.num_cached_tokens, req.kv_transfer_params if rid in self.scheduler.held
                                             else None, prompt_logprobs=self._prompt_lps.pop(rid, None)))
         return outputs

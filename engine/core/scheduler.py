@@ -26,6 +26,7 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool = True
     kv_load_failure_policy: str = "recompute"   # or "fail": see engine/kv_transfer.py
+    num_speculative_tokens: int = 0             # K drafts per decoding request (0 = off)
 
 
 class Scheduler:
@@ -44,6 +45,10 @@ class Scheduler:
         # Full blocks already registered in the prefix cache, per request: a step only
         # hashes and registers blocks that filled since (not every block every step).
         self._cached_full: dict[str, int] = {}
+        # Speculative decoding (sync scheduling): drafts each request verifies in the step
+        # in flight, and the tokens each request received from the last output.
+        self.spec_scheduled: dict[str, int] = {}
+        self.num_new_tokens: dict[str, int] = {}
         # KV transfer (disaggregated prefill/decode); see engine/kv_transfer.py.
         self.kv_transfer: KVTransferHook | None = None
         self.loading: dict[str, Request] = {}   # consumer: remote KV being read
@@ -94,7 +99,9 @@ class Scheduler:
                 i += 1
                 continue
             new = not req.runner_block_counts    # just loaded from a remote prefill
-            while not self.kv.allocate(req, n):
+            k = self._num_drafts(req, n, pending, budget)
+            n += k
+            while not self.kv.allocate(req, n + self._lookahead(req.num_computed_tokens + n)):
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 preempted = True
@@ -102,6 +109,8 @@ class Scheduler:
                     break
             else:
                 self._schedule(req, n, out, new=new)
+                if k:
+                    out.spec_token_counts[req.request_id] = self.spec_scheduled[req.request_id] = k
                 budget -= n
                 i += 1
                 continue
@@ -124,7 +133,7 @@ class Scheduler:
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
-            if not self.kv.allocate(req, n, cached):
+            if not self.kv.allocate(req, n + self._lookahead(num_cached + n), cached):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_cached
@@ -160,6 +169,24 @@ class Scheduler:
             self.kv.cache_full_blocks(req, known)
             self._cached_full[rid] = known // self.kv.block_size
 
+    # -- speculative decoding ---------------------------------------------------------
+    def _num_drafts(self, req: Request, n: int, pending: int, budget: int) -> int:
+        """Drafts to verify this step: a decoding request (its one new token is the last
+        sampled) gets up to K, fewer near its token budget, max_tokens or max_model_len
+        (every emitted token must fit: k accepted + 1)."""
+        K = self.config.num_speculative_tokens
+        if not K or pending or n != 1:
+            return 0
+        left = min(req.sampling_params.max_tokens - len(req.output_token_ids),
+                   self.config.max_model_len - req.num_tokens)
+        return max(0, min(K, budget - 1, left - 1))
+
+    def _lookahead(self, num_tokens: int) -> int:
+        """KV slots past the step's tokens that the draft head writes (its K-1 mask rows),
+        within max_model_len (the runner writes nothing beyond)."""
+        K = self.config.num_speculative_tokens
+        return max(0, min(K - 1, self.config.max_model_len - num_tokens)) if K else 0
+
     def _finishes_on_length(self, req: Request, pending: int) -> bool:
         return (len(req.output_token_ids) + pending >= req.sampling_params.max_tokens
                 or req.num_tokens + pending >= self.config.max_model_len)
@@ -174,6 +201,8 @@ class Scheduler:
         self.num_preemptions += 1
         out.finished_req_ids.add(req.request_id)   # the runner drops its row
         out.num_scheduled_tokens.pop(req.request_id, None)
+        out.spec_token_counts.pop(req.request_id, None)
+        self.spec_scheduled.pop(req.request_id, None)
         self.waiting.appendleft(req)
 
     # -- KV transfer -----------------------------------------------------------------
@@ -233,10 +262,15 @@ class Scheduler:
                 self.remote_failed.append((req, reason))
 
     # -- results -------------------------------------------------------------------
-    def update_from_output(self, sampled: dict[str, int]) -> list[Request]:
-        """Append each request's sampled token, apply stop rules; returns the requests
-        that changed (got a token or finished) in batch order."""
+    def update_from_output(self, sampled: dict[str, int],
+                           spec_tokens: dict[str, list[int]] | None = None) -> list[Request]:
+        """Append each request's sampled token (with speculation: its accepted drafts and
+        the bonus token, `spec_tokens`), apply stop rules after each; returns the
+        requests that changed (got tokens or finished) in batch order, and leaves how
+        many tokens each got in `num_new_tokens`."""
         changed = []
+        self.num_new_tokens = {}
+        drafted, self.spec_scheduled = self.spec_scheduled, {}
         for rid, token in sampled.items():
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
@@ -245,10 +279,19 @@ class Scheduler:
                 self.pending[rid] -= 1
             else:
                 self.pending.pop(rid, None)
-            req.output_token_ids.append(token)
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self._finish(req, reason)
+            tokens = spec_tokens.get(rid, [token]) if spec_tokens else [token]
+            if rid in drafted:
+                # The device's accepted count is authoritative: the KV of rejected drafts
+                # stays in the request's slots and is overwritten when those positions
+                # are computed again, so only the count of computed tokens goes back.
+                req.num_computed_tokens -= drafted[rid] - (len(tokens) - 1)
+            for n, token in enumerate(tokens, 1):
+                req.output_token_ids.append(token)
+                reason = self._stop_reason(req, token)
+                if reason is not None:
+                    self._finish(req, reason)
+                    break
+            self.num_new_tokens[rid] = n
             changed.append(req)
         return changed
 

@@ -28,6 +28,9 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     # Requests whose rows the runner must drop before this step (finished, aborted, preempted).
     finished_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: drafts verified this step per request (its query is the last
+    # sampled token plus these drafts, which the runner keeps on the device); absent = 0.
+    spec_token_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

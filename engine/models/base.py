@@ -44,9 +44,15 @@ class CausalLM(nn.Module):
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     ]
 
+    # Speculative decoding (engine/spec): the inputs of these layers (the pre-norm
+    # residual stream, what Hugging Face calls hidden_states[i]) are kept by each
+    # forward in `aux_hidden`, [T, 3 * hidden], concatenated in this order.
+    aux_layer_ids: tuple[int, ...] = ()
+
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
+        self.aux_hidden: torch.Tensor | None = None
         self.embed_tokens = param(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -74,8 +80,13 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens[input_ids]
         residual = None
-        for layer in self.layers:
+        taps = {}
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layer_ids:
+                taps[i] = h if residual is None else h + residual
             h, residual = layer(h, residual, positions, meta)
+        if taps:
+            self.aux_hidden = torch.cat([taps[i] for i in self.aux_layer_ids], dim=-1)
         return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

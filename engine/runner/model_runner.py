@@ -25,6 +25,7 @@ from engine.ops.router import counting_tokens
 from engine.ops.sampling import sample, topn_logprobs
 from engine.runner.cuda_graphs import DecodeGraphs, EagerPaddedSteps, GraphUnsafe, graph_batch_sizes
 from engine.runner.inputs import commit_step, prepare_inputs
+from engine.runner.spec_step import SpecDecoder
 from engine.runner.state import RequestStateTable
 from engine.runner.step_output import PendingOutput, RunnerOutput
 
@@ -83,10 +84,60 @@ class ModelRunner:
             for i, layer in enumerate(model.mamba_layers()):
                 layer.conv_state, layer.ssm_state = self.conv_state[:, i], self.ssm_state[:, i]
         self.graphs: DecodeGraphs | None = None
+        self.spec: SpecDecoder | None = None     # P-EAGLE drafting (enable_spec)
         self.num_forwards = 0     # steps that ran the model (graph replays included)
         # When a list, each step appends (start, end) CUDA events around its device work
         # (benchmarks measure the idle time between steps with them).
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+
+    # -- speculative decoding -----------------------------------------------------------
+    def enable_spec(self, head, num_spec: int, aux_layer_ids: list[int]) -> None:
+        """Draft K tokens per request with a P-EAGLE head (eager steps only, for now)."""
+        if self.state_layout is not None:
+            raise ValueError("speculative decoding does not support hybrid (Mamba) targets yet: their state "
+                             "cannot roll back rejected drafts")
+        self.model.aux_layer_ids = tuple(aux_layer_ids)
+        self.spec = SpecDecoder(head, num_spec, self.kv_cache.shape[0], self.block_size, self.max_model_len,
+                                self.device, self.kv_cache.dtype)
+
+    def _execute_spec(self, out: SchedulerOutput) -> PendingOutput:
+        t, spec = self.table, self.spec
+        req_ids = list(out.num_scheduled_tokens)
+        batch = len(req_ids)
+        rows = np.fromiter((t.rows[r] for r in req_ids), dtype=np.int64, count=batch)
+        nsched = np.fromiter(out.num_scheduled_tokens.values(), dtype=np.int64, count=batch)
+        ndraft = np.array([out.spec_token_counts.get(r, 0) for r in req_ids], dtype=np.int64)
+        seq_lens = t.num_computed_cpu[rows] + nsched
+        samples = seq_lens >= t.num_tokens_cpu[rows]
+        num_tokens = int(nsched.sum())
+        host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        d_rows, d_nsched, d_samples, d_ndraft = dev[0], dev[1], dev[2].bool(), dev[3]
+        inp = prepare_inputs(t, d_rows, d_nsched, num_tokens, self.block_size)
+        start = t.num_computed[d_rows].clone()
+        meta = AttentionMetadata(num_reqs=batch, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
+                                 block_table=inp.block_table, slot_mapping=inp.slot_mapping,
+                                 block_size=self.block_size, query_lens_cpu=nsched.tolist(),
+                                 seq_lens_cpu=seq_lens.tolist())
+        hidden = self.model(inp.input_ids, inp.positions, meta)
+        tokens, emitted = spec.verify(t, d_rows, d_nsched, d_ndraft, d_samples, inp.seq_lens,
+                                      inp.query_start_loc[1:].long(), hidden, self.model, int(batch + ndraft.sum()))
+        spec.propose(t, d_rows, d_nsched, nsched, d_ndraft, d_samples, emitted, start, inp.query_start_loc,
+                     self.model.aux_hidden)
+        # Host mirrors are optimistic (every draft accepted) until the output arrives.
+        t.num_computed_cpu[rows] = seq_lens
+        t.num_tokens_cpu[rows] += samples + ndraft * samples
+
+        def reconcile(result: RunnerOutput) -> None:
+            for i, rid in enumerate(req_ids):
+                got = result.spec_tokens.get(rid)
+                if got is not None and ndraft[i]:
+                    rejected = int(ndraft[i]) - (len(got) - 1)
+                    t.num_computed_cpu[rows[i]] -= rejected
+                    t.num_tokens_cpu[rows[i]] -= rejected
+
+        want = np.full(batch, -1, dtype=np.int64)
+        return PendingOutput(req_ids, samples, want, tokens, keep_alive=host, on_result=reconcile)
 
     # -- CUDA graphs ------------------------------------------------------------------
     def capture_cuda_graphs(self, sizes: list[int] | None = None, eager: bool = False) -> None:
@@ -176,6 +227,8 @@ class ModelRunner:
                 self.step_events.append((events[0], events[0]))
             return PendingOutput()
         self.num_forwards += 1
+        if self.spec is not None:
+            return self._execute_spec(out)
         t = self.table
         batch = len(out.num_scheduled_tokens)
         req_ids = list(out.num_scheduled_tokens)

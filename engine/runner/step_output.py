@@ -20,6 +20,9 @@ class RunnerOutput:
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
     # Prompt logprobs computed this step: request -> (position of the prompt token, its entry).
     prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
+    # Speculative decoding: every token a request got this step (accepted drafts, then
+    # the correction or bonus token); `sampled` holds the first of them.
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
@@ -32,8 +35,10 @@ class PendingOutput:
                  want_logprobs: np.ndarray | None = None, sampled: torch.Tensor | None = None,
                  logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  keep_alive: object = None,
-                 prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray, tuple[torch.Tensor, ...]] | None = None
-                 ) -> None:
+                 prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray, tuple[torch.Tensor, ...]] | None = None,
+                 on_result=None) -> None:
+        """`sampled` is [B], or [B, K+1] with -1 after each row's last token (speculative
+        decoding); `on_result(output)` runs once the output is built."""
         self.req_ids = req_ids or []
         self.samples = samples
         self.want = want_logprobs
@@ -51,6 +56,7 @@ class PendingOutput:
             self._event = torch.cuda.Event()
             self._event.record()
         self._result: RunnerOutput | None = None
+        self._on_result = on_result
 
     def result(self) -> RunnerOutput:
         """Wait for the copy (a no-op when it is done) and build the per-request output."""
@@ -65,6 +71,10 @@ class PendingOutput:
                 lp, top_ids, top_lps = (x.tolist() for x in self._logprobs)
             for i in np.flatnonzero(self.samples).tolist():
                 rid = self.req_ids[i]
+                if isinstance(tokens[i], list):
+                    out.spec_tokens[rid] = [x for x in tokens[i] if x >= 0]
+                    out.sampled[rid] = tokens[i][0]
+                    continue
                 out.sampled[rid] = tokens[i]
                 n = int(self.want[i])
                 if n >= 0:
@@ -81,5 +91,7 @@ class PendingOutput:
                 d[tok[k]] = lp[k]
                 out.prompt_logprobs.setdefault(self.req_ids[i], []).append((p, d))
         self._result = out
+        if self._on_result is not None:
+            self._on_result(out)
         self._sampled = self._logprobs = self._keep_alive = self._prompt = None
         return out

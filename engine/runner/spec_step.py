@@ -1,0 +1,126 @@
+"""One step with P-EAGLE speculative decoding (eager, synchronous scheduling).
+
+Per step, on the device and without reading a value back:
+1. the target runs the scheduled tokens; a decoding request with drafts has the query
+   [last sampled token, d_1..d_k] (the drafts sit in the state table's token_ids just
+   past its known tokens, where the previous step's head wrote them), and the target
+   keeps its three tapped layers' inputs (`CausalLM.aux_hidden`);
+2. the rejection sampler verifies the drafts against the target's logits of the last
+   k+1 tokens of each request (k = 0: plain sampling of the last token), and the
+   accepted drafts + the correction/bonus token are committed to the table; computed
+   counts advance by the accepted tokens only (rejected drafts' KV stays in their
+   slots and is overwritten when those positions are computed again);
+3. the head drafts the next K tokens of every request in one forward pass. Each request
+   gets nsched + K - 1 rows, laid out [stale | valid | K-1 mask]: the stale rows stand
+   for rejected drafts (a device-side count), write no KV and are ignored; putting them
+   first keeps every real row at its absolute position under bottom-right-aligned
+   causal attention, so the row count stays known to the host.
+The head has its own KV cache, addressed by the target's block table (the scheduler
+allocates K-1 look-ahead slots for the mask rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.ops.attention import AttentionMetadata
+from engine.spec.head import PEagleHead
+from engine.spec.rejection import rejection_sample
+
+
+class SpecDecoder:
+    def __init__(self, head: PEagleHead, num_spec: int, num_blocks: int, block_size: int, max_model_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.head, self.k = head, num_spec
+        self.block_size, self.max_model_len = block_size, max_model_len
+        cfg = head.cfg
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv = torch.zeros(len(head.layers), 2, *shape, dtype=dtype, device=device)
+        for i, layer in enumerate(head.layers):
+            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = self.kv[i, 0], self.kv[i, 1]
+        # Mask rows reach K-1 positions past the step; rows past max_model_len are ignored.
+        head.reserve_positions(max_model_len + 2 * num_spec)
+        self.extra_cols = -(-2 * num_spec // block_size) + 1
+
+    # -- 2. verify and commit ----------------------------------------------------------
+    def verify(self, table, rows: torch.Tensor, nsched: torch.Tensor, ndraft: torch.Tensor, samples: torch.Tensor,
+               seq_lens: torch.Tensor, query_end: torch.Tensor, hidden: torch.Tensor, model, num_logits: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [B, K+1], -1 after the last; emitted count [B], 0 for rows that do
+        not sample). Commits them to the table."""
+        t, K, L = table, self.k, self.max_model_len
+        B = rows.shape[0]
+        n_logits = ndraft.long() + 1
+        cu = torch.cumsum(n_logits, 0) - n_logits
+        req = torch.repeat_interleave(torch.arange(B, device=rows.device), n_logits, output_size=num_logits)
+        idx = query_end[req] - n_logits[req] + (torch.arange(num_logits, device=rows.device) - cu[req])
+        logits = model.compute_logits(hidden[idx])
+        computed = t.num_computed[rows].long()
+        draft_pos = (computed[:, None] + 1 + torch.arange(K, device=rows.device)).clamp(max=L - 1)
+        drafts = t.token_ids[rows[:, None], draft_pos].long()
+        out = rejection_sample(logits, drafts, ndraft.long(), t.temperature[rows], t.seeds[rows],
+                               seq_lens.long() - ndraft.long(), cu_num_logits=cu, top_k=t.top_k[rows],
+                               top_p=t.top_p[rows], min_p=t.min_p[rows])
+        emitted = torch.where(samples, out.num_sampled.long(), 0)
+        pos = t.num_tokens[rows].long()[:, None] + torch.arange(K + 1, device=rows.device)
+        self._write_tokens(t, rows, pos, out.token_ids, torch.arange(K + 1, device=rows.device) < emitted[:, None])
+        t.num_tokens[rows] += emitted.to(t.num_tokens.dtype)
+        t.num_computed[rows] += torch.where(samples, nsched - ndraft + emitted - 1, nsched).to(t.num_computed.dtype)
+        return out.token_ids, emitted
+
+    def _write_tokens(self, t, rows: torch.Tensor, pos: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+        """token_ids[row, pos] = value where valid (and pos < max_model_len), without
+        boolean indexing (a host sync on the device): the others write 0 into the pad
+        row's first cell, which stays 0."""
+        L = self.max_model_len
+        valid = valid & (pos < L)
+        flat = torch.where(valid, rows.long()[:, None] * L + pos, t.pad_row * L)
+        t.token_ids.view(-1)[flat.flatten()] = torch.where(valid, values, 0).flatten().to(t.token_ids.dtype)
+
+    # -- 3. draft ----------------------------------------------------------------------
+    def propose(self, table, rows: torch.Tensor, nsched: torch.Tensor, nsched_cpu: np.ndarray,
+                ndraft: torch.Tensor, samples: torch.Tensor, emitted: torch.Tensor, start: torch.Tensor,
+                query_start: torch.Tensor, aux: torch.Tensor) -> None:
+        """Run the head over [stale | valid | K-1 mask] rows of every request and write
+        the K drafts of sampling requests past their known tokens. `start`: each
+        request's first position this step (its computed count before the step)."""
+        t, K, L, bs = table, self.k, self.max_model_len, self.block_size
+        dev = rows.device
+        B = rows.shape[0]
+        n_rows_cpu = nsched_cpu + K - 1
+        total = int(n_rows_cpu.sum())
+        n_rows = nsched.long() + K - 1
+        hq = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+        hq[1:] = torch.cumsum(n_rows, 0)
+        stale = torch.where(samples, ndraft.long() + 1 - emitted, 0)      # rejected drafts
+        req = torch.repeat_interleave(torch.arange(B, device=dev), n_rows, output_size=total)
+        j = torch.arange(total, device=dev) - hq[req]
+        pos = start.long()[req] - stale[req] + j
+        is_stale = j < stale[req]
+        is_mask = j >= nsched.long()[req]
+        # Row at position i: token x_{i+1} (committed above) and the target's taps at i.
+        tgt = (query_start.long()[req] + j - stale[req]).clamp(min=query_start.long()[req],
+                                                                 max=query_start.long()[req + 1] - 1)
+        ids = t.token_ids[rows.long()[req], (pos + 1).clamp(0, L - 1)].long()
+        safe = pos.clamp(0, L - 1)
+        block = t.block_table[rows.long()[req], safe // bs].long()
+        write = ~is_stale & (pos >= 0) & (pos < L)
+        slots = torch.where(write, block * bs + safe % bs, -1)
+        seq_lens = (start.long() - stale + n_rows).to(torch.int32)
+        # Mask rows may reach past max_model_len: extra (zero) block columns keep the
+        # gathers in range; those rows' outputs are never used.
+        block_table = torch.cat([t.block_table[rows], t.block_table.new_zeros(B, self.extra_cols)], dim=1)
+        # The reference attention walks requests with host lengths; on the CPU the
+        # "device" is host memory, so reading them is no synchronisation. (CUDA's kernel
+        # reads seq_lens on the device; the host values there only size the grid.)
+        seq_lens_cpu = seq_lens.tolist() if dev.type == "cpu" else [L + 2 * K] * B
+        meta = AttentionMetadata(num_reqs=B, query_start_loc=hq.to(torch.int32), seq_lens=seq_lens,
+                                 block_table=block_table, slot_mapping=slots, block_size=bs,
+                                 query_lens_cpu=n_rows_cpu.tolist(), seq_lens_cpu=seq_lens_cpu)
+        normed, _ = self.head(ids, aux[tgt], pos.clamp(min=0), is_mask, meta)
+        sample_rows = hq[1:, None] - K + torch.arange(K, device=dev)
+        logits = self.head.compute_logits(normed[sample_rows.flatten()])
+        drafts = self.head.to_target_ids(logits.argmax(-1)).view(B, K)
+        draft_pos = t.num_tokens[rows].long()[:, None] + torch.arange(K, device=dev)
+        self._write_tokens(t, rows, draft_pos, drafts, samples[:, None].expand(B, K))

@@ -1,0 +1,177 @@
+"""P-EAGLE speculative decoding inside the engine (CPU, eager, sync scheduling): greedy
+tokens equal the target's own greedy tokens with any head (trained or not), through
+chunked prefill, stops and preemption; seeded sampling does not depend on the batch;
+the stats count drafted and accepted tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.spec.checkpoint import save_head
+from engine.spec.train import (TrainConfig, build_rows, generate_greedy, init_from_target, new_head,
+                               target_features, train_head)
+from tests.engine.tiny_models import CONFIGS
+
+MASK_ID = 255
+LAYERS = [1, 2, 3]
+PROMPTS = [[5, 17, 99, 3], list(range(40, 61)), [7] * 9, list(range(100, 113)), [1, 2]]
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A 4-layer tiny Llama (three distinct layers to tap), saved for the engine."""
+    path = tmp_path_factory.mktemp("target")
+    config = transformers.LlamaConfig(**dict(CONFIGS["llama"][2], num_hidden_layers=4))
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(str(path))
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def heads(target, tmp_path_factory):
+    """(untrained head folder, trained head folder): the trained one learned the target's
+    own greedy continuations for 40 steps."""
+    _, model = target
+    root = tmp_path_factory.mktemp("heads")
+    untrained = new_head(model.config, LAYERS, MASK_ID, depths=4)
+    init_from_target(untrained, model)
+    save_head(untrained, root / "untrained")
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, MASK_ID, (32, 4), generator=gen)
+    tokens = generate_greedy(model, prompts, 20, banned=[MASK_ID])
+    aux, logits = target_features(model, tokens, LAYERS)
+    head = new_head(model.config, LAYERS, MASK_ID, depths=4)
+    init_from_target(head, model)
+    train_head(head, tokens, aux, logits, TrainConfig(depths=4, steps=40, batch_size=4, lr=3e-3))
+    save_head(head, root / "trained")
+    return root / "untrained", root / "trained"
+
+
+def _params(stop_token: int | None = None) -> list[SamplingParams]:
+    sp = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 17, 9, 1, 12)]
+    if stop_token is not None:
+        sp[4] = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_token])
+    return sp
+
+
+def _run(folder, prompts, params, head=None, k=3, **args):
+    spec = None if head is None else {"method": "peagle", "model": str(head), "num_speculative_tokens": k}
+    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=args.pop("budget", 16), speculative_config=spec,
+              **args)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks, "blocks leaked"
+    return llm, [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+
+
+def test_greedy_with_a_trained_head_equals_greedy_without(target, heads):
+    folder, _ = target
+    _, base = _run(folder, PROMPTS, _params())
+    stop = base[4][0][5]       # a stop token met mid-way: drafts accepted past it are dropped
+    _, base = _run(folder, PROMPTS, _params(stop))
+    for k in (1, 3):
+        llm, spec = _run(folder, PROMPTS, _params(stop), head=heads[1], k=k)
+        assert spec == base
+        st = llm.engine.spec_stats
+        assert st.num_drafts > 0 and st.num_draft_tokens <= k * st.num_drafts
+        print(f"K={k}: acceptance length {st.mean_acceptance_length:.2f} over {st.num_drafts} rounds, "
+              f"accepted per position {st.accepted_per_position}")
+        # The trained head has learned the target's greedy text: it gets drafts accepted.
+        assert st.num_accepted_tokens > 0
+    assert base[4][1] == "stop" and base[4][0][-1] == stop
+
+
+def test_greedy_with_an_untrained_head_through_preemption(target, heads):
+    folder, _ = target
+    prompts = [list(range(10, 30)), list(range(60, 75)), [9] * 11]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (14, 16, 12)]
+    _, base = _run(folder, prompts, params, budget=8)
+    # 16 blocks of 4 tokens: three requests of up to 34 tokens (+ look-ahead) do not fit together.
+    llm, spec = _run(folder, prompts, params, head=heads[0], k=4, budget=8, num_kv_blocks=16, max_model_len=64,
+                     enable_prefix_caching=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert spec == base
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(target, heads):
+    folder, _ = target
+    sp = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, seed=11, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    _, alone = _run(folder, [PROMPTS[3]], [sp], head=heads[1])
+    _, batched = _run(folder, PROMPTS, [greedy, greedy, greedy, sp, greedy], head=heads[1])
+    _, pair = _run(folder, [PROMPTS[0], PROMPTS[3]], [greedy, sp], head=heads[1], k=3)
+    # The same prompt and seed: the same tokens wherever the request sits in the batch.
+    assert len(alone[0][0]) == 10
+    assert batched[3] == alone[0] and pair[1] == alone[0]
+
+
+def test_bad_speculative_configs_are_refused(target, heads):
+    folder, _ = target
+    for bad, words in [({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "method"),
+                       ({"method": "peagle", "model": str(heads[0]), "num_speculative_tokens": 0}, "between"),
+                       ({"method": "peagle", "num_speculative_tokens": 2}, "model")]:
+        with pytest.raises(ValueError, match=words):
+            EngineConfig(speculative_config=bad)
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(speculative_config={"method": "peagle", "model": "x", "num_speculative_tokens": 2},
+                     async_scheduling=True)
+    # The head was trained for 4 drafts; asking for more is refused at start-up.
+    with pytest.raises(ValueError, match="trained to draft 4"):
+        LLM(str(folder), speculative_config={"method": "peagle", "model": str(heads[0]), "num_speculative_tokens": 6})
+    llm = LLM(str(folder), block_size=4, speculative_config={"method": "peagle", "model": str(heads[0]),
+                                                             "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="speculative decoding"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, logprobs=1))
+
+
+def test_engine_drafts_equal_the_heads_dense_drafts(target, heads):
+    """After every step, the K drafts the runner keeps past a request's known tokens are
+    the head's drafts computed densely over the whole sequence so far (the trainer's
+    causal view): the paged [stale | valid | mask] layout, the taps and the head's KV
+    cache across steps (rejections included) lose nothing."""
+    from engine.request import Request
+    from engine.spec.checkpoint import load_head
+    folder, model = target
+    k = 3
+    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=8,
+              speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": k})
+    head = load_head(heads[1])
+    core = llm.engine
+    core.add_request(Request("r", list(range(40, 53)), SamplingParams(max_tokens=14, temperature=0.0,
+                                                                      ignore_eos=True), []))
+    checked = 0
+    while core.has_unfinished():
+        core.step()
+        req = core.scheduler.requests.get("r")
+        if req is None or req.num_computed_tokens < req.num_prompt_tokens:
+            continue
+        t = core.runner.table
+        row = t.rows["r"]
+        n = req.num_tokens
+        drafts = t.token_ids[row, n:n + k].tolist()
+        # The NTP row sits at n-2 (token x_{n-1}, the bonus; taps at n-2) and depth-d rows
+        # at n-2+d: they draft x_n..x_{n+k-1}. The trainer builds rows only for anchors
+        # with labels, so placeholders extend the sequence (rows past the anchor see none).
+        seq = torch.tensor([req.all_token_ids])
+        aux, logits = target_features(model, seq, LAYERS)
+        ext = torch.cat([seq, torch.zeros(1, k + 1, dtype=seq.dtype)], 1)
+        aux_e = torch.cat([aux, torch.zeros(1, k + 1, aux.shape[-1])], 1)
+        rows = build_rows(ext, aux_e, torch.zeros(1, ext.shape[1], logits.shape[-1]), MASK_ID,
+                          TrainConfig(depths=k), None, ratio=1.0)
+        with torch.no_grad():
+            normed, _ = head(rows.input_ids, rows.aux, rows.positions, rows.is_mask, rows.mask)
+            ids = head.to_target_ids(head.compute_logits(normed).argmax(-1))
+        want = [int(ids[(rows.depth == d) & (rows.positions == n - 2 + d)][0]) for d in range(k)]
+        assert drafts == want, f"after {n} tokens"
+        checked += 1
+    assert checked >= 3
