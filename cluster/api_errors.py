@@ -72,19 +72,31 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {e!r}", "server_error")
 
 
-class BodyLimit:
-    """ASGI middleware: refuses a body over `max_bytes` with 413 before the app reads it,
-    by its Content-Length when given and by counting chunks otherwise."""
+class EdgeChecks:
+    """ASGI middleware for what is decided before a body is read: the API key on /v1/
+    routes (401), overload on the generation routes (503 + Retry-After, so a refusal costs
+    no parsing), and the body-size limit (413, by Content-Length when given, else by
+    counting chunks as they arrive). Plain ASGI: it adds nothing per streamed chunk."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, api_key: str | None, overloaded, generation_paths: tuple[str, ...]):
+        self.app, self.max_bytes, self.overloaded = app, max_bytes, overloaded
+        self.authorization = f"Bearer {api_key}".encode() if api_key else None
+        self.generation_paths = generation_paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or ()).get(b"content-length")
+        path = scope["path"].removeprefix(scope.get("root_path", ""))   # under a Serve route prefix
+        headers = dict(scope.get("headers") or ())
+        if self.authorization and path.startswith("/v1/") and headers.get(b"authorization") != self.authorization:
+            return await _send_error(send, 401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                     "authentication_error")
+        if scope["method"] == "POST" and path in self.generation_paths and self.overloaded():
+            return await _send_error(send, 503, "the server is at its limit of requests in flight; retry later",
+                                     "server_overloaded")
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send)
+            return await _send_error(send, 413, self._too_large())
         seen = 0
 
         async def counted():
@@ -93,16 +105,19 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:       # the app's error handlers answer it
-                    raise StarletteHTTPException(413, self._message())
+                    raise StarletteHTTPException(413, self._too_large())
             return message
 
         await self.app(scope, counted, send)
 
-    def _message(self) -> str:
+    def _too_large(self) -> str:
         return f"the request body is larger than the limit of {self.max_bytes} bytes (max_body_bytes)"
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(413, self._message())).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+async def _send_error(send, status: int, message: str, type_: str = "invalid_request_error") -> None:
+    body = json.dumps(error_body(status, message, type_)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -17,12 +17,12 @@ import uuid
 from dataclasses import replace
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cluster.api_errors import (ERROR_RESPONSES, APIError, BodyLimit, error_body, error_response,
+from cluster.api_errors import (ERROR_RESPONSES, APIError, EdgeChecks, error_body, error_response,
                                 install_error_handlers, overloaded)
 from cluster.api_models import (ChatCompletion, ChatMessage, ChatRequest, Completion, CompletionRequest, Health,
                                 ModelList, SamplingRequest)
@@ -123,17 +123,17 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
     refresh = refresh_gauges or (lambda: metrics.record_stats(engine.stats()))
     app.include_router(dashboard_router(refresh, metrics))   # /dashboard: built-in plots
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    in_flight = [0]     # requests admitted here and not yet finished
+
+    def at_limit() -> bool:
+        if in_flight[0] < engine.max_in_flight:
+            return False
+        metrics.inc("tandem_requests_rejected_total", reason="overloaded")
+        return True
+    app.add_middleware(EdgeChecks, max_bytes=max_body_bytes, api_key=api_key, overloaded=at_limit,
+                       generation_paths=("/v1/completions", "/v1/chat/completions"))
     limits = engine.limits
     app.openapi = lambda: openapi_with_limits(app, model_name, limits)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                      "authentication_error")
-        return await call_next(request)
 
     @app.get("/health", response_model=Health, responses={503: ERROR_RESPONSES[503]})
     async def health():
@@ -181,12 +181,10 @@ def build_api(engine, model_name: str, metrics: Metrics, slo: SLO = SLO(), api_k
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    in_flight = [0]     # requests admitted here and not yet finished
-
     def admit() -> _Admission:
-        """Refuse at once, before any tokenizing, when the engine is full."""
-        if in_flight[0] >= engine.max_in_flight:
-            metrics.inc("tandem_requests_rejected_total", reason="overloaded")
+        """Take a place in the in-flight count, or refuse before any tokenizing (the edge
+        refused most overload before the body was read; this settles the races)."""
+        if at_limit():
             raise overloaded(f"{in_flight[0]} requests are in flight, the limit; retry later")
         return _Admission(in_flight)
 

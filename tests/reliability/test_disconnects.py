@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.reliability.conftest import MODEL, REPORT, complete, wait_idle
+from tests.reliability.conftest import MODEL, REPORT, wait_idle
 
 
 async def _hang_up_after(client: httpx.AsyncClient, url: str, chunks: int, body: dict) -> int:
