@@ -10,6 +10,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.engine_stats import EngineStats
 from engine.kv_cache import KVCacheManager, PagedCacheSpec
 from engine.kv_cache.state_layout import state_slots_for
 from engine.kv_transfer import KVTransferHook, is_consumer
@@ -45,20 +46,25 @@ class EngineCore:
         self.limits = RequestLimits.for_model(config, model_config)
         self.max_model_len = self.limits.max_model_len
         self.model = load_model(model_path, model_config, self.dtype, config.device, config.load_format, config.seed)
+        # The draft head (weights first, then its KV per block) comes out of the same budget.
+        self._spec = self._load_spec(model_config) if config.speculative_config is not None else None
         layout = self.model.cache_layout()
         bytes_per_block = layout.bytes_per_block(config.block_size, self.dtype)
         # Hybrid models: per-request Mamba state slots, taken from the same memory budget first.
         self.state_slots = state_slots_for(self.model, config.max_num_seqs, self.dtype)
-        self.num_blocks = self._num_blocks(bytes_per_block, self.state_slots.total_bytes if self.state_slots else 0)
+        head_bytes = self._head_bytes_per_block() if self._spec is not None else 0
+        self.num_blocks = self._num_blocks(bytes_per_block + head_bytes,
+                                           self.state_slots.total_bytes if self.state_slots else 0)
         self.kv = KVCacheManager(PagedCacheSpec(config.block_size, bytes_per_block), self.num_blocks,
                                  config.enable_prefix_caching, *(self.state_slots or ()))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_chunked_prefill,
-                                                   config.kv_load_failure_policy, self._num_spec()), self.kv)
+                                                   config.kv_load_failure_policy,
+                                                   self._spec[1] if self._spec is not None else 0), self.kv)
         self.runner = self._make_runner(bytes_per_block)
         self.spec_stats = SpecDecodeStats()
-        if config.speculative_config is not None:
-            self._enable_spec(model_config)
+        if self._spec is not None:
+            self.runner.enable_spec(*self._spec)
         self._in_flight: PendingOutput | None = None    # async scheduling: the step the device runs
         self._rng = random.Random(config.seed)
         self._prompt_lps: dict[str, list] = {}   # prompt logprobs gathered until the first token
@@ -86,18 +92,19 @@ class EngineCore:
                              f"kv_cache_memory_gb)")
         return n
 
-    def _num_spec(self) -> int:
-        sc = self.config.speculative_config
-        return SpecDecodeSettings.from_dict(sc).num_speculative_tokens if sc is not None else 0
-
-    def _enable_spec(self, model_config) -> None:
-        """Load the P-EAGLE head, check it fits the target, and tap the target's layers."""
+    def _load_spec(self, model_config) -> tuple:
+        """Load the P-EAGLE head and check it fits the target: -> (head, K, layers to tap)."""
         settings = SpecDecodeSettings.from_dict(self.config.speculative_config)
         m = self.model
         head = load_head(settings.model, self.dtype, self.device, shared_embedding=m.embed_tokens,
                          shared_lm_head=m.embed_tokens if m.tie_word_embeddings else m.lm_head)
         layers = check_fits_target(head.cfg, model_config, settings.num_speculative_tokens, MAX_SPECULATIVE_TOKENS)
-        self.runner.enable_spec(head, settings.num_speculative_tokens, layers)
+        return head, settings.num_speculative_tokens, layers
+
+    def _head_bytes_per_block(self) -> int:
+        cfg = self._spec[0].cfg
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return cfg.num_layers * 2 * self.config.block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
     def _make_runner(self, bytes_per_block: int) -> ModelRunner:
         """The runner with its KV cache, and its CUDA graphs when on; running out of device
@@ -165,6 +172,18 @@ class EngineCore:
     def has_held_blocks(self) -> bool:
         """Finished prefills whose blocks wait for a reader (need polling, not compute)."""
         return bool(self.scheduler.held)
+
+    @property
+    def has_pending_work(self) -> bool:
+        # Held prefill blocks are polled for release even when nothing computes.
+        return self.has_unfinished() or self.has_held_blocks
+
+    def engine_stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.kv.usage)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the engine lives in this process (the interface's EPEngine has ranks)."""
 
     def poll_interval(self) -> float | None:
         """How long a serving loop may wait for new requests before the next step: None

@@ -175,3 +175,15 @@ def test_engine_drafts_equal_the_heads_dense_drafts(target, heads):
         assert drafts == want, f"after {n} tokens"
         checked += 1
     assert checked >= 3
+
+
+def test_the_heads_kv_comes_out_of_the_cache_budget(target, heads):
+    folder, _ = target
+    args = dict(block_size=4, kv_cache_memory_gb=0.002)
+    plain = LLM(str(folder), **args).engine
+    spec = LLM(str(folder), speculative_config={"method": "peagle", "model": str(heads[0]),
+                                                "num_speculative_tokens": 2}, **args).engine
+    # Target: 4 layers x K,V x 4 tokens x 2 heads x 16 x fp32 = 4096 bytes a block; the
+    # head's one layer adds 1024.
+    assert plain.num_blocks == int(0.002 * 2**30 // 4096)
+    assert spec.num_blocks == int(0.002 * 2**30 // 5120)
