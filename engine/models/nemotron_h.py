@@ -6,7 +6,9 @@ MoE: sigmoid router (float32) with `e_score_correction_bias` steering the choice
 group-limited top-k, normalised and scaled weights. Super's LatentMoE projects the
 token down to `moe_latent_size` before the routed experts and back up after; the
 shared expert works on the full hidden state. Multi-token-prediction weights
-(`mtp.*`) are not part of the main model and are skipped.
+(`mtp.*`) load into `model.mtp` when the config has `num_nextn_predict_layers` >= 1
+(engine/models/nemotron_h_mtp.py, for speculative decoding; the forward never runs it)
+and are skipped otherwise.
 
 Norms: the engine's RMSNorm rounds the normalised value before the weight multiply,
 transformers' NemotronH after it: identical in float32, within rounding in bf16.
@@ -163,6 +165,11 @@ class NemotronHForCausalLM(CausalLM):
         check_config(config)
         config.rms_norm_eps = config.layer_norm_epsilon    # the base class builds the final norm from it
         super().__init__(config)
+        self.mtp = None
+        if int(getattr(config, "num_nextn_predict_layers", 0) or 0) >= 1:
+            # Imported here: that file builds on this one's blocks.
+            from engine.models.nemotron_h_mtp import NemotronHMTP
+            self.mtp = NemotronHMTP(config)
 
     def make_layer(self, index: int) -> nn.Module:
         return NemotronHBlock(self.config, self.config.layers_block_type[index])
@@ -172,6 +179,11 @@ class NemotronHForCausalLM(CausalLM):
 
     def mamba_layers(self) -> list[Mamba2Mixer]:
         return [b.mixer for b in self.layers if b.kind == MAMBA]
+
+    def moe_layers(self) -> list[nn.Module]:
+        # The main stack's only: EP and EPLB run collectives per MoE layer in every
+        # forward (an idle rank enters each one), and the MTP block is not in the forward.
+        return [m for m in self.layers.modules() if isinstance(m, FusedMoE)]
 
     def cache_layout(self) -> CacheLayout:
         c = self.config
@@ -188,7 +200,8 @@ class NemotronHForCausalLM(CausalLM):
 
     def resolve(self, name: str) -> tuple[str, object] | None:
         if name.startswith("mtp."):
-            return None
+            # Its names are its parameters' names (q/k/v and experts fused as in the stack).
+            return super().resolve(name) if self.mtp is not None else None
         if name.startswith("backbone."):
             name = "model." + name.removeprefix("backbone.")
         name = name.replace("model.embeddings.", "model.embed_tokens.").replace("model.norm_f.", "model.norm.")
