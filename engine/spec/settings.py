@@ -16,10 +16,10 @@ class SpecDecodeSettings:
     num_speculative_tokens: int
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "SpecDecodeSettings":
-        if not isinstance(cfg, dict):
-            raise ValueError("speculative_config must be a dict like {'method': 'peagle', 'model': HEAD_FOLDER, "
-                             "'num_speculative_tokens': K}")
+    def from_dict(cls, cfg: dict) -> SpecDecodeSettings:
+        if not isinstance(cfg, dict):   # a bad setting like the others: EngineConfig gathers ValueErrors
+            raise ValueError("speculative_config must be a dict like {'method': 'peagle', "  # noqa: TRY004
+                             "'model': HEAD_FOLDER, 'num_speculative_tokens': K}")
         unknown = set(cfg) - {"method", "model", "num_speculative_tokens"}
         if unknown:
             raise ValueError(f"speculative_config has keys this engine does not know: {sorted(unknown)}")

@@ -12,8 +12,15 @@ import transformers
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.spec.checkpoint import save_head
-from engine.spec.train import (TrainConfig, build_rows, generate_greedy, init_from_target, new_head,
-                               target_features, train_head)
+from engine.spec.train import (
+    TrainConfig,
+    build_rows,
+    generate_greedy,
+    init_from_target,
+    new_head,
+    target_features,
+    train_head,
+)
 from tests.engine.tiny_models import CONFIGS
 
 MASK_ID = 255
@@ -184,7 +191,7 @@ def test_engine_drafts_equal_the_heads_dense_drafts(target, heads):
 
 def test_the_heads_kv_comes_out_of_the_cache_budget(target, heads):
     folder, _ = target
-    args = dict(block_size=4, kv_cache_memory_gb=0.002)
+    args = {"block_size": 4, "kv_cache_memory_gb": 0.002}
     plain = LLM(str(folder), **args).engine
     spec = LLM(str(folder), speculative_config={"method": "peagle", "model": str(heads[0]),
                                                 "num_speculative_tokens": 2}, **args).engine
