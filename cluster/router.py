@@ -18,7 +18,7 @@ from cluster.openai_api import build_api
 from cluster.remote_engine import RemoteEngine
 from cluster.replica_metrics import ClusterRegistry
 from cluster.settings import AppSettings
-from engine.llm import resolve_model_path
+from engine.engine_client import resolve_model_path
 from engine.models.loader import load_config
 from engine.request_limits import RequestLimits
 from engine.tokenizer import load_tokenizer

@@ -56,7 +56,6 @@ class PrefillDecodeEngine:
         self.tokenizer = decode.tokenizer
         self.max_model_len = decode.max_model_len
         self.config = decode.config
-        self.core = decode.core
         self._rng = random.Random()
 
     @property

@@ -6,6 +6,10 @@ Cancelling the consumer (a client disconnect) aborts the request and frees its
 blocks. When the waiting queue is full, `generate` refuses at once with
 `EngineOverloaded` instead of queueing without bound.
 
+It drives any engine client (engine/engine_client.py): an EngineCore, or an EPEngine
+whose ranks run in other processes; pass one built elsewhere (`engine_client=`) or let
+the parallel settings pick it.
+
 Failures are kept as small as they can be: an error while admitting or delivering one
 request fails that request alone (its stream raises, its blocks are freed) and the loop
 goes on. An error inside a step cannot be pinned on one request: every request in
@@ -27,13 +31,19 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore, EngineCoreOutput
+from engine.engine_client import (
+    EngineClient,
+    ModelFiles,
+    ParallelConfig,
+    build_engine_client,
+)
+from engine.engine_stats import EngineStats
 from engine.kv_transfer import KVTransferFailed, KVTransferHook
-from engine.llm import apply_output, eos_token_ids, resolve_model_path
-from engine.models.loader import load_config
+from engine.output_processor import apply_output, new_output
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from engine.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +84,29 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, max_waiting: int = 256,
+    def __init__(self, config: EngineConfig | None = None, max_waiting: int = 256,
                  kv_transfer: Callable[[EngineCore], KVTransferHook] | None = None,
-                 stall_timeout_s: float = 120.0) -> None:
-        path = resolve_model_path(config.model)
-        model_config = load_config(path)
-        self.config = config
-        self.tokenizer = load_tokenizer(config.tokenizer or path)
-        self.eos_token_ids = eos_token_ids(path, model_config, self.tokenizer)
-        self.core = EngineCore(config, model_config, str(path))
-        self.kv_transfer = kv_transfer(self.core) if kv_transfer is not None else None
-        if self.kv_transfer is not None:
+                 stall_timeout_s: float = 120.0, *, engine_client: EngineClient | None = None,
+                 parallel: ParallelConfig | None = None) -> None:
+        if (config is None) == (engine_client is None):
+            raise TypeError("pass an EngineConfig or an engine_client (one of them)")
+        if engine_client is not None and parallel is not None:
+            raise TypeError("parallel settings build a client; pass them or an engine_client, not both")
+        self.config = config = engine_client.config if engine_client is not None else config
+        self.files = ModelFiles.load(config)
+        self.tokenizer = self.files.tokenizer
+        self.eos_token_ids = self.files.eos_token_ids
+        # The engine client; named core because a single-process engine's is its EngineCore.
+        self.core: EngineClient = engine_client or build_engine_client(config, parallel, self.files)
+        self.kv_transfer = None
+        if kv_transfer is not None:
+            if not isinstance(self.core, EngineCore):
+                self.core.shutdown()
+                raise ValueError("KV transfer (disaggregated prefill/decode) needs a single-process engine; "
+                                 "expert-parallel engines do not hand off KV yet")
+            self.kv_transfer = kv_transfer(self.core)
             self.core.set_kv_transfer(self.kv_transfer)
-        self.max_model_len = self.core.max_model_len
+        self.max_model_len = self.core.limits.max_model_len
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -102,11 +122,7 @@ class AsyncEngine:
 
     # -- public --------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; send token ids")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return self.files.encode(prompt)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        kv_transfer_params: dict | None = None,
@@ -123,8 +139,7 @@ class AsyncEngine:
                 raise EngineOverloaded(f"{len(self._streams)} requests in flight; retry later")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            result = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids,
-                                   [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)])
+            result = new_output(request_id, prompt, ids, params)
             stream = _Stream(asyncio.get_running_loop(), IncrementalDetokenizer(self.tokenizer, params.stop), result)
             self._streams[request_id] = stream
         req = Request(request_id, ids, params, self.eos_token_ids, arrival_time=time.monotonic(),
@@ -175,34 +190,37 @@ class AsyncEngine:
         self._thread.join(timeout=10)
         if self.kv_transfer is not None:
             self.kv_transfer.close()
+        self.core.shutdown()
 
     @property
     def limits(self):
         return self.core.limits
 
+    def engine_stats(self) -> EngineStats:
+        return self.core.engine_stats()
+
     def stats(self) -> dict[str, float]:
         """The engine's load, under the metric names (without the prefix) it feeds."""
-        return {"num_requests_running": self.num_running, "num_requests_waiting": self.num_waiting,
-                "kv_cache_usage_perc": self.core.kv.usage}
+        return self.engine_stats().as_metrics()
 
     @property
     def num_running(self) -> int:
-        return len(self.core.scheduler.running)
+        return self.core.engine_stats().num_running
 
     @property
     def num_waiting(self) -> int:
-        return len(self.core.scheduler.waiting)
+        return self.core.engine_stats().num_waiting
 
     # -- the loop thread ---------------------------------------------------------------
     def _loop(self) -> None:
-        if self.core.device.type == "cuda":
-            torch.cuda.set_device(self.core.device)   # kernels launch on the thread's device
+        device = getattr(self.core, "device", None)    # an EP coordinator runs no kernels
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)   # kernels launch on the thread's device
         try:
             while not self._stopped.is_set():
                 self.heartbeat = time.monotonic()
                 self._drain_commands(self.core.poll_interval())
-                # Held prefill blocks are polled for release even when idle.
-                if self.core.has_unfinished() or self.core.has_held_blocks:
+                if self.core.has_pending_work:
                     for out in self.core.step():
                         self._deliver(out)
         except BaseException as e:  # report to every waiter instead of hanging them

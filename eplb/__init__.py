@@ -6,9 +6,11 @@ load-oblivious baseline. Serving: `eplb.elastic.ElasticEPEngine`, an EP engine t
 aggregates load statistics (`load_stats`), plans and migrates expert weights layer by
 layer (`planner`, `transfer_plan`, `migration`, in the ranks through
 `worker_extension`) and grows or shrinks its world; `eplb.metrics.EplbStats` holds
-its metrics.
+its metrics. Importing eplb registers `eplb.engine_factory` with the engine, so
+`LLM(..., enable_eplb=True)` builds that engine.
 """
 
+import eplb.engine_factory  # noqa: F401  (registers the EPLB engine client)
 from eplb.placement import Placement, balancedness, contiguous_placement, gpu_loads
 from eplb.policy import rebalance
 

@@ -10,6 +10,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.scheduler import Scheduler, SchedulerConfig
+from engine.engine_stats import EngineStats
 from engine.kv_cache import KVCacheManager, PagedCacheSpec
 from engine.kv_cache.state_layout import state_slots_for
 from engine.kv_transfer import KVTransferHook, is_consumer
@@ -171,6 +172,18 @@ class EngineCore:
     def has_held_blocks(self) -> bool:
         """Finished prefills whose blocks wait for a reader (need polling, not compute)."""
         return bool(self.scheduler.held)
+
+    @property
+    def has_pending_work(self) -> bool:
+        # Held prefill blocks are polled for release even when nothing computes.
+        return self.has_unfinished() or self.has_held_blocks
+
+    def engine_stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.kv.usage)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the engine lives in this process (the interface's EPEngine has ranks)."""
 
     def poll_interval(self) -> float | None:
         """How long a serving loop may wait for new requests before the next step: None

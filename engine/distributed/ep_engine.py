@@ -22,8 +22,8 @@ import itertools
 import random
 import time
 from collections import deque
-from datetime import timedelta
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,12 +34,15 @@ from engine.config import EngineConfig
 from engine.core.engine_core import EngineCoreOutput
 from engine.distributed.launcher import RankLauncher, SpawnLauncher
 from engine.distributed.protocol import config_to_wire, pack, params_to_wire, unpack
-from engine.llm import Prompt, apply_output, eos_token_ids, pair_prompts, resolve_model_path
-from engine.models.loader import load_config
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import RequestStatus
+from engine.engine_client import ModelFiles, Prompt, pair_prompts
+from engine.engine_stats import EngineStats
+from engine.kv_transfer import is_consumer
+from engine.output_processor import apply_output, new_output
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.request_limits import RequestLimits
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from engine.tokenizer import IncrementalDetokenizer
 
 
 class EPEngineError(RuntimeError):
@@ -77,6 +80,9 @@ class _Tracked:
     owner: str = ""
     finished: bool = False
     error: str | None = None
+    # Added through the engine-client interface: the caller folds the outputs (text,
+    # stop strings) and keeps the result, so the engine forgets it once finished.
+    client: bool = False
 
 
 @dataclass
@@ -89,7 +95,8 @@ class _Rank:
 
 
 class EPEngine:
-    """Attention-DP / MoE-EP engine over `ep_size` rank processes.
+    """Attention-DP / MoE-EP engine over `ep_size` rank processes; an engine client
+    (engine/engine_client.py), so LLM and AsyncEngine drive it as they drive EngineCore.
 
     num_redundant_experts: extra physical slots per MoE layer (total slots must split
         evenly over the ranks; slots per rank stay fixed when the world changes).
@@ -109,17 +116,20 @@ class EPEngine:
     def __init__(self, config: EngineConfig, ep_size: int, *, num_redundant_experts: int = 0,
                  extensions: tuple[str, ...] = (), worker_threads: int = 1, timeout_s: float = 120.0,
                  start_timeout_s: float = 900.0, host: str = "127.0.0.1",
-                 launcher: RankLauncher | None = None, dispatch: str = "normal") -> None:
+                 launcher: RankLauncher | None = None, dispatch: str = "normal",
+                 files: ModelFiles | None = None) -> None:
         if ep_size < 1:
             raise ValueError(f"ep_size must be >= 1, got {ep_size}")
         if dispatch not in ("normal", "low_latency"):
             raise ValueError(f"dispatch must be 'normal' or 'low_latency', got {dispatch!r}")
         self.dispatch = dispatch
         self.config = config
-        self.path = resolve_model_path(config.model)
-        model_config = load_config(self.path)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.path)
-        self.eos_token_ids = eos_token_ids(self.path, model_config, self.tokenizer)
+        self.files = files or ModelFiles.load(config)
+        self.path, model_config = self.files.path, self.files.model_config
+        self.tokenizer, self.eos_token_ids = self.files.tokenizer, self.files.eos_token_ids
+        self.limits = RequestLimits.for_model(config, model_config)   # as each rank's core checks
+        self._stats = EngineStats(0, 0, 0.0)     # replaced after each step: other threads read it
+        self._closed = False
         self.extensions = tuple(extensions)
         self.worker_threads = worker_threads
         self.timeout_s = timeout_s
@@ -197,22 +207,56 @@ class EPEngine:
         return torch.arange(first_rank * s, (first_rank + count) * s) % self.num_experts
 
     # -- requests -----------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+    def add_request(self, prompt: Request | Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
+        """Queue a request: an engine-client `Request` (the caller folds the outputs), or
+        a prompt with params (this engine keeps the result: `requests`, `pop_finished`)."""
         self._check_usable()
+        if isinstance(prompt, Request):
+            return self._add_client_request(prompt)
         params = params or SamplingParams()
         if params.seed is None:     # fixed here, so a restarted request samples the same way
             params = replace(params, seed=self._rng.getrandbits(63))
         ids = self._encode(prompt)
         rid = request_id if request_id is not None else str(next(self._user_ids))
-        if rid in self.requests and not self.requests[rid].finished:
-            raise ValueError(f"request id {rid!r} is already in use")
-        result = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
-                               [CompletionOutput(0, "", [], None, [] if params.logprobs is not None else None)])
-        tracked = _Tracked(rid, ids, params, result, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self._check_new_id(rid)
+        tracked = _Tracked(rid, ids, params, new_output(rid, prompt, ids, params),
+                           IncrementalDetokenizer(self.tokenizer, params.stop))
         self.requests[rid] = tracked
         self._submit(tracked, ids, params)
         return rid
+
+    def _add_client_request(self, req: Request) -> str:
+        self._check_new_id(req.request_id)
+        self.validate(req)
+        if is_consumer(req) or (req.kv_transfer_params or {}).get("do_remote_decode"):
+            raise ValueError("KV transfer (disaggregated prefill/decode) is not supported by an expert-parallel "
+                             "engine yet; send the request without kv_transfer_params")
+        params = req.sampling_params
+        if params.seed is None:
+            params = replace(params, seed=self._rng.getrandbits(63))
+        # The ranks take prompts only: tokens already generated elsewhere (a resumed
+        # stream) are recomputed as prompt, as a restart after a lost rank does.
+        if req.output_token_ids:
+            params = replace(params, max_tokens=max(params.max_tokens - len(req.output_token_ids), 1))
+        ids = list(req.prompt_token_ids) + list(req.output_token_ids)
+        # The caller detokenizes and applies stop strings: no detokenizer here.
+        tracked = _Tracked(req.request_id, ids, params, new_output(req.request_id, None, ids, params),
+                           IncrementalDetokenizer(None, []), client=True)
+        self.requests[req.request_id] = tracked
+        self._submit(tracked, ids, params)
+        return req.request_id
+
+    def _check_new_id(self, rid: str) -> None:
+        if rid in self.requests and not self.requests[rid].finished:
+            raise ValueError(f"request id {rid!r} is already in use")
+
+    def validate(self, req: Request) -> None:
+        """Raise ValueError for a request the ranks would refuse (the same checks as
+        EngineCore.validate); reads only settings."""
+        self.limits.check(req.prompt_token_ids, req.sampling_params)
+        if req.output_token_ids:
+            self.limits.check_output_prefix(req.output_token_ids, req.sampling_params)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         for rid in request_ids:
@@ -220,12 +264,30 @@ class EPEngine:
             if t is None or t.finished:
                 continue
             self._rank(t.owner).pending_abort.append(t.internal_id)
-            t.finished = True
-            t.result.finished = True
             t.result.outputs[0].finish_reason = t.result.outputs[0].finish_reason or status.value
+            self._finish(t)
+
+    def _finish(self, t: _Tracked) -> None:
+        t.finished = True
+        t.result.finished = True
+        if t.client:
+            self.requests.pop(t.request_id, None)
 
     def has_unfinished(self) -> bool:
         return any(not t.finished for t in self.requests.values())
+
+    @property
+    def has_pending_work(self) -> bool:
+        # Aborts reach the ranks with a step: until then they hold the blocks.
+        return self.has_unfinished() or any(r.pending_abort for r in self.ranks)
+
+    def poll_interval(self) -> float | None:
+        """None while there are requests to step; else how long a loop may wait."""
+        return None if self.has_pending_work else 0.5
+
+    def engine_stats(self) -> EngineStats:
+        """Summed over the ranks as of the last step (KV usage: their mean)."""
+        return self._stats
 
     def pop_finished(self) -> list[RequestOutput]:
         """Results of finished requests, which the engine then forgets (a caller that
@@ -289,6 +351,7 @@ class EPEngine:
                                         f"of step, restart the engine\n{a.get('traceback', '')}")
             self.events.append(f"{name} failed step {self.step_index}: {a['error']}")
             raise self.failed
+        self._stats = _stats_of(answers.values())
         self._on_step_answers(self.step_index, answers)
         return answers
 
@@ -296,10 +359,10 @@ class EPEngine:
         for iid, error in answer.get("rejected", []):
             t = self._by_internal.pop(iid, None)
             if t is not None:
-                t.finished = True
-                t.result.finished = True
                 t.result.outputs[0].finish_reason = "error"
                 t.error = error
+                self._finish(t)
+                self._undelivered.append(EngineCoreOutput(t.request_id, [], "error", error=error))
         for iid, tokens, reason, logprobs in answer["outputs"]:
             t = self._by_internal.get(iid)
             if t is None or t.finished:
@@ -307,7 +370,7 @@ class EPEngine:
             out = EngineCoreOutput(t.request_id, list(tokens), reason, [dict(lp) for lp in logprobs])
             apply_output(self, t.result, t.detok, out)
             if t.result.finished:
-                t.finished = True
+                self._finish(t)
                 self._by_internal.pop(iid, None)
             self._undelivered.append(out)
 
@@ -463,13 +526,9 @@ class EPEngine:
         owner.pending_add.append([t.internal_id, prompt_ids, params_to_wire(params)])
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model folder has no tokenizer; pass prompts as token-id lists")
-            return self.tokenizer.encode(prompt)
-        if not prompt or not all(isinstance(t, int) for t in prompt):
+        if not isinstance(prompt, str) and (not prompt or not all(isinstance(t, int) for t in prompt)):
             raise ValueError("a prompt must be a string or a non-empty list of token ids")
-        return list(prompt)
+        return self.files.encode(prompt)
 
     def _rank(self, name: str) -> _Rank:
         return self._known[name]
@@ -531,6 +590,9 @@ class EPEngine:
             raise self.failed
 
     def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for r in self._known.values():
             if r.process.is_alive():
                 self._send(r.name, {"type": "shutdown"})
@@ -556,3 +618,9 @@ class EPEngine:
     @property
     def _use_graphs(self) -> bool:
         return bool(self.config.enable_cuda_graphs) and self.dispatch == "low_latency"
+
+
+def _stats_of(answers) -> EngineStats:
+    answers = [a for a in answers if "num_running" in a]
+    usage = sum(a["kv_usage"] for a in answers) / len(answers) if answers else 0.0
+    return EngineStats(sum(a["num_running"] for a in answers), sum(a["num_waiting"] for a in answers), usage)

@@ -151,6 +151,8 @@ class EPWorker:
         answer = {"outputs": [[o.request_id, o.new_token_ids, o.finish_reason,
                                [list(lp.items()) for lp in o.new_logprobs]] for o in outputs],
                   "rejected": rejected, "unfinished": self.core.scheduler.num_unfinished,
+                  "num_running": len(self.core.scheduler.running), "num_waiting": len(self.core.scheduler.waiting),
+                  "kv_usage": self.core.kv.usage,
                   "ran_forward": ran_forward}
         for ext_answer in self._call("after_step", msg):
             answer.update(ext_answer or {})

@@ -8,7 +8,7 @@ import time
 from disagg.nixl_connector import NixlConnector
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore
-from engine.llm import resolve_model_path
+from engine.engine_client import resolve_model_path
 from engine.models.loader import load_config
 from engine.request import Request
 from engine.sampling_params import SamplingParams

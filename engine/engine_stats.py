@@ -1,0 +1,18 @@
+"""An engine's load as the serving metrics and the router read it (any engine client)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """An engine's load, as the serving metrics and the router read it."""
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float       # fraction of KV blocks in use (mean over ranks)
+
+    def as_metrics(self) -> dict[str, float]:
+        """Under the metric names (without the tandem_ prefix) they feed."""
+        return {"num_requests_running": self.num_running, "num_requests_waiting": self.num_waiting,
+                "kv_cache_usage_perc": self.kv_cache_usage}
