@@ -59,6 +59,9 @@ ENGINE_FLAGS = (
                to_field=lambda eager: not eager, unset="off: graphs on CUDA, none on CPU"),
     EngineFlag("--async-scheduling", "async_scheduling", "schedule step N+1 while step N runs",
                unset="on for CUDA, off on CPU"),
+    EngineFlag("--speculative-config", "speculative_config",
+               'speculative decoding, as in vLLM: {"method": "peagle", "model": HEAD_FOLDER, '
+               '"num_speculative_tokens": K}', type=json.loads, unset="off"),
 )
 # EngineConfig fields with no flag of their own: the model is the positional argument,
 # and kv_load_failure_policy sits in --kv-transfer-config, as in vLLM.

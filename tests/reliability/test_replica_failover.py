@@ -18,9 +18,16 @@ import ray
 from tests.reliability.conftest import REPORT, complete, replica_gauges, stream_completion, wait_ready
 
 
-def serve_replicas(deployment: str) -> list[str]:
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"])
+def serve_replicas(deployment: str, want: int | None = None, timeout: float = 120.0) -> list[str]:
+    """The suite app's live replicas of `deployment`; with `want`, waits until Serve has
+    that many (a replica replaced earlier may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["name"].startswith(f"SERVE_REPLICA::tandem#{deployment}#"))
+        if want is None or len(names) == want or time.monotonic() > deadline:
+            return names
+        time.sleep(0.5)
 
 
 def kill(name: str) -> None:
@@ -90,7 +97,7 @@ def test_decode_replica_killed_mid_stream_is_invisible(cluster, round_):
                    "frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.3})
     refs = [complete(cluster, **b).json()["choices"][0]["text"] for b in greedy + seeded]
     resumed_before = counter(cluster, "tandem_requests_resumed_total")
-    decode = serve_replicas("Decode")
+    decode = serve_replicas("Decode", want=2)
     assert len(decode) == 2
     victim = []
 
@@ -116,7 +123,7 @@ def test_decode_replica_killed_mid_stream_is_invisible(cluster, round_):
     REPORT.resumed += int(resumed)
     assert resumed >= 1
     wait_ready(cluster)     # Serve has replaced the replica
-    assert len(serve_replicas("Decode")) == 2 and victim[0] not in serve_replicas("Decode")
+    assert len(serve_replicas("Decode", want=2)) == 2 and victim[0] not in serve_replicas("Decode")
 
 
 @pytest.mark.parametrize("round_", range(KILL_ROUNDS))
