@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import httpx
 import openai
@@ -75,8 +76,14 @@ def test_readme_cluster_lines_run_as_written_with_ray_token_auth(default_llm):
             r = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
             want = default_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
             assert r.choices[0].text == want.outputs[0].text
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-        moved = [line for line in metrics.splitlines() if line.startswith("tandem_kv_transfer_bytes_total{")]
+        # Engine replicas publish their series to the router's /metrics every second.
+        deadline = time.monotonic() + 30
+        while True:
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+            moved = [line for line in metrics.splitlines() if line.startswith("tandem_kv_transfer_bytes_total{")]
+            if (moved and float(moved[0].rsplit(" ", 1)[1]) > 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert moved and float(moved[0].rsplit(" ", 1)[1]) > 0, metrics[-2000:]
         run(["serve", "shutdown", "-y"], authed, check=False)
     finally:
