@@ -29,15 +29,19 @@ def load_config(path: str | Path):
     return AutoConfig.from_pretrained(str(path))
 
 
-def build_model(config, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
-    cls = model_class(config)
+def construct(factory, dtype: torch.dtype, device: str | torch.device):
+    """`factory()` with its parameters created in `dtype` on `device` (no copy after)."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(config)
+            return factory()
     finally:
         torch.set_default_dtype(prev)
+
+
+def build_model(config, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    model = construct(lambda: model_class(config)(config), dtype, device)
     # Router scores and their correction bias stay in float32, as in the reference models.
     for name, p in model.named_parameters():
         if name.endswith("e_score_correction_bias"):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.models.loader import iter_safetensors
+from engine.models.loader import construct, iter_safetensors
 from engine.spec.config import (PEagleConfig, from_speculators_config, from_vllm_config,
                                 unsupported_options)
 from engine.spec.head import PEagleHead
@@ -76,13 +76,7 @@ def load_head(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     embedding / LM head, used when the checkpoint has none of its own."""
     path = Path(path)
     layout, cfg, _ = read_config(path)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            head = PEagleHead(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    head = construct(lambda: PEagleHead(cfg), dtype, device)
     params = dict(head.named_parameters())
     written = {n: 0 for n in params}
     unexpected, d2t = [], None
