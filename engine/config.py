@@ -34,7 +34,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     kv_load_failure_policy: str = "recompute"  # remote-prefill KV lost: recompute here, or "fail"
     # P-EAGLE speculative decoding, vLLM's shape: {"method": "peagle", "model": HEAD_FOLDER,
-    # "num_speculative_tokens": K}; None = off. Eager steps with async scheduling off for now.
+    # "num_speculative_tokens": K}; None = off.
     speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
@@ -57,22 +57,18 @@ class EngineConfig:
         if self.kv_load_failure_policy not in ("recompute", "fail"):
             problems.append(f"kv_load_failure_policy must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
         on_cuda = self.device.startswith("cuda")
-        spec = self.speculative_config is not None     # eager and synchronous for now
         if self.enable_cuda_graphs is None:
-            self.enable_cuda_graphs = on_cuda and not spec
+            self.enable_cuda_graphs = on_cuda
         elif self.enable_cuda_graphs and not on_cuda:
             problems.append("enable_cuda_graphs needs device='cuda'")
         if self.async_scheduling is None:
-            self.async_scheduling = on_cuda and not spec
+            self.async_scheduling = on_cuda
         if self.speculative_config is not None:
             from engine.spec.settings import SpecDecodeSettings
             try:
                 SpecDecodeSettings.from_dict(self.speculative_config)
             except ValueError as e:
                 problems.append(str(e))
-            if self.async_scheduling or self.enable_cuda_graphs:
-                problems.append("speculative decoding runs with async_scheduling=False and enable_cuda_graphs=False "
-                                "for now; set both")
         if problems:
             raise ValueError("invalid engine settings: " + "; ".join(problems))
 

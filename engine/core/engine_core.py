@@ -65,7 +65,8 @@ class EngineCore:
         self.spec_stats = SpecDecodeStats()
         if self._spec is not None:
             self.runner.enable_spec(*self._spec)
-        self._in_flight: PendingOutput | None = None    # async scheduling: the step the device runs
+        # Async scheduling: the step the device runs, with the drafts it verifies per request.
+        self._in_flight: tuple[PendingOutput, dict[str, int]] | None = None
         self._rng = random.Random(config.seed)
         self._prompt_lps: dict[str, list] = {}   # prompt logprobs gathered until the first token
 
@@ -202,20 +203,21 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         sched_out = self.scheduler.schedule()
         outputs = self._remote_prefill_outputs()
-        pending = self.runner.execute(sched_out)
+        pending = (self.runner.execute(sched_out), sched_out.spec_token_counts)
         if self.config.async_scheduling:
             # One step in flight: the device runs this step while the previous one's
             # tokens (copied without blocking) are applied and the next is scheduled.
             pending, self._in_flight = self._in_flight, pending
         if pending is None:
             return outputs
+        pending, drafted = pending
         result = pending.result()
         for rid, entries in result.prompt_logprobs.items():
             acc = self._prompt_lps.get(rid)     # None once delivered (a recompute after preemption)
             for pos, entry in entries if acc is not None else ():
                 acc[pos] = entry
-        self.spec_stats.observe(sched_out.spec_token_counts, result.spec_tokens)
-        changed = self.scheduler.update_from_output(result.sampled, result.spec_tokens)
+        self.spec_stats.observe(drafted, result.spec_tokens)
+        changed = self.scheduler.update_from_output(result.sampled, result.spec_tokens, drafted)
         for req in changed:
             rid = req.request_id
             lps = [result.logprobs[rid]] if rid in result.logprobs else []

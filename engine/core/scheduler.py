@@ -45,9 +45,7 @@ class Scheduler:
         # Full blocks already registered in the prefix cache, per request: a step only
         # hashes and registers blocks that filled since (not every block every step).
         self._cached_full: dict[str, int] = {}
-        # Speculative decoding (sync scheduling): drafts each request verifies in the step
-        # in flight, and the tokens each request received from the last output.
-        self.spec_scheduled: dict[str, int] = {}
+        # Tokens each request received from the last output (speculative decoding: more than one).
         self.num_new_tokens: dict[str, int] = {}
         # KV transfer (disaggregated prefill/decode); see engine/kv_transfer.py.
         self.kv_transfer: KVTransferHook | None = None
@@ -99,7 +97,7 @@ class Scheduler:
                 i += 1
                 continue
             new = not req.runner_block_counts    # just loaded from a remote prefill
-            k = self._num_drafts(req, n, pending, budget)
+            k = self._num_drafts(req, n, pending, budget, new)
             n += k
             while not self.kv.allocate(req, n + self._lookahead(req.num_computed_tokens + n)):
                 victim = self.running.pop()
@@ -108,9 +106,9 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                self._schedule(req, n, out, new=new)
+                self._schedule(req, n, out, new=new, num_drafts=k)
                 if k:
-                    out.spec_token_counts[req.request_id] = self.spec_scheduled[req.request_id] = k
+                    out.spec_token_counts[req.request_id] = k
                 budget -= n
                 i += 1
                 continue
@@ -145,7 +143,7 @@ class Scheduler:
             budget -= n
         return out
 
-    def _schedule(self, req: Request, n: int, out: SchedulerOutput, new: bool) -> None:
+    def _schedule(self, req: Request, n: int, out: SchedulerOutput, new: bool, num_drafts: int = 0) -> None:
         rid = req.request_id
         if new:
             out.new_reqs.append(NewRequestData(
@@ -162,7 +160,9 @@ class Scheduler:
         req.num_computed_tokens += n
         pending = self.pending.get(rid, 0)
         if req.num_computed_tokens >= req.num_tokens + pending:
-            self.pending[rid] = pending + 1     # this step samples a token
+            # This step samples a token; with drafts, optimistically every draft is
+            # accepted (update_from_output takes back what the device rejected).
+            self.pending[rid] = pending + 1 + num_drafts
         # Only blocks of known tokens are hashed (a placeholder's value is not known yet).
         known = min(req.num_computed_tokens, req.num_tokens)
         if new or known // self.kv.block_size > self._cached_full.get(rid, 0):
@@ -170,15 +170,18 @@ class Scheduler:
             self._cached_full[rid] = known // self.kv.block_size
 
     # -- speculative decoding ---------------------------------------------------------
-    def _num_drafts(self, req: Request, n: int, pending: int, budget: int) -> int:
+    def _num_drafts(self, req: Request, n: int, pending: int, budget: int, new: bool) -> int:
         """Drafts to verify this step: a decoding request (its one new token is the last
-        sampled) gets up to K, fewer near its token budget, max_tokens or max_model_len
-        (every emitted token must fit: k accepted + 1)."""
+        sampled, or under async scheduling the one the step in flight samples last) gets
+        up to K, fewer near its token budget, max_tokens or max_model_len (every emitted
+        token must fit: k accepted + 1, after the `pending` tokens of the step in flight,
+        counted as if all its drafts were accepted). A request new to the runner has no
+        drafts on the device yet."""
         K = self.config.num_speculative_tokens
-        if not K or pending or n != 1:
+        if not K or n != 1 or new:
             return 0
         left = min(req.sampling_params.max_tokens - len(req.output_token_ids),
-                   self.config.max_model_len - req.num_tokens)
+                   self.config.max_model_len - req.num_tokens) - pending
         return max(0, min(K, budget - 1, left - 1))
 
     def _lookahead(self, num_tokens: int) -> int:
@@ -202,7 +205,6 @@ class Scheduler:
         out.finished_req_ids.add(req.request_id)   # the runner drops its row
         out.num_scheduled_tokens.pop(req.request_id, None)
         out.spec_token_counts.pop(req.request_id, None)
-        self.spec_scheduled.pop(req.request_id, None)
         self.waiting.appendleft(req)
 
     # -- KV transfer -----------------------------------------------------------------
@@ -262,21 +264,24 @@ class Scheduler:
                 self.remote_failed.append((req, reason))
 
     # -- results -------------------------------------------------------------------
-    def update_from_output(self, sampled: dict[str, int],
-                           spec_tokens: dict[str, list[int]] | None = None) -> list[Request]:
+    def update_from_output(self, sampled: dict[str, int], spec_tokens: dict[str, list[int]] | None = None,
+                           drafted: dict[str, int] | None = None) -> list[Request]:
         """Append each request's sampled token (with speculation: its accepted drafts and
-        the bonus token, `spec_tokens`), apply stop rules after each; returns the
-        requests that changed (got tokens or finished) in batch order, and leaves how
-        many tokens each got in `num_new_tokens`."""
+        the bonus token, `spec_tokens`; `drafted`: the drafts each request verified in
+        that step, its SchedulerOutput's spec_token_counts), apply stop rules after each;
+        returns the requests that changed (got tokens or finished) in batch order, and
+        leaves how many tokens each got in `num_new_tokens`."""
         changed = []
         self.num_new_tokens = {}
-        drafted, self.spec_scheduled = self.spec_scheduled, {}
+        drafted = drafted or {}
         for rid, token in sampled.items():
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue   # finished, aborted or preempted while its step was in flight
-            if self.pending.get(rid, 0) > 1:
-                self.pending[rid] -= 1
+            # The step counted 1 + its drafts as pending (optimistic).
+            left = self.pending.get(rid, 0) - 1 - drafted.get(rid, 0)
+            if left > 0:
+                self.pending[rid] = left
             else:
                 self.pending.pop(rid, None)
             tokens = spec_tokens.get(rid, [token]) if spec_tokens else [token]

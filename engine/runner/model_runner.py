@@ -118,7 +118,7 @@ class ModelRunner:
         meta = AttentionMetadata(num_reqs=batch, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
                                  block_table=inp.block_table, slot_mapping=inp.slot_mapping,
                                  block_size=self.block_size, query_lens_cpu=nsched.tolist(),
-                                 seq_lens_cpu=seq_lens.tolist())
+                                 seq_lens_cpu=spec.exact_lengths(inp.seq_lens, seq_lens))
         hidden = self.model(inp.input_ids, inp.positions, meta)
         tokens, emitted = spec.verify(t, d_rows, d_nsched, d_ndraft, d_samples, inp.seq_lens,
                                       inp.query_start_loc[1:].long(), hidden, self.model, int(batch + ndraft.sum()))
@@ -131,7 +131,8 @@ class ModelRunner:
         def reconcile(result: RunnerOutput) -> None:
             for i, rid in enumerate(req_ids):
                 got = result.spec_tokens.get(rid)
-                if got is not None and ndraft[i]:
+                # Under async scheduling the row may have been freed (and taken) since.
+                if got is not None and ndraft[i] and t.rows.get(rid) == rows[i]:
                     rejected = int(ndraft[i]) - (len(got) - 1)
                     t.num_computed_cpu[rows[i]] -= rejected
                     t.num_tokens_cpu[rows[i]] -= rejected

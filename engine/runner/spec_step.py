@@ -43,6 +43,15 @@ class SpecDecoder:
         head.reserve_positions(max_model_len + 2 * num_spec)
         self.extra_cols = -(-2 * num_spec // block_size) + 1
 
+    @staticmethod
+    def exact_lengths(seq_lens: torch.Tensor, host_upper: np.ndarray) -> list[int]:
+        """Host sequence lengths for attention metadata. The host's are upper bounds
+        under async scheduling (optimistic: every draft of the step in flight accepted);
+        the reference attention needs the real ones, which on the CPU the "device"
+        holds in host memory (reading them is no synchronisation). CUDA's kernel reads
+        seq_lens on the device; the host values there only size the grid."""
+        return seq_lens.tolist() if seq_lens.device.type == "cpu" else host_upper.tolist()
+
     # -- 2. verify and commit ----------------------------------------------------------
     def verify(self, table, rows: torch.Tensor, nsched: torch.Tensor, ndraft: torch.Tensor, samples: torch.Tensor,
                seq_lens: torch.Tensor, query_end: torch.Tensor, hidden: torch.Tensor, model, num_logits: int
@@ -111,10 +120,7 @@ class SpecDecoder:
         # Mask rows may reach past max_model_len: extra (zero) block columns keep the
         # gathers in range; those rows' outputs are never used.
         block_table = torch.cat([t.block_table[rows], t.block_table.new_zeros(B, self.extra_cols)], dim=1)
-        # The reference attention walks requests with host lengths; on the CPU the
-        # "device" is host memory, so reading them is no synchronisation. (CUDA's kernel
-        # reads seq_lens on the device; the host values there only size the grid.)
-        seq_lens_cpu = seq_lens.tolist() if dev.type == "cpu" else [L + 2 * K] * B
+        seq_lens_cpu = self.exact_lengths(seq_lens, np.full(B, L + 2 * K))
         meta = AttentionMetadata(num_reqs=B, query_start_loc=hq.to(torch.int32), seq_lens=seq_lens,
                                  block_table=block_table, slot_mapping=slots, block_size=bs,
                                  query_lens_cpu=n_rows_cpu.tolist(), seq_lens_cpu=seq_lens_cpu)
