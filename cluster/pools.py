@@ -6,7 +6,10 @@ prefill and decode; in the disaggregated ("pd") topology a decode replica asks a
 prefill replica (through the prefill deployment's handle) to compute the prompt and
 keep its KV, pulls the KV over NIXL and decodes. Each replica's `check_health` is its
 engine loop's liveness, so Serve replaces a dead or stuck engine; each publishes its
-metrics for the router's /metrics. Engine-level logic lives in `engine/` and `disagg/`.
+metrics for the router's /metrics. A pool with `parallel.enable_expert_parallel` has
+expert-parallel replicas: each is one Serve replica whose ranks are Ray actors in the
+replica's own placement group (cluster/ep_replica.py, cluster/ep_ranks.py). Engine-level
+logic lives in `engine/`, `disagg/` and `eplb/`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
 from ray.util import metrics as ray_metrics
 
+from cluster.ep_replica import ElasticEP, forward_eplb_metrics, replica_parallel
 from cluster.kv_transfer_metrics import KVTransferMetrics
 from cluster.metrics import Metrics
 from cluster.remote_engine import error_item, token_delta
@@ -29,7 +33,7 @@ from engine.async_engine import AsyncEngine
 from engine.sampling_params import SamplingParams
 
 
-class EngineReplica:
+class EngineReplica(ElasticEP):
     """A Serve replica (Ray actor) that owns one engine and stops it with the actor."""
     engine: AsyncEngine | PrefillDecodeEngine
 
@@ -37,6 +41,7 @@ class EngineReplica:
         self.settings = settings
         self.metrics = Metrics(settings.model_name, pool, ray_metrics=ray_metrics)
         self.engine = engine_factory(settings, self.metrics)
+        forward_eplb_metrics(getattr(self.engine, "core", None), self.metrics)
         ctx = serve.get_replica_context()
         self.publisher = MetricsPublisher(ctx.app_name, ctx.replica_id.unique_id, self.metrics.registry,
                                           before=lambda: self.metrics.record_stats(self.engine.stats()))
@@ -67,8 +72,10 @@ class EngineReplica:
             engine.shutdown()
 
 
-def local_engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
-    return AsyncEngine(settings.engine_config(), max_waiting=settings.max_waiting)
+def local_engine(settings: AppSettings, metrics: Metrics, pool: str = "colocated") -> AsyncEngine:
+    """The pool's engine: one process, or an EP engine whose ranks are Ray actors."""
+    return AsyncEngine(settings.engine_config(), max_waiting=settings.max_waiting,
+                       parallel=replica_parallel(settings, pool))
 
 
 def nixl_engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
@@ -121,10 +128,14 @@ def engine_deployment(cls, name: str, settings: AppSettings, pool: str):
     `max_queued_requests` more and the rest are refused at once (503)."""
     p = settings.pool(pool)
     capacity = settings.max_waiting + settings.engine_config().max_num_seqs
+    # An EP replica and its ranks share one placement group (bundle 0: the replica).
+    placement = {} if not p.parallel.enable_expert_parallel else {
+        "placement_group_bundles": p.placement_group_bundles(),
+        "placement_group_strategy": p.parallel.placement_strategy}
     return serve.deployment(
         cls, name=name, num_replicas=p.replicas, max_ongoing_requests=capacity,
         max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None else capacity,
-        ray_actor_options=p.actor_options(),
+        ray_actor_options=p.actor_options(), **placement,
         health_check_period_s=settings.health_check_period_s, health_check_timeout_s=30)
 
 

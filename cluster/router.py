@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics as ray_metrics
 
+from cluster.elastic_ep_api import elastic_ep_router
 from cluster.metrics import Metrics
 from cluster.openai_api import build_api
 from cluster.remote_engine import RemoteEngine
@@ -35,13 +36,16 @@ class Router:
         registry = ClusterRegistry(serve.get_replica_context().app_name)
         self.metrics = Metrics(settings.model_name, served_pool, registry=registry, ray_metrics=ray_metrics)
         self.engine = RemoteEngine(pool, tokenizer, limits, self.metrics, max_in_flight(settings))
+        self.pool = pool
         self.settings = settings
 
     def __serve_build_asgi_app__(self):
         s = self.settings
         # Engine gauges arrive with the replicas' snapshots; nothing to refresh here.
-        return build_api(self.engine, s.model_name, self.metrics, s.slo, s.api_key,
-                         refresh_gauges=lambda: None, max_body_bytes=s.max_body_bytes)
+        app = build_api(self.engine, s.model_name, self.metrics, s.slo, s.api_key,
+                        refresh_gauges=lambda: None, max_body_bytes=s.max_body_bytes)
+        app.include_router(elastic_ep_router(self.pool, s))     # /scale_elastic_ep, /rebalance_experts
+        return app
 
 
 def max_in_flight(settings: AppSettings) -> int:

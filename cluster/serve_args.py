@@ -134,6 +134,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. HEAD:6379 or auto (default: $RAY_ADDRESS, else a new "
                         "local Ray instance that stops with this command)")
+    add_parallel_arguments(p, args)
     e = p.add_argument_group("engine (vLLM's flag names)")
     for flag in ENGINE_FLAGS:
         text = f"{flag.help} (default: {_shown_default(flag, engine)})"
@@ -143,6 +144,56 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         else:
             e.add_argument(flag.flag, dest=dest, default=None, type=flag.type, choices=flag.choices, help=text,
                            metavar=None if flag.choices else flag.flag.lstrip("-").upper().replace("-", "_"))
+
+
+def served_pool(mode: str) -> str:
+    """The pool the router sends requests to, which the parallel flags set."""
+    return "decode" if mode == "pd" else "colocated"
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser, args: dict) -> None:
+    pool = (args.get("pools") or {}).get(served_pool(args.get("mode", "pd")), {})
+    par = pool.get("parallel") or {}
+    g = p.add_argument_group(
+        "expert parallelism (vLLM's flag names)",
+        "These set the colocated pool in mode colocated and the decode pool in mode pd "
+        "(config keys pools.<pool>.parallel and eplb); an expert-parallel prefill pool is set "
+        "in --config (pools.prefill.parallel).")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=None, metavar="N",
+                   help="EP ranks per replica: attention data-parallel, MoE experts spread over them; needs "
+                        f"--enable-expert-parallel (default: {par.get('data_parallel_size', 1)})")
+    g.add_argument("--enable-expert-parallel", default=None, action=argparse.BooleanOptionalAction,
+                   help="make each replica an expert-parallel engine of --data-parallel-size ranks, Ray actors "
+                        "in the replica's placement group; the pool's num_cpus and num_gpus then count per rank (default: "
+                        f"{'on' if par.get('enable_expert_parallel') else 'off'})")
+    g.add_argument("--enable-eplb", default=None, action=argparse.BooleanOptionalAction,
+                   help="rebalance experts over the ranks from their measured load, and allow POST "
+                        f"/scale_elastic_ep (default: {'on' if par.get('enable_eplb') else 'off'})")
+    g.add_argument("--eplb-config", default=None, metavar="JSON",
+                   help='EPLB settings, as in vLLM: {"window_size": 128, "step_interval": 64, '
+                        '"num_redundant_experts": 0, "min_gain": 0.05, ...} (default: config.yaml\'s eplb)')
+    g.add_argument("--ep-dispatch", default=None, choices=["normal", "low_latency"],
+                   help="how MoE layers exchange tokens between ranks (DeepEP's modes) (default: "
+                        f"{par.get('ep_dispatch') or 'normal in prefill/colocated pools, low_latency in decode'})")
+
+
+def parallel_settings(ns: argparse.Namespace, args: dict) -> dict:
+    """args with the parallel flags applied to the served pool's `parallel` and to `eplb`."""
+    flags = {key: getattr(ns, key) for key in ("data_parallel_size", "enable_expert_parallel", "enable_eplb",
+                                               "ep_dispatch") if getattr(ns, key) is not None}
+    if flags:
+        pools = args.setdefault("pools", {})
+        pool = pools.setdefault(served_pool(args.get("mode", "pd")), {})
+        pool["parallel"] = {**(pool.get("parallel") or {}), **flags}
+    if ns.eplb_config:
+        try:
+            eplb = json.loads(ns.eplb_config)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--eplb-config is not JSON: {e}") from None
+        if not isinstance(eplb, dict):
+            raise SystemExit("--eplb-config must be a JSON object")
+        args["eplb"] = {**(args.get("eplb") or {}), **eplb}
+    return args
 
 
 def kv_transfer_settings(text: str) -> tuple[dict, dict]:
@@ -190,6 +241,7 @@ def app_args(ns: argparse.Namespace) -> dict:
         args["kv_transfer"] = {**(args.get("kv_transfer") or {}), **kv}
         engine.update(kv_engine)
     args["engine"] = engine
+    args = parallel_settings(ns, args)
     if str(engine.get("device", "cpu")).startswith("cuda"):
         args["pools"] = gpu_pools(args.get("pools") or {})
     return args

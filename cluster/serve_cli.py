@@ -60,6 +60,7 @@ def serve_main(ns: argparse.Namespace) -> int:
     try:
         settings = parse_settings(dict(args))
         settings.engine_config()          # bad engine settings fail here, before Ray starts
+        settings.check_model()            # EP pools the model cannot be split over, too
     except (TypeError, ValueError) as e:
         print(f"tandem serve: {e}", file=sys.stderr)
         return 2
@@ -74,7 +75,13 @@ def serve_main(ns: argparse.Namespace) -> int:
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     quiet_ray_logs()                       # ray.init configures Ray's loggers afresh
     serve.start(http_options={"host": ns.host, "port": ns.port})
-    serve.run(build_app(args), name="tandem", route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app(args), name="tandem", route_prefix="/", blocking=False)
+    except RuntimeError as e:              # a replica's constructor failed: say why, leave nothing behind
+        print(f"tandem serve: the application did not start:\n{e}", file=sys.stderr, flush=True)
+        serve.delete("tandem")
+        ray.shutdown()
+        return 1
     base = f"http://{ns.host}:{ns.port}"
     local = address == "local"
     print(banner(settings.model_name, settings.mode, base, ray.get_runtime_context().gcs_address, local),

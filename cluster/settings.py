@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from cluster.parallel_settings import COORDINATOR_CPUS, PoolParallel, check_model_fits
 from cluster.request_metrics import SLO
 from engine.config import EngineConfig
+from engine.engine_client import ParallelConfig
 
 MODES = ("colocated", "pd")
 # Connector settings an app may set (`kv_transfer:`), with their defaults in disagg.
@@ -25,12 +27,31 @@ class PoolSettings:
     # Ray's runtime_env for this pool's replicas (env vars such as NCCL settings, a
     # worker_process_setup_hook, ...).
     runtime_env: dict | None = None
+    # Expert parallelism of each replica (cluster/parallel_settings.py). With
+    # enable_expert_parallel, num_cpus and num_gpus are per rank.
+    parallel: PoolParallel = field(default_factory=PoolParallel)
 
     def actor_options(self) -> dict:
-        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        """The replica actor's resources: an EP replica's actor is the coordinator in
+        bundle 0 of its placement group; the ranks take the rest (rank_bundles)."""
+        if self.parallel.enable_expert_parallel:
+            options = {"num_cpus": COORDINATOR_CPUS, "num_gpus": 0}
+        else:
+            options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
         return options
+
+    def rank_bundle(self) -> dict[str, float]:
+        """The placement-group bundle of one EP rank."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {})}
+
+    def placement_group_bundles(self) -> list[dict[str, float]] | None:
+        """Serve's placement_group_bundles for an EP replica (None for a plain one):
+        bundle 0 the replica actor's, then one per rank."""
+        if not self.parallel.enable_expert_parallel:
+            return None
+        return [{"CPU": COORDINATOR_CPUS}] + [self.rank_bundle() for _ in range(self.parallel.data_parallel_size)]
 
 
 @dataclass
@@ -43,6 +64,9 @@ class AppSettings:
     slo: SLO = field(default_factory=SLO)
     api_key: str | None = None
     kv_transfer: dict = field(default_factory=dict)
+    # EPLB of the expert-parallel pools with enable_eplb: eplb.elastic.EplbConfig's fields
+    # (window_size, step_interval, min_gain, ...) plus num_redundant_experts (vLLM's --eplb-config).
+    eplb: dict = field(default_factory=dict)
     max_waiting: int = 256
     max_body_bytes: int = 4 * 2**20         # larger request bodies get 413 before parsing
     prefill_timeout_s: float = 10.0         # pd: a slower prefill is recomputed on the decode engine
@@ -59,6 +83,27 @@ class AppSettings:
     def pool(self, name: str) -> PoolSettings:
         return self.pools.get(name, PoolSettings())
 
+    def parallel_config(self, pool: str) -> ParallelConfig:
+        return self.pool(pool).parallel.config(pool, self.eplb)
+
+    @property
+    def engine_pools(self) -> tuple[str, ...]:
+        """The pools that hold engines in this mode."""
+        return ("prefill", "decode") if self.mode == "pd" else ("colocated",)
+
+    def check_model(self) -> None:
+        """Checks of the expert-parallel pools against the model's config (dense model,
+        expert slots that do not split over the ranks), before anything is deployed."""
+        from engine.engine_client import resolve_model_path
+        from engine.models.loader import load_config
+
+        model_config = None
+        for pool in self.engine_pools:
+            parallel = self.parallel_config(pool)
+            if parallel.enable_expert_parallel:
+                model_config = model_config or load_config(resolve_model_path(self.model))
+                check_model_fits(pool, parallel, model_config, self.model)
+
 
 def parse_settings(args: dict | None) -> AppSettings:
     args = dict(args or {})
@@ -66,7 +111,10 @@ def parse_settings(args: dict | None) -> AppSettings:
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown app settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-    pools = {name: PoolSettings(**p) for name, p in (args.pop("pools", None) or {}).items()}
+    pools = {}
+    for name, p in (args.pop("pools", None) or {}).items():
+        p = dict(p)
+        pools[name] = PoolSettings(parallel=PoolParallel.parse(name, p.pop("parallel", None)), **p)
     slo = SLO(**(args.pop("slo", None) or {}))
     settings = AppSettings(pools=pools, slo=slo, **args)
     if settings.mode not in MODES:
@@ -74,6 +122,11 @@ def parse_settings(args: dict | None) -> AppSettings:
     bad = set(settings.kv_transfer) - set(KV_TRANSFER_KEYS)
     if bad:
         raise ValueError(f"unknown kv_transfer settings: {', '.join(sorted(bad))} (known: {', '.join(KV_TRANSFER_KEYS)})")
+    if settings.eplb:
+        from eplb.engine_factory import eplb_settings
+        eplb_settings(settings.eplb)            # unknown keys or bad values fail here
+    for pool in settings.engine_pools:
+        settings.parallel_config(pool)          # dp < 1, EP settings that contradict each other
     engine_fields = {f.name for f in fields(EngineConfig)} - {"model"}
     bad = set(settings.engine) - engine_fields
     if bad:

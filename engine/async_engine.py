@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -117,6 +118,7 @@ class AsyncEngine:
         # per step when busy; a step that never returns shows as a stale beat.
         self.stall_timeout_s = stall_timeout_s
         self.heartbeat = time.monotonic()
+        self._in_call = False
         self._thread = threading.Thread(target=self._loop, name="engine-core", daemon=True)
         self._thread.start()
 
@@ -168,6 +170,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
 
+    async def run_in_loop(self, fn: Callable[[EngineClient], Any]) -> Any:
+        """Run `fn(client)` on the loop thread between two steps (the one thread that
+        may touch the client, e.g. to scale an EP engine) and return its result, or
+        raise its error. Steps it takes itself produce outputs that reach their streams
+        when it returns; requests sent meanwhile wait in the command queue."""
+        if self.error is not None:
+            raise EngineDown(f"the engine stopped: {self.error!r}")
+        done = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, done))
+        return await done
+
     def check_health(self) -> None:
         """Raise EngineDead if the loop stopped on an error or has not beaten for
         `stall_timeout_s` (a hung step); a supervisor replaces an engine that fails this."""
@@ -176,7 +189,8 @@ class AsyncEngine:
         if not self._thread.is_alive():
             raise EngineDead("the engine loop is not running")
         silent = time.monotonic() - self.heartbeat
-        if silent > self.stall_timeout_s:
+        # A run_in_loop call (scaling, loading new ranks) has its own time limits.
+        if silent > self.stall_timeout_s and not self._in_call:
             raise EngineDead(f"the engine loop has not completed a step for {silent:.0f} s")
 
     @property
@@ -229,6 +243,13 @@ class AsyncEngine:
             self.error = e
             for stream in list(self._streams.values()):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDead(f"engine stopped: {e!r}"))
+            while True:     # requests and run_in_loop calls still waiting for their turn
+                try:
+                    _, _, fut = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if fut is not None:
+                    fut.get_loop().call_soon_threadsafe(_settle, fut, EngineDead(f"engine stopped: {e!r}"))
 
     def _drain_commands(self, wait_s: float | None) -> None:
         try:
@@ -241,6 +262,8 @@ class AsyncEngine:
                 self._add(arg, fut)
             elif kind == "abort":
                 self.core.abort_requests([arg])
+            elif kind == "call":
+                self._call(arg, fut)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -261,6 +284,18 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(_settle, fut, RequestFailed(f"the engine could not admit it: {e!r}"))
             return
         stream.loop.call_soon_threadsafe(_settle, fut, None)
+
+    def _call(self, fn: Callable[[EngineClient], Any], fut: asyncio.Future) -> None:
+        self._in_call = True
+        try:
+            result, error = fn(self.core), None
+        except Exception as e:  # noqa: BLE001  (the caller's error, handed to the caller)
+            result, error = None, e
+        finally:
+            self._in_call = False
+            self.heartbeat = time.monotonic()
+        loop = fut.get_loop()
+        loop.call_soon_threadsafe(_settle, fut, error, result)
 
     def _deliver(self, out: EngineCoreOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -285,11 +320,11 @@ class AsyncEngine:
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
-def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+def _settle(fut: asyncio.Future, error: BaseException | None, result: Any = None) -> None:
     if fut.done():
         return
     if error is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(error)
 

@@ -36,6 +36,16 @@ def resolve_model_path(model: str) -> Path:
     return default_model_path() if model == "default" else Path(model)
 
 
+def routed_experts(model_config) -> int | None:
+    """Routed experts per MoE layer as the Hugging Face config names them; None for a
+    dense model."""
+    for name in ("num_experts", "n_routed_experts"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def eos_token_ids(path: Path, model_config, tokenizer) -> frozenset[int]:
     """EOS ids as generation_config.json states them, else config.json, else the tokenizer."""
     ids = None
@@ -132,6 +142,11 @@ class ParallelConfig:
     enable_eplb: bool = False
     ep_dispatch: str = "normal"                        # "normal" | "low_latency"
     eplb_config: dict = field(default_factory=dict)    # EplbConfig fields + num_redundant_experts
+    # Where the ranks run and how they reach the coordinator (vLLM's
+    # distributed_executor_backend and data_parallel_master_ip): a RankLauncher
+    # (engine/distributed/launcher.py; None: local processes) and this host's address.
+    launcher: Any = field(default=None, compare=False, repr=False)
+    host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.data_parallel_size < 1:
@@ -169,5 +184,6 @@ def build_engine_client(config: EngineConfig, parallel: ParallelConfig | None = 
     if parallel.enable_expert_parallel:
         # Imported when asked for: it brings in pyzmq and torch.distributed.
         from engine.distributed.ep_engine import EPEngine
-        return EPEngine(config, parallel.data_parallel_size, dispatch=parallel.ep_dispatch, files=files)
+        return EPEngine(config, parallel.data_parallel_size, dispatch=parallel.ep_dispatch, files=files,
+                        launcher=parallel.launcher, host=parallel.host)
     return EngineCore(config, files.model_config, str(files.path))

@@ -34,7 +34,7 @@ from engine.config import EngineConfig
 from engine.core.engine_core import EngineCoreOutput
 from engine.distributed.launcher import RankLauncher, SpawnLauncher
 from engine.distributed.protocol import config_to_wire, pack, params_to_wire, unpack
-from engine.engine_client import ModelFiles, Prompt, pair_prompts
+from engine.engine_client import ModelFiles, Prompt, pair_prompts, routed_experts
 from engine.engine_stats import EngineStats
 from engine.kv_transfer import is_consumer
 from engine.output_processor import apply_output, new_output
@@ -51,15 +51,6 @@ class EPEngineError(RuntimeError):
 
 class RankLostError(EPEngineError):
     """A rank died and the survivors cannot serve without it."""
-
-
-def _routed_experts(model_config) -> int | None:
-    """Routed experts per MoE layer as the Hugging Face config names them, if it does."""
-    for name in ("num_experts", "n_routed_experts"):
-        value = getattr(model_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class _RanksDied(Exception):
@@ -168,7 +159,7 @@ class EPEngine:
 
         # Knowing the expert count up front lets each rank build and load only its own
         # slots; random weights are drawn for the whole model so every rank agrees.
-        self.num_experts = _routed_experts(model_config)
+        self.num_experts = routed_experts(model_config)
         self.slots_per_rank = 0
         self._load_own_slots = self.num_experts is not None and config.load_format != "random"
         try:
@@ -278,8 +269,9 @@ class EPEngine:
 
     @property
     def has_pending_work(self) -> bool:
-        # Aborts reach the ranks with a step: until then they hold the blocks.
-        return self.has_unfinished() or any(r.pending_abort for r in self.ranks)
+        # Aborts reach the ranks with a step: until then they hold the blocks. Outputs of
+        # steps taken on the engine's own (scaling, a rebalance) go out with the next step.
+        return self.has_unfinished() or any(r.pending_abort for r in self.ranks) or bool(self._undelivered)
 
     def poll_interval(self) -> float | None:
         """None while there are requests to step; else how long a loop may wait."""
