@@ -25,8 +25,14 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D]; k [T, Hkv, D]; v [T, Hkv, Dv], or None when V is a prefix of
         the K entry (MLA latent cache) -> [T, Hq, Dv]."""
+        self.write(k, v, meta)
+        return self.attend(q, meta)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor | None, meta: AttentionMetadata) -> None:
         if v is None:
             write_kv(self.k_cache, k, meta.slot_mapping, meta.block_size)
         else:
             write_kv_pair(self.k_cache, self.v_cache, k, v, meta.slot_mapping, meta.block_size)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -57,6 +57,26 @@ def test_interpreted_padded_async_steps_match_transformers(family):
             assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
 
 
+@interpreted
+def test_interpreted_mla_expanded_prefill_matches_transformers(family, monkeypatch):
+    """MLA with every request of 2+ query tokens in the expanded form: chunks over cached
+    context in steps that also decode (both forms in one step), then prefix-cache hits."""
+    from engine.layers import mla
+    folder, hf = family
+    if "deepseek" not in folder.name:
+        pytest.skip("MLA only")
+    monkeypatch.setattr(mla, "EXPAND_MIN_QUERY", 2)
+    n = 4
+    with kernel_backend("triton"):
+        llm = LLM(str(folder), block_size=4, max_num_batched_tokens=8, enable_prefix_caching=True)
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        runs = [llm.generate(PROMPTS, params) for _ in range(2)]
+    assert llm.engine.kv.paged.pool.hits > 0
+    for outs in runs:
+        for out, prompt in zip(outs, PROMPTS):
+            assert out.token_ids == hf_greedy(hf, prompt, n)[0]
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_match_transformers(family):
     folder, hf = family
@@ -67,3 +87,18 @@ def test_gpu_kernels_match_transformers(family):
         assert out.token_ids == ref_tokens
         for step, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
             assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_mla_expanded_prefill_matches_transformers(family):
+    """Prompts long enough for the expanded MLA form: two of one length (SDPA) and a
+    ragged set (the Triton kernel), chunked over cached context."""
+    folder, hf = family
+    if "deepseek" not in folder.name:
+        pytest.skip("MLA only")
+    prompts = [list(range(3, 83)), list(range(7, 87)), list(range(100, 141))]
+    llm = LLM(str(folder), block_size=16, max_num_batched_tokens=64, device="cuda", dtype="float32")
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for batch in (prompts[:2], prompts):
+        for out, prompt in zip(llm.generate(batch, params), batch):
+            assert out.token_ids == hf_greedy(hf, prompt, 8)[0]
