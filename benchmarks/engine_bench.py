@@ -14,6 +14,9 @@ PHASE (run each in its own process, as the anchors ran vLLM and transformers):
   idle     GPU idle time between decode steps (CUDA events around each step's device work),
            async scheduling on vs off, with the step time of each
   hf       transformers generate on the same shape (its own random weights), batch 1 and 8
+--checkpoint DIR: the engine loads a saved seeded random checkpoint of the shape from DIR
+(load_format=auto; written there first by benchmarks/random_checkpoint.py if absent)
+instead of drawing random weights at load, as shared/anchors/h200-vllm-same-weights.md.
 Each result is a JSON line appended to --out and printed. --smoke: tiny shapes on CPU
 (Triton interpreter), to check this script itself.
 """
@@ -297,17 +300,25 @@ def measured_distinct_experts(llm, prompts: list[list[int]]) -> float:
 
 
 ENGINE_FLAGS: dict = {}     # --eager / --sync: graphs and async scheduling off
+CHECKPOINT: Path | None = None    # --checkpoint: a saved random checkpoint instead of load-time weights
 
 
 def make_llm(model: str, batches: list[int], smoke: bool):
     from engine import LLM
+    if CHECKPOINT is not None and not smoke:
+        from benchmarks.random_checkpoint import write
+        emit(phase="checkpoint", **write(model, CHECKPOINT))
+        source, load_format = CHECKPOINT, "auto"
+    else:
+        source, load_format = config_dir(model, smoke), "random"
     t0 = time.perf_counter()
-    llm = LLM(str(config_dir(model, smoke)), device="cpu" if smoke else "cuda", dtype="bfloat16",
-              load_format="random", seed=0, max_num_seqs=max(batches), max_num_batched_tokens=16384,
+    llm = LLM(str(source), device="cpu" if smoke else "cuda", dtype="bfloat16",
+              load_format=load_format, seed=0, max_num_seqs=max(batches), max_num_batched_tokens=16384,
               max_model_len=2048, **ENGINE_FLAGS)
     c = llm.engine.config
     graphs = llm.engine.runner.graphs
-    emit(phase="engine-start", model=model, seconds=time.perf_counter() - t0, kv_blocks=llm.engine.num_blocks,
+    emit(phase="engine-start", model=model, load_format=load_format, seconds=time.perf_counter() - t0,
+         kv_blocks=llm.engine.num_blocks,
          cuda_graphs=c.enable_cuda_graphs, async_scheduling=c.async_scheduling,
          graph_sizes=sorted(graphs.graphs) if graphs is not None else None)
     return llm
@@ -508,7 +519,7 @@ def hf_phase(model: str, batches: list[int], smoke: bool, new: int, budget_s: fl
 
 
 def main() -> None:
-    global OUT
+    global OUT, CHECKPOINT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["kernels", "engine", "profile", "idle", "hf", "copy"])
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=[p.stem for p in SHAPES.glob("*.json")])
@@ -519,12 +530,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--eager", action="store_true", help="CUDA graphs off")
     ap.add_argument("--sync", action="store_true", help="async scheduling off")
+    ap.add_argument("--checkpoint", type=Path, help="load a saved random checkpoint from here (written if absent)")
     args = ap.parse_args()
     if args.eager:
         ENGINE_FLAGS["enable_cuda_graphs"] = False
     if args.sync:
         ENGINE_FLAGS["async_scheduling"] = False
     OUT = args.out
+    CHECKPOINT = args.checkpoint
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     batches = [int(b) for b in args.batches.split(",")]

@@ -2,6 +2,10 @@
 # One device call (nvidia-h200): checks first, then timings; each phase its own process
 # with its own time limit, so a failure leaves the other phases' results.
 #   bash benchmarks/h200_engine_run.sh "tests engine:qwen3-30b-a3b:280 idle:qwen3-30b-a3b:1,64"
+# saved:MODEL:SECONDS runs the engine phase on a seeded random checkpoint saved under /tmp
+# (written first if absent); tune:MODELS tunes the MoE tiles into engine/kernels/configs
+# (later phases of the same call read them; copies come back in $OUT); attn times the
+# prefill attention kernels; tests:SECONDS[:DIR] runs the gpu tests (of tests/engine/DIR).
 # Results: $OUT/*.jsonl and logs (what the device tool brings back).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -13,8 +17,13 @@ for job in $1; do
   IFS=: read -r phase model arg <<<"$job"
   start=$(date +%s)
   case $phase in
-    tests)  timeout "${model:-170}" python3 -m pytest -q -m gpu tests/engine -p no:cacheprovider 2>&1 \
-              | tail -25 | tee "$OUT/gpu_tests.log" ;;
+    tests)  timeout "${model:-170}" python3 -m pytest -q -m gpu "tests/engine/${arg:-}" -p no:cacheprovider \
+              2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
+    saved)  timeout $((arg + 200)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
+              --checkpoint "/tmp/ckpt-$model" --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
+    tune)   timeout 400 python3 benchmarks/tune_moe.py --model "$model" 2>&1 | tee -a "$OUT/tune.log" | grep -v "^  " \
+              | cut -c1-200; cp engine/kernels/configs/*.json "$OUT/" ;;
+    attn)   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attn.jsonl" 2>&1 | cut -c1-300 | tail -14 ;;
     engine) timeout $((arg + 60)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
               --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
     idle|profile) timeout 150 python3 benchmarks/engine_bench.py "$phase" --model "$model" --batches "$arg" \

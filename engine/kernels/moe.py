@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import moe_configs
 from engine.kernels.mma import mma, upcast_dots
 
 
@@ -179,6 +180,15 @@ def default_config(num_entries: int, num_experts: int) -> MoEConfig:
     return MoEConfig(128, 128, 64, 8, 3)
 
 
+def moe_config(num_tokens: int, top_k: int, num_experts: int, intermediate: int, device: torch.device) -> MoEConfig:
+    """The tuned tiles for this shape and device where a data file has them, else the
+    heuristic above."""
+    t = moe_configs.tuned(num_tokens, num_experts, intermediate, device)
+    if t is None:
+        return default_config(num_tokens * top_k, num_experts)
+    return MoEConfig(t["BLOCK_SIZE_M"], t["BLOCK_SIZE_N"], t["BLOCK_SIZE_K"], t["num_warps"], t["num_stages"])
+
+
 class PeerRows(NamedTuple):
     """Where per-entry outputs go under expert parallelism: entry e is row
     e % rows_per_peer of the buffer at address ptrs[e // rows_per_peer] (int64, on the
@@ -216,7 +226,7 @@ def moe_entries_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     inter = rows // 2 if gated else rows
     top_k = topk_ids.shape[1]
     N = T * top_k
-    cfg = config or default_config(N, E)
+    cfg = config or moe_config(T, top_k, E, inter, x.device)
     if config is None and x.element_size() > 2:
         cfg = cfg._replace(block_k=cfg.block_k // 2)      # float32 (tests): same tiles in bytes
     bm = cfg.block_m

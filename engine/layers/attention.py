@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from engine.ops.attention import AttentionMetadata, paged_attention, write_kv, write_kv_pair
+from engine.ops.packed_attention import packed_attention, sdpa_step
 
 
 class PagedAttention(nn.Module):
@@ -26,6 +27,10 @@ class PagedAttention(nn.Module):
         """q [T, Hq, D]; k [T, Hkv, D]; v [T, Hkv, Dv], or None when V is a prefix of
         the K entry (MLA latent cache) -> [T, Hq, Dv]."""
         self.write(k, v, meta)
+        if v is not None:
+            packed = sdpa_step(meta, q.device)
+            if packed is not None:     # prompts with no cached context: their K/V are this step's
+                return packed_attention(q, k, v, packed, self.scale, impl="sdpa")
         return self.attend(q, meta)
 
     def write(self, k: torch.Tensor, v: torch.Tensor | None, meta: AttentionMetadata) -> None:

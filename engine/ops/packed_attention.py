@@ -65,6 +65,17 @@ def whole_prompts_of_one_length(meta: AttentionMetadata) -> bool:
     return bool(n) and n == meta.seq_lens_cpu and min(n) == max(n)
 
 
+def sdpa_step(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata | None:
+    """For a step of whole prompts of one length on CUDA, where SDPA is the default: the
+    packed metadata under which the step's own K/V are every request's whole context (a
+    GQA layer then attends over them without reading the cache back). Else None. Once
+    per step (meta.plans)."""
+    if "sdpa" not in meta.plans:
+        ok = device.type == "cuda" and PACKED_CUDA_DEFAULT == "sdpa" and whole_prompts_of_one_length(meta)
+        meta.plans["sdpa"] = packed_metadata(meta) if ok else None
+    return meta.plans["sdpa"]
+
+
 def packed_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                           scale: float) -> torch.Tensor:
     """Whole prompts of one length n: [B, heads, n, d] causal SDPA, cuDNN first."""

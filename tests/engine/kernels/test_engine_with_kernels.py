@@ -90,12 +90,10 @@ def test_gpu_kernels_match_transformers(family):
 
 
 @pytest.mark.gpu
-def test_gpu_mla_expanded_prefill_matches_transformers(family):
-    """Prompts long enough for the expanded MLA form: two of one length (SDPA) and a
-    ragged set (the Triton kernel), chunked over cached context."""
+def test_gpu_long_prompts_match_transformers(family):
+    """Prompts long enough for SDPA on whole prompts and the expanded MLA form: first
+    chunks of one length (SDPA), then ragged chunks over cached context (Triton)."""
     folder, hf = family
-    if "deepseek" not in folder.name:
-        pytest.skip("MLA only")
     prompts = [list(range(3, 83)), list(range(7, 87)), list(range(100, 141))]
     llm = LLM(str(folder), block_size=16, max_num_batched_tokens=64, device="cuda", dtype="float32")
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
