@@ -5,7 +5,8 @@
 # saved:MODEL:SECONDS runs the engine phase on a seeded random checkpoint saved under /tmp
 # (written first if absent); tune:MODELS tunes the MoE tiles into engine/kernels/configs
 # (later phases of the same call read them; copies come back in $OUT); attn times the
-# prefill attention kernels; tests:SECONDS[:DIR] runs the gpu tests (of tests/engine/DIR).
+# prefill attention kernels; tests:SECONDS[:PATHS] runs the gpu tests (of tests/engine, or of
+# the comma-separated PATHS under it).
 # Results: $OUT/*.jsonl and logs (what the device tool brings back).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -17,7 +18,7 @@ for job in $1; do
   IFS=: read -r phase model arg <<<"$job"
   start=$(date +%s)
   case $phase in
-    tests)  timeout "${model:-170}" python3 -m pytest -q -m gpu "tests/engine/${arg:-}" -p no:cacheprovider \
+    tests)  timeout "${model:-170}" python3 -m pytest -q -m gpu $(tr , '\n' <<<"${arg:-.}" | sed 's|^|tests/engine/|') -p no:cacheprovider \
               2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
     saved)  timeout $((arg + 200)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
               --checkpoint "/tmp/ckpt-$model" --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
