@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load = p.add_argument_group("load")
     load.add_argument("--request-rate", type=float, default=float("inf"),
                       help="requests/s, or inf to send all at once (default: inf)")
+    load.add_argument("--ramp-up-strategy", default=None, choices=["linear", "exponential"],
+                      help="move the request rate from --ramp-up-start-rps to --ramp-up-end-rps over the "
+                           "run, instead of a fixed --request-rate (default: none)")
+    load.add_argument("--ramp-up-start-rps", type=float, default=None, help="ramp: first rate, req/s (default: none)")
+    load.add_argument("--ramp-up-end-rps", type=float, default=None, help="ramp: last rate, req/s (default: none)")
     load.add_argument("--burstiness", type=float, default=1.0,
                       help="gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 steadier (default: 1.0)")
     load.add_argument("--max-concurrency", type=int, default=None,
@@ -109,6 +114,9 @@ def settings(ns: argparse.Namespace) -> tuple[dict[str, float], list[str], list[
         raise SystemExit(f"--metadata: expected KEY=VALUE pairs, got {ns.metadata}")
     if ns.burstiness <= 0 or ns.request_rate <= 0:
         raise SystemExit("--burstiness and --request-rate must be > 0")
+    if ns.ramp_up_strategy and not (ns.ramp_up_start_rps and ns.ramp_up_end_rps
+                                    and ns.ramp_up_start_rps > 0 and ns.ramp_up_end_rps > 0):
+        raise SystemExit("--ramp-up-strategy needs --ramp-up-start-rps and --ramp-up-end-rps, both > 0")
     return slos, metrics, percentiles
 
 
@@ -203,13 +211,25 @@ async def drive(ns: argparse.Namespace) -> tuple[list[Result], float, str]:
         t0 = time.perf_counter()
         for i, p in enumerate(prompts):
             tasks.append(asyncio.create_task(limited(p)))
-            if ns.request_rate != float("inf") and i + 1 < len(prompts):
+            rate = request_rate(ns, i, len(prompts))
+            if rate != float("inf") and i + 1 < len(prompts):
                 # Gamma gaps of mean 1/rate; shape 1 is exponential (Poisson arrivals).
-                await asyncio.sleep(gaps.gamma(ns.burstiness, 1.0 / (ns.request_rate * ns.burstiness)))
+                await asyncio.sleep(gaps.gamma(ns.burstiness, 1.0 / (rate * ns.burstiness)))
         results = await asyncio.gather(*tasks)
         if bar is not None:
             bar.close()
         return results, time.perf_counter() - t0, model
+
+
+def request_rate(ns: argparse.Namespace, i: int, n: int) -> float:
+    """The rate before request i+1 of n: fixed, or on the ramp (vLLM's strategies)."""
+    if not ns.ramp_up_strategy:
+        return ns.request_rate
+    progress = i / max(1, n - 1)
+    start, end = ns.ramp_up_start_rps, ns.ramp_up_end_rps
+    if ns.ramp_up_strategy == "linear":
+        return start + (end - start) * progress
+    return start * (end / start) ** progress
 
 
 def result_path(ns: argparse.Namespace, model: str, date: str) -> Path:
@@ -233,6 +253,8 @@ def run(ns: argparse.Namespace) -> int:
                     "num_prompts": ns.num_prompts,
                     "request_rate": "inf" if ns.request_rate == float("inf") else ns.request_rate,
                     "burstiness": ns.burstiness, "max_concurrency": ns.max_concurrency,
+                    "ramp_up_strategy": ns.ramp_up_strategy, "ramp_up_start_rps": ns.ramp_up_start_rps,
+                    "ramp_up_end_rps": ns.ramp_up_end_rps,
                     "goodput_slos_ms": slos or None,
                     **dict(item.split("=", 1) for item in ns.metadata), **summary}
         path = result_path(ns, model, date)

@@ -56,6 +56,20 @@ METRICS: dict[str, Spec] = {
     "tandem_eplb_balancedness": Spec("gauge", "Mean / max GPU expert load per MoE layer", (), ("layer",)),
     "tandem_eplb_rebalance_seconds": Spec("histogram", "Duration of one EPLB rebalance", E2E_BUCKETS),
     "tandem_eplb_bytes_moved_total": Spec("counter", "Expert weight bytes moved by EPLB"),
+    # Published by each autoscaled pool's policy (cluster/autoscaling.py) from Serve's controller.
+    "tandem_autoscaling_current_replicas": Spec("gauge", "Running replicas of the pool"),
+    "tandem_autoscaling_target_replicas": Spec("gauge", "Replicas Serve is moving the pool to"),
+    "tandem_autoscaling_desired_replicas": Spec("gauge", "Replicas the SLO policy asks for, before Serve's "
+                                                         "delays and bounds"),
+    "tandem_autoscaling_prefill_backlog_tokens": Spec("gauge", "Prompt tokens waiting for their first token"),
+    "tandem_autoscaling_prefill_tokens_per_second": Spec("gauge", "Measured prefill rate of one busy replica"),
+    "tandem_autoscaling_ttft_estimate_seconds": Spec("gauge", "Time the prefill backlog takes to drain on the "
+                                                              "current replicas"),
+    "tandem_autoscaling_ttft_target_seconds": Spec("gauge", "Drain time the policy keeps the backlog under "
+                                                            "(a share of the TTFT SLO)"),
+    "tandem_autoscaling_itl_seconds": Spec("gauge", "Mean inter-token latency measured at the replicas"),
+    "tandem_autoscaling_itl_target_seconds": Spec("gauge", "ITL the policy aims for (a share of the ITL SLO)"),
+    "tandem_autoscaling_kv_cache_usage_perc": Spec("gauge", "Mean KV-cache usage over the pool's replicas (0-1)"),
 }
 
 

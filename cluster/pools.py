@@ -14,6 +14,7 @@ logic lives in `engine/`, `disagg/` and `eplb/`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -21,9 +22,11 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
 from ray.util import metrics as ray_metrics
 
+from cluster.autoscaling import replica_env, serve_autoscaling_config
 from cluster.ep_replica import ElasticEP, forward_eplb_metrics, replica_parallel
 from cluster.kv_transfer_metrics import KVTransferMetrics
 from cluster.metrics import Metrics
+from cluster.pool_load import PoolLoad
 from cluster.remote_engine import error_item, token_delta
 from cluster.replica_metrics import MetricsPublisher
 from cluster.settings import AppSettings
@@ -40,6 +43,7 @@ class EngineReplica(ElasticEP):
     def _start(self, settings: AppSettings, pool: str, engine_factory) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.model_name, pool, ray_metrics=ray_metrics)
+        self.load = PoolLoad()
         self.engine = engine_factory(settings, self.metrics)
         forward_eplb_metrics(getattr(self.engine, "core", None), self.metrics)
         ctx = serve.get_replica_context()
@@ -49,16 +53,25 @@ class EngineReplica(ElasticEP):
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Stream one request's token deltas (see cluster/remote_engine.py); an engine
         error is the stream's last item."""
+        rid = request["request_id"]
+        self.load.admit(rid, len(request["prompt_token_ids"]) + len(request.get("output_token_ids") or ()))
         try:
             params = SamplingParams(**request["sampling"])
-            async for delta in self.engine.generate(request["prompt_token_ids"], params, request["request_id"],
+            async for delta in self.engine.generate(request["prompt_token_ids"], params, rid,
                                                     output_prefix=request.get("output_token_ids")):
+                self.load.tokens(rid, len(delta.new_token_ids))
                 yield token_delta(delta)
         except Exception as e:
             item = error_item(e)
             if item is None:
                 raise
             yield item
+        finally:
+            self.load.finish(rid)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler calls this; the pool's policy reads the series (cluster/autoscaling.py)."""
+        return self.load.stats(self.engine.stats()["kv_cache_usage_perc"])
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica for replacement."""
@@ -69,7 +82,17 @@ class EngineReplica(ElasticEP):
         if publisher is not None:
             publisher.stop()
         if engine is not None:
+            self._drain_held_kv()
             engine.shutdown()
+
+    def _drain_held_kv(self) -> None:
+        """A prefill replica being removed (scale-down) has finished its requests but may
+        still hold their KV for decode replicas to read: it waits for the reads, at most
+        the lease, so no hand-off in flight falls back to a recompute."""
+        core = getattr(self.engine, "core", None)
+        deadline = time.monotonic() + self.settings.kv_transfer.get("lease_s", 30.0)
+        while getattr(core, "has_held_blocks", False) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def local_engine(settings: AppSettings, metrics: Metrics, pool: str = "colocated") -> AsyncEngine:
@@ -103,7 +126,14 @@ class PrefillServer(EngineReplica):
         self._start(settings, "prefill", nixl_engine)
 
     async def prefill(self, request: dict) -> dict:
-        return await prefill_request(self.engine, request)
+        rid = request["request_id"]
+        self.load.admit(rid, len(request["prompt_token_ids"]))
+        try:
+            out = await prefill_request(self.engine, request)
+            self.load.tokens(rid, len(out["token_ids"]))
+            return out
+        finally:
+            self.load.finish(rid)
 
 
 class DecodeServer(EngineReplica):
@@ -125,17 +155,27 @@ class DecodeServer(EngineReplica):
 def engine_deployment(cls, name: str, settings: AppSettings, pool: str):
     """A pool's Serve deployment: replicas take `max_num_seqs + max_waiting` requests
     each (what the engine admits); beyond that a caller queues at most
-    `max_queued_requests` more and the rest are refused at once (503)."""
+    `max_queued_requests` more and the rest are refused at once (503). With
+    `autoscaling`, the SLO policy sizes the pool (cluster/autoscaling.py)."""
     p = settings.pool(pool)
     capacity = settings.max_waiting + settings.engine_config().max_num_seqs
     # An EP replica and its ranks share one placement group (bundle 0: the replica).
     placement = {} if not p.parallel.enable_expert_parallel else {
         "placement_group_bundles": p.placement_group_bundles(),
         "placement_group_strategy": p.parallel.placement_strategy}
+    options = p.actor_options()
+    scaling = {"num_replicas": p.replicas}
+    if p.autoscaling is not None:
+        a = p.autoscaling
+        scaling = {"autoscaling_config": serve_autoscaling_config(pool, a, settings.slo.ttft_ms, settings.slo.itl_ms,
+                                                                  settings.model_name),
+                   "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s}
+        env = options.setdefault("runtime_env", {})
+        options["runtime_env"] = {**env, "env_vars": {**replica_env(a), **env.get("env_vars", {})}}
     return serve.deployment(
-        cls, name=name, num_replicas=p.replicas, max_ongoing_requests=capacity,
+        cls, name=name, max_ongoing_requests=capacity,
         max_queued_requests=p.max_queued_requests if p.max_queued_requests is not None else capacity,
-        ray_actor_options=p.actor_options(), **placement,
+        ray_actor_options=options, **placement, **scaling,
         health_check_period_s=settings.health_check_period_s, health_check_timeout_s=30)
 
 

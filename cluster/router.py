@@ -54,7 +54,7 @@ def max_in_flight(settings: AppSettings) -> int:
     pool = settings.pool("decode" if settings.mode == "pd" else "colocated")
     per_replica = settings.max_waiting + settings.engine_config().max_num_seqs
     queued = pool.max_queued_requests if pool.max_queued_requests is not None else per_replica
-    return max(1, (pool.replicas * per_replica + queued) // settings.pool("router").replicas)
+    return max(1, (pool.max_num_replicas * per_replica + queued) // settings.pool("router").replicas)
 
 
 def router_deployment(settings: AppSettings):

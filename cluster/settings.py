@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from cluster.autoscaling import AutoscalingSettings, parse_autoscaling
 from cluster.parallel_settings import COORDINATOR_CPUS, PoolParallel, check_model_fits
 from cluster.request_metrics import SLO
 from engine.config import EngineConfig
@@ -30,6 +31,13 @@ class PoolSettings:
     # Expert parallelism of each replica (cluster/parallel_settings.py). With
     # enable_expert_parallel, num_cpus and num_gpus are per rank.
     parallel: PoolParallel = field(default_factory=PoolParallel)
+    # Replicas sized by the SLO policy between bounds (cluster/autoscaling.py); None:
+    # `replicas` stays fixed.
+    autoscaling: AutoscalingSettings | None = None
+
+    @property
+    def max_num_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
 
     def actor_options(self) -> dict:
         """The replica actor's resources: an EP replica's actor is the coordinator in
@@ -114,7 +122,8 @@ def parse_settings(args: dict | None) -> AppSettings:
     pools = {}
     for name, p in (args.pop("pools", None) or {}).items():
         p = dict(p)
-        pools[name] = PoolSettings(parallel=PoolParallel.parse(name, p.pop("parallel", None)), **p)
+        pools[name] = PoolSettings(parallel=PoolParallel.parse(name, p.pop("parallel", None)),
+                                   autoscaling=parse_autoscaling(p.pop("autoscaling", None)), **p)
     slo = SLO(**(args.pop("slo", None) or {}))
     settings = AppSettings(pools=pools, slo=slo, **args)
     if settings.mode not in MODES:
@@ -127,6 +136,8 @@ def parse_settings(args: dict | None) -> AppSettings:
         eplb_settings(settings.eplb)            # unknown keys or bad values fail here
     for pool in settings.engine_pools:
         settings.parallel_config(pool)          # dp < 1, EP settings that contradict each other
+    if settings.pool("router").autoscaling is not None:
+        raise ValueError("autoscaling applies to the engine pools, not to the router: set pools.router.replicas")
     engine_fields = {f.name for f in fields(EngineConfig)} - {"model"}
     bad = set(settings.engine) - engine_fields
     if bad:
