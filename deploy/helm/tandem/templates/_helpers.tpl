@@ -60,8 +60,10 @@ The Serve config (the document `serve deploy` takes): serveConfig with its
 `application` map turned back into config.yaml's one-element `applications` list, plus,
 for each pinned pool, a `deployments` entry whose ray_actor_options are the pool's
 num_cpus and num_gpus and 1 unit of the pool's Ray resource (Serve replaces a
-deployment's ray_actor_options with the config's, so all three are given). An entry the
-values already have for that deployment keeps its own options, merged on top.
+deployment's ray_actor_options with the config's, so all three are given); for an
+expert-parallel pool, the replica's placement group too (placement_group_bundles with the
+pool resource in every bundle, placement_group_strategy). An entry the values already
+have for that deployment keeps its own options, merged on top.
 */}}
 {{- define "tandem.serveConfig" -}}
 {{- $config := deepCopy .Values.serveConfig -}}
@@ -75,8 +77,21 @@ values already have for that deployment keeps its own options, merged on top.
 {{- fail (printf "poolPinning.deployments.%s: name the Serve deployment that runs pool %s" $pool $pool) -}}
 {{- end -}}
 {{- $p := get $app.args.pools $pool -}}
-{{- $resource := dict (include "tandem.poolResource" (dict "root" $ "pool" $pool)) 1 -}}
-{{- $_ := set $pins $name (dict "num_cpus" $p.num_cpus "num_gpus" $p.num_gpus "resources" $resource) -}}
+{{- $resourceName := include "tandem.poolResource" (dict "root" $ "pool" $pool) -}}
+{{- $resource := dict $resourceName 1 -}}
+{{- $par := $p.parallel | default dict -}}
+{{- if $par.enable_expert_parallel -}}
+{{- /* An EP replica: bundle 0 the replica actor (cluster/parallel_settings.py
+COORDINATOR_CPUS), one bundle per rank; every bundle takes a unit of the pool resource. */ -}}
+{{- $rank := dict "CPU" $p.num_cpus $resourceName 1 -}}
+{{- if gt (float64 $p.num_gpus) 0.0 -}}{{- $_ := set $rank "GPU" $p.num_gpus -}}{{- end -}}
+{{- $bundles := list (dict "CPU" 0.1 $resourceName 1) -}}
+{{- range until (int ($par.data_parallel_size | default 1)) -}}{{- $bundles = append $bundles (deepCopy $rank) -}}{{- end -}}
+{{- $_ := set $pins $name (dict "ray_actor_options" (dict "num_cpus" 0.1 "num_gpus" 0 "resources" $resource)
+    "placement_group_bundles" $bundles "placement_group_strategy" ($par.placement_strategy | default "PACK")) -}}
+{{- else -}}
+{{- $_ := set $pins $name (dict "ray_actor_options" (dict "num_cpus" $p.num_cpus "num_gpus" $p.num_gpus "resources" $resource)) -}}
+{{- end -}}
 {{- $order = append $order $name -}}
 {{- end -}}
 {{- if $order -}}
@@ -84,18 +99,35 @@ values already have for that deployment keeps its own options, merged on top.
 {{- range $d := ($app.deployments | default list) -}}
 {{- $d = deepCopy $d -}}
 {{- if hasKey $pins $d.name -}}
-{{- $_ := set $d "ray_actor_options" (merge (deepCopy ($d.ray_actor_options | default dict)) (get $pins $d.name)) -}}
+{{- $pin := get $pins $d.name -}}
+{{- $_ := set $d "ray_actor_options" (merge (deepCopy ($d.ray_actor_options | default dict)) $pin.ray_actor_options) -}}
+{{- $d = merge $d (omit $pin "ray_actor_options") -}}
 {{- $order = without $order $d.name -}}
 {{- end -}}
 {{- $deployments = append $deployments $d -}}
 {{- end -}}
 {{- range $name := $order -}}
-{{- $deployments = append $deployments (dict "name" $name "ray_actor_options" (get $pins $name)) -}}
+{{- $deployments = append $deployments (merge (dict "name" $name) (get $pins $name)) -}}
 {{- end -}}
 {{- $_ := set $app "deployments" $deployments -}}
 {{- end -}}
 {{- $_ := set $config "applications" (list $app) -}}
 {{- toYaml $config -}}
+{{- end -}}
+
+{{/*
+What a pool asks Ray for in all, as JSON {"cpus": N, "gpus": N}: replicas x (num_cpus,
+num_gpus), or for an expert-parallel pool replicas x (0.1 + data_parallel_size x
+num_cpus, data_parallel_size x num_gpus). Call with the pool's settings.
+*/}}
+{{- define "tandem.poolNeed" -}}
+{{- $par := .parallel | default dict -}}
+{{- if $par.enable_expert_parallel -}}
+{{- $dp := float64 ($par.data_parallel_size | default 1) -}}
+{{- toJson (dict "cpus" (mulf .replicas (addf 0.1 (mulf $dp .num_cpus))) "gpus" (mulf .replicas (mulf $dp .num_gpus))) -}}
+{{- else -}}
+{{- toJson (dict "cpus" (mulf .replicas .num_cpus) "gpus" (mulf .replicas .num_gpus)) -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
