@@ -84,8 +84,8 @@ def packed_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
 
     def heads_first(x: torch.Tensor) -> torch.Tensor:
         return x.view(B, n, *x.shape[1:]).transpose(1, 2)
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-                     set_priority=True):
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH], set_priority=True):
         out = torch.nn.functional.scaled_dot_product_attention(
             heads_first(q), heads_first(k), heads_first(v), is_causal=True, scale=scale,
             enable_gqa=k.shape[1] != q.shape[1])

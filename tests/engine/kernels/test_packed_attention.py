@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.ops.attention import AttentionMetadata, paged_attention_ref
-from engine.ops.packed_attention import context_slots, packed_attention, packed_metadata, subset_metadata
+from engine.ops.packed_attention import (context_slots, packed_attention, packed_attention_sdpa, packed_metadata,
+                                         sdpa_step, subset_metadata)
 from tests.engine.kernels.cases import TOL, attention_case, interpreted, rel_err
 
 
@@ -64,6 +65,20 @@ def test_triton_packed_attention(case):
     q, k, v, meta = packed_case(reqs, hq, hkv, dk, dv, torch.float32)
     out = packed_attention(q, k, v, meta, 0.3, backend="triton")
     assert rel_err(out, dense_ref(q, k, v, reqs, 0.3)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_sdpa_on_whole_prompts(hkv):
+    """The SDPA layout (batch of prompts of one length, heads first) computes the same
+    attention; steps it cannot take are not offered to it."""
+    reqs = [(0, 6)] * 3
+    q, k, v, meta = packed_case(reqs, 4, hkv, 24, 16, torch.float32)
+    assert rel_err(packed_attention_sdpa(q, k, v, meta, 0.3), dense_ref(q, k, v, reqs, 0.3)) < 1e-6
+    cuda = torch.device("cuda")
+    assert sdpa_step(packed_case([(0, 6), (0, 5)], 4, 4, 24, 16, torch.float32)[3], cuda) is None
+    assert sdpa_step(packed_case([(2, 6), (2, 6)], 4, 4, 24, 16, torch.float32)[3], cuda) is None
+    assert sdpa_step(packed_case(reqs, 4, hkv, 24, 16, torch.float32)[3], torch.device("cpu")) is None
+    assert sdpa_step(meta, cuda) is not None
 
 
 def test_subset_and_context_slots():
