@@ -54,7 +54,7 @@ def split_step(meta: AttentionMetadata) -> _Split:
     long = [i for i, n in enumerate(meta.query_lens_cpu) if n >= EXPAND_MIN_QUERY]
     if not long:
         return _Split(_Group(None, meta), None)
-    short = [i for i in range(meta.num_reqs) if i not in set(long)]
+    short = sorted(set(range(meta.num_reqs)) - set(long))
     if short:
         absorbed = _Group(*subset_metadata(meta, short))
         expanded = _Group(*subset_metadata(meta, long))
