@@ -3,9 +3,9 @@
 `POST /rebalance_experts` (a forced EPLB rebalance; no vLLM or SGLang route does this).
 
 They act on the pool the router serves (colocated, or decode in mode pd), and only when
-it has exactly one replica: a Serve handle cannot address each replica of a pool, and
-replicas of one pool at different sizes would be a different deployment, so a pool of
-several replicas is refused (400; scale it by replicas instead). The replica refuses a
+it has exactly one replica (and no autoscaling): a Serve handle cannot address each
+replica of a pool, and replicas of one pool at different sizes would be a different
+deployment, so a pool of several replicas is refused (400; scale it by replicas instead). The replica refuses a
 second scale or rebalance while one runs (409) and checks that Ray can place the new
 ranks before it touches the group (400). With an API key set, these routes need it too.
 """
@@ -46,10 +46,11 @@ def elastic_ep_router(pool, settings: AppSettings) -> APIRouter:
             raise APIError(400, f"pool {name} is not elastic expert-parallel: set pools.{name}.parallel."
                                 "enable_expert_parallel and enable_eplb (tandem serve --enable-expert-parallel "
                                 "--enable-eplb)")
-        if pool_settings.replicas != 1:
-            raise APIError(400, f"pool {name} has {pool_settings.replicas} replicas; elastic EP changes one "
-                                f"replica's ranks, so it needs pools.{name}.replicas: 1 (scale a pool of several "
-                                "replicas by its replica count)")
+        if pool_settings.replicas != 1 or pool_settings.autoscaling is not None:
+            many = "autoscaled" if pool_settings.autoscaling is not None else f"{pool_settings.replicas} replicas"
+            raise APIError(400, f"pool {name} has {many}; elastic EP changes one replica's ranks, so it needs "
+                                f"pools.{name}.replicas: 1 without autoscaling (scale a pool of several replicas "
+                                "by its replica count)")
 
     def answer(result: dict) -> JSONResponse:
         status = result.pop("status")

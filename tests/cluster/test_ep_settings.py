@@ -32,11 +32,12 @@ def test_flags_set_the_served_pool_and_eplb():
                       "--enable-eplb", "--eplb-config", json.dumps({"step_interval": 8, "num_redundant_experts": 2}))
     assert args["pools"]["colocated"]["parallel"] == {"data_parallel_size": 2, "enable_expert_parallel": True,
                                                       "enable_eplb": True}
-    assert args["eplb"] == {"step_interval": 8, "num_redundant_experts": 2}
+    assert args["eplb"] == {"window_size": 128, "step_interval": 8, "min_gain": 0.05,   # over config.yaml's
+                            "num_redundant_experts": 2}
     settings = parse_settings(args)
     parallel = settings.parallel_config("colocated")
     assert (parallel.data_parallel_size, parallel.enable_eplb, parallel.ep_dispatch) == (2, True, "normal")
-    assert parallel.eplb_config == {"step_interval": 8, "num_redundant_experts": 2}
+    assert parallel.eplb_config == args["eplb"]
     settings.check_model()
     # In mode pd the flags set the decode pool, whose dispatch defaults to low_latency.
     pd = parse_settings(serve_args("--data-parallel-size", "2", "--enable-expert-parallel"))
@@ -102,6 +103,8 @@ def test_expert_parallel_on_a_dense_model_is_refused(tmp_path):
     ({"colocated": {}}, 400, "pool colocated is not elastic expert-parallel"),
     ({"colocated": {"parallel": ep(data_parallel_size=2)}}, 400, "enable_eplb"),
     ({"colocated": {"replicas": 2, "parallel": ep(data_parallel_size=2, enable_eplb=True)}}, 400, "has 2 replicas"),
+    ({"colocated": {"autoscaling": {}, "parallel": ep(data_parallel_size=2, enable_eplb=True)}}, 400,
+     "has autoscaled"),
 ])
 def test_scale_routes_refuse_pools_they_cannot_scale_before_asking_them(pools, status, says):
     """The router's checks, before any call to the pool (there is none here to call)."""

@@ -96,9 +96,14 @@ def head():
         yield h
 
 
-def test_serve_deploy_in_mode_colocated(head, tmp_path):
+def test_serve_deploy_in_mode_colocated_with_an_expert_parallel_pool(head, tmp_path, default_llm):
+    """config.yaml in mode colocated whose pool is expert-parallel (2 ranks with EPLB, in
+    the replica's placement group), on the head's one CPU: 0.1 for the replica, 0.4 per rank."""
     port = free_port()
     config = config_on_port(port, mode="colocated")
+    pool = config["applications"][0]["args"]["pools"]["colocated"]
+    pool.update(num_cpus=0.4, parallel={"data_parallel_size": 2, "enable_expert_parallel": True,
+                                        "enable_eplb": True})
     (tmp_path / "colocated.yaml").write_text(yaml.safe_dump(config))
     head.ray("serve", "deploy", "-a", head.dashboard, str(tmp_path / "colocated.yaml"))
     try:
@@ -106,7 +111,9 @@ def test_serve_deploy_in_mode_colocated(head, tmp_path):
         assert "Colocated" in status and "Decode" not in status, status
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2)
         name = config["applications"][0]["args"]["served_model_name"]
+        from engine import SamplingParams
         r = client.completions.create(model=name, prompt="over Ray", max_tokens=5, temperature=0)
-        assert r.usage.completion_tokens == 5
+        want = default_llm.generate(["over Ray"], SamplingParams(max_tokens=5, temperature=0))[0].outputs[0].text
+        assert r.usage.completion_tokens == 5 and r.choices[0].text == want
     finally:
         head.ray("serve", "shutdown", "-a", head.dashboard, "-y", check=False)
