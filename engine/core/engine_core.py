@@ -63,8 +63,6 @@ class EngineCore:
                                                    self._spec[1] if self._spec is not None else 0), self.kv)
         self.runner = self._make_runner(bytes_per_block)
         self.spec_stats = SpecDecodeStats()
-        if self._spec is not None:
-            self.runner.enable_spec(*self._spec)
         # Async scheduling: the step the device runs, with the drafts it verifies per request.
         self._in_flight: tuple[PendingOutput, dict[str, int]] | None = None
         self._rng = random.Random(config.seed)
@@ -114,6 +112,8 @@ class EngineCore:
         try:
             runner = ModelRunner(self.model, self.num_blocks, c.block_size, c.max_num_seqs,
                                  self.max_model_len, self.dtype, self.device)
+            if self._spec is not None:
+                runner.enable_spec(*self._spec)     # its graphs verify and draft
             if c.enable_cuda_graphs:
                 runner.capture_cuda_graphs()
             return runner

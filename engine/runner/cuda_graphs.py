@@ -38,19 +38,21 @@ def bucket_for(sizes: list[int], batch: int) -> int | None:
     return None
 
 
-def pad_step_inputs(rows: np.ndarray, samples: np.ndarray, size: int, pad_row: int) -> np.ndarray:
-    """[3, size] int64: rows, scheduled counts (1, or 0 for padding), sample flags."""
+def pad_step_inputs(rows: np.ndarray, samples: np.ndarray, size: int, pad_row: int, query_len: int = 1
+                    ) -> np.ndarray:
+    """[3, size] int64: rows, scheduled counts (query_len, or 0 for padding), sample flags."""
     b = rows.shape[0]
     host = np.zeros((3, size), dtype=np.int64)
     host[0, :b] = rows
     host[0, b:] = pad_row
-    host[1, :b] = 1
+    host[1, :b] = query_len
     host[2, :b] = samples
     return host
 
 
-# step_fn(rows, nsched, mask, num_tokens, graph_size, seq_lens_cpu=None) -> (logits, sampled);
-# seq_lens_cpu (the padded batch's real lengths) only where the step runs eagerly.
+# step_fn(rows, nsched, mask, num_tokens, graph_size, seq_lens_cpu=None) -> two output tensors
+# ((logits, sampled), or with speculation (tokens, emitted)); seq_lens_cpu (the padded
+# batch's lengths, as the host knows them) only where the step runs eagerly.
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -59,11 +61,16 @@ class GraphUnsafe(RuntimeError):
 
 
 class DecodeGraphs:
-    def __init__(self, step_fn: StepFn, sizes: list[int], pad_row: int, device: torch.device) -> None:
+    """query_len: tokens per request of the captured steps (speculative decoding
+    verifies K drafts: K + 1)."""
+
+    def __init__(self, step_fn: StepFn, sizes: list[int], pad_row: int, device: torch.device,
+                 query_len: int = 1) -> None:
         self.step_fn = step_fn
         self.sizes = sizes
         self.pad_row = pad_row
         self.device = device
+        self.query_len = query_len
         self.inputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
@@ -80,13 +87,13 @@ class DecodeGraphs:
                                                        self.pad_row)).to(self.device)
                 self.inputs[size] = buf
                 before = kernels.num_fallbacks
-                self.step_fn(buf[0], buf[1], buf[2], size, size)
+                self.step_fn(buf[0], buf[1], buf[2], size * self.query_len, size)
                 if kernels.num_fallbacks != before:
                     # A torch reference reads host-side lengths, which a graph would freeze.
                     raise GraphUnsafe("an operation fell back to its torch reference (see the warning above)")
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits, sampled = self.step_fn(buf[0], buf[1], buf[2], size, size)
+                    logits, sampled = self.step_fn(buf[0], buf[1], buf[2], size * self.query_len, size)
                 self.graphs[size] = (graph, logits, sampled)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
@@ -98,7 +105,7 @@ class DecodeGraphs:
                seq_lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Run the decode step of the batch; returns (logits, sampled) of the graph's
         static outputs (padded to `size`) and the host array the input copy reads."""
-        host = pad_step_inputs(rows, samples, size, self.pad_row)
+        host = pad_step_inputs(rows, samples, size, self.pad_row, self.query_len)
         self.inputs[size].copy_(torch.from_numpy(host), non_blocking=True)
         logits, sampled = self._launch(size, seq_lens)
         return logits, sampled, host
@@ -121,4 +128,4 @@ class EagerPaddedSteps(DecodeGraphs):
     def _launch(self, size: int, seq_lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self.inputs[size]
         padded = seq_lens.tolist() + [0] * (size - seq_lens.shape[0])
-        return self.step_fn(buf[0], buf[1], buf[2], size, size, padded)
+        return self.step_fn(buf[0], buf[1], buf[2], size * self.query_len, size, padded)

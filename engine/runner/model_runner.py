@@ -92,7 +92,8 @@ class ModelRunner:
 
     # -- speculative decoding -----------------------------------------------------------
     def enable_spec(self, head, num_spec: int, aux_layer_ids: list[int]) -> None:
-        """Draft K tokens per request with a P-EAGLE head (eager steps only, for now)."""
+        """Draft K tokens per request with a P-EAGLE head (before capture_cuda_graphs:
+        the graphs then cover verification and drafting)."""
         if self.state_layout is not None:
             raise ValueError("speculative decoding does not support hybrid (Mamba) targets yet: their state "
                              "cannot roll back rejected drafts")
@@ -101,7 +102,7 @@ class ModelRunner:
                                 self.device, self.kv_cache.dtype)
 
     def _execute_spec(self, out: SchedulerOutput) -> PendingOutput:
-        t, spec = self.table, self.spec
+        t, spec, K = self.table, self.spec, self.spec.k
         req_ids = list(out.num_scheduled_tokens)
         batch = len(req_ids)
         rows = np.fromiter((t.rows[r] for r in req_ids), dtype=np.int64, count=batch)
@@ -109,21 +110,17 @@ class ModelRunner:
         ndraft = np.array([out.spec_token_counts.get(r, 0) for r in req_ids], dtype=np.int64)
         seq_lens = t.num_computed_cpu[rows] + nsched
         samples = seq_lens >= t.num_tokens_cpu[rows]
-        num_tokens = int(nsched.sum())
-        host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
-        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        d_rows, d_nsched, d_samples, d_ndraft = dev[0], dev[1], dev[2].bool(), dev[3]
-        inp = prepare_inputs(t, d_rows, d_nsched, num_tokens, self.block_size)
-        start = t.num_computed[d_rows].clone()
-        meta = AttentionMetadata(num_reqs=batch, query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
-                                 block_table=inp.block_table, slot_mapping=inp.slot_mapping,
-                                 block_size=self.block_size, query_lens_cpu=nsched.tolist(),
-                                 seq_lens_cpu=spec.exact_lengths(inp.seq_lens, seq_lens))
-        hidden = self.model(inp.input_ids, inp.positions, meta)
-        tokens, emitted = spec.verify(t, d_rows, d_nsched, d_ndraft, d_samples, inp.seq_lens,
-                                      inp.query_start_loc[1:].long(), hidden, self.model, int(batch + ndraft.sum()))
-        spec.propose(t, d_rows, d_nsched, nsched, d_ndraft, d_samples, emitted, start, inp.query_start_loc,
-                     self.model.aux_hidden)
+        # Decode steps verifying K drafts each replay a graph (verification + drafting).
+        size = (self.graphs.size_for(batch) if self.graphs is not None and (ndraft == K).all() and samples.all()
+                else None)
+        if size is not None:
+            tokens, _, host = self.graphs.replay(rows, samples, size, seq_lens)
+            tokens = tokens[:batch]
+        else:
+            host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
+            dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+            tokens, _ = self._spec_forward(dev[0], dev[1], dev[2].bool(), dev[3], int(nsched.sum()), nsched.tolist(),
+                                           seq_lens, int(batch + ndraft.sum()), nsched + K - 1)
         # Host mirrors are optimistic (every draft accepted) until the output arrives.
         t.num_computed_cpu[rows] = seq_lens
         t.num_tokens_cpu[rows] += samples + ndraft * samples
@@ -140,6 +137,36 @@ class ModelRunner:
         want = np.full(batch, -1, dtype=np.int64)
         return PendingOutput(req_ids, samples, want, tokens, keep_alive=host, on_result=reconcile)
 
+    def _spec_forward(self, rows: torch.Tensor, nsched: torch.Tensor, samples: torch.Tensor, ndraft: torch.Tensor,
+                      num_tokens: int, query_lens_cpu: list[int], seq_lens_host: np.ndarray, num_logits: int,
+                      head_rows_cpu: np.ndarray, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target forward, verification and drafting of one step (engine/runner/spec_step.py)
+        -> (tokens [B, K+1], emitted [B]). Every size argument is host-known."""
+        t, spec = self.table, self.spec
+        inp = prepare_inputs(t, rows, nsched, num_tokens, self.block_size)
+        start = t.num_computed[rows].clone()
+        meta = AttentionMetadata(num_reqs=rows.shape[0], query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
+                                 block_table=inp.block_table, slot_mapping=inp.slot_mapping,
+                                 block_size=self.block_size, query_lens_cpu=query_lens_cpu,
+                                 seq_lens_cpu=spec.exact_lengths(inp.seq_lens, seq_lens_host), num_splits=num_splits)
+        with counting_tokens(inp.query_start_loc[-1:]):     # padding is no expert load
+            hidden = self.model(inp.input_ids, inp.positions, meta)
+        tokens, emitted = spec.verify(t, rows, nsched, ndraft, samples, inp.seq_lens,
+                                      inp.query_start_loc[1:].long(), hidden, self.model, num_logits)
+        spec.propose(t, rows, nsched, head_rows_cpu, ndraft, samples, emitted, start, inp.query_start_loc,
+                     self.model.aux_hidden)
+        return tokens, emitted
+
+    def _spec_graph_step(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,
+                         size: int, seq_lens_cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded decode step verifying K drafts per request (padding: 0 tokens, and
+        K drafts that nothing reads, so every size is fixed)."""
+        K = self.spec.k
+        lens = np.full(size, self.max_model_len) if seq_lens_cpu is None else np.asarray(seq_lens_cpu)
+        query_lens = [K + 1] * size if seq_lens_cpu is None else [K + 1 if n > 0 else 0 for n in seq_lens_cpu]
+        return self._spec_forward(rows, nsched, mask.bool(), torch.full_like(nsched, K), num_tokens, query_lens,
+                                  lens, size * (K + 1), np.full(size, 2 * K), num_splits=self._graph_splits(size))
+
     # -- CUDA graphs ------------------------------------------------------------------
     def capture_cuda_graphs(self, sizes: list[int] | None = None, eager: bool = False) -> None:
         """Capture the decode graphs; eager=True runs the same padded steps without
@@ -148,7 +175,10 @@ class ModelRunner:
             raise ValueError("CUDA graphs need a CUDA device")
         sizes = sizes or graph_batch_sizes(self.table.max_reqs)
         cls = EagerPaddedSteps if eager else DecodeGraphs
-        graphs = cls(self._graph_step, sizes, self.table.pad_row, self.device)
+        if self.spec is not None:
+            graphs = cls(self._spec_graph_step, sizes, self.table.pad_row, self.device, query_len=self.spec.k + 1)
+        else:
+            graphs = cls(self._graph_step, sizes, self.table.pad_row, self.device)
         try:
             with torch.inference_mode():
                 graphs.capture()
@@ -162,12 +192,7 @@ class ModelRunner:
                     size: int, seq_lens_cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One padded decode step. Captured, it sees only upper bounds of the lengths
         (max_model_len); run eagerly, the real ones (pad entries: 0 tokens)."""
-        splits = None
-        if self.device.type == "cuda":
-            from engine.kernels.attention import graph_num_splits
-            attn = self.model.attention_layers()[0]
-            splits = graph_num_splits(size, attn.num_heads, attn.num_kv_heads,
-                                      max(attn.head_dim, attn.v_head_dim) > 256, self.device)
+        splits = self._graph_splits(size)
         if seq_lens_cpu is None:
             query_lens, seq_lens_cpu = [1] * size, [self.max_model_len] * size
         else:
@@ -175,6 +200,15 @@ class ModelRunner:
         # Penalties are in every graph: rows without them leave their kernel at once.
         return self._forward_sample(rows, nsched, mask, num_tokens, query_lens, seq_lens_cpu, num_splits=splits,
                                     penalties=True)[:2]
+
+    def _graph_splits(self, size: int) -> int | None:
+        """The attention split count of a captured batch of `size` requests (CUDA only)."""
+        if self.device.type != "cuda":
+            return None
+        from engine.kernels.attention import graph_num_splits
+        attn = self.model.attention_layers()[0]
+        return graph_num_splits(size, attn.num_heads, attn.num_kv_heads,
+                                max(attn.head_dim, attn.v_head_dim) > 256, self.device)
 
     # -- one step ---------------------------------------------------------------------
     def _update_table(self, out: SchedulerOutput) -> None:

@@ -63,7 +63,8 @@ class SpecDecoder:
         n_logits = ndraft.long() + 1
         cu = torch.cumsum(n_logits, 0) - n_logits
         req = torch.repeat_interleave(torch.arange(B, device=rows.device), n_logits, output_size=num_logits)
-        idx = query_end[req] - n_logits[req] + (torch.arange(num_logits, device=rows.device) - cu[req])
+        # (A padded graph entry has no tokens; its rows point anywhere and are never used.)
+        idx = (query_end[req] - n_logits[req] + (torch.arange(num_logits, device=rows.device) - cu[req])).clamp(min=0)
         logits = model.compute_logits(hidden[idx])
         computed = t.num_computed[rows].long()
         draft_pos = (computed[:, None] + 1 + torch.arange(K, device=rows.device)).clamp(max=L - 1)
@@ -88,18 +89,20 @@ class SpecDecoder:
         t.token_ids.view(-1)[flat.flatten()] = torch.where(valid, values, 0).flatten().to(t.token_ids.dtype)
 
     # -- 3. draft ----------------------------------------------------------------------
-    def propose(self, table, rows: torch.Tensor, nsched: torch.Tensor, nsched_cpu: np.ndarray,
+    def propose(self, table, rows: torch.Tensor, nsched: torch.Tensor, n_rows_cpu: np.ndarray,
                 ndraft: torch.Tensor, samples: torch.Tensor, emitted: torch.Tensor, start: torch.Tensor,
                 query_start: torch.Tensor, aux: torch.Tensor) -> None:
         """Run the head over [stale | valid | K-1 mask] rows of every request and write
         the K drafts of sampling requests past their known tokens. `start`: each
-        request's first position this step (its computed count before the step)."""
+        request's first position this step (its computed count before the step);
+        n_rows_cpu: its rows, nsched + K - 1 (a padded graph entry, with no tokens: 2K,
+        which write nothing)."""
         t, K, L, bs = table, self.k, self.max_model_len, self.block_size
         dev = rows.device
         B = rows.shape[0]
-        n_rows_cpu = nsched_cpu + K - 1
         total = int(n_rows_cpu.sum())
-        n_rows = nsched.long() + K - 1
+        real = nsched > 0
+        n_rows = torch.where(real, nsched.long() + K - 1, 2 * K)
         hq = torch.zeros(B + 1, dtype=torch.int64, device=dev)
         hq[1:] = torch.cumsum(n_rows, 0)
         stale = torch.where(samples, ndraft.long() + 1 - emitted, 0)      # rejected drafts
@@ -107,14 +110,14 @@ class SpecDecoder:
         j = torch.arange(total, device=dev) - hq[req]
         pos = start.long()[req] - stale[req] + j
         is_stale = j < stale[req]
-        is_mask = j >= nsched.long()[req]
+        is_mask = j >= (n_rows - (K - 1))[req]
         # Row at position i: token x_{i+1} (committed above) and the target's taps at i.
         tgt = (query_start.long()[req] + j - stale[req]).clamp(min=query_start.long()[req],
-                                                                 max=query_start.long()[req + 1] - 1)
+                                                                 max=query_start.long()[req + 1] - 1).clamp(min=0)
         ids = t.token_ids[rows.long()[req], (pos + 1).clamp(0, L - 1)].long()
         safe = pos.clamp(0, L - 1)
         block = t.block_table[rows.long()[req], safe // bs].long()
-        write = ~is_stale & (pos >= 0) & (pos < L)
+        write = ~is_stale & (pos >= 0) & (pos < L) & real[req]
         slots = torch.where(write, block * bs + safe % bs, -1)
         seq_lens = (start.long() - stale + n_rows).to(torch.int32)
         # Mask rows may reach past max_model_len: extra (zero) block columns keep the

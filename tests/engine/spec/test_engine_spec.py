@@ -200,3 +200,28 @@ def test_the_heads_kv_comes_out_of_the_cache_budget(target, heads):
     # head's one layer adds 1024.
     assert plain.num_blocks == int(0.002 * 2**30 // 4096)
     assert spec.num_blocks == int(0.002 * 2**30 // 5120)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_padded_spec_graph_steps_give_the_eager_tokens(target, heads, async_scheduling):
+    """The spec graphs' padded steps (K + 1 query tokens per request, pad entries on the
+    table's pad row with K drafts nothing reads), run eagerly on the CPU: the same
+    tokens, the pad row untouched, no block leaked."""
+    folder, _ = target
+    _, base = _run(folder, PROMPTS, _params())
+    k = 3
+    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=16, async_scheduling=async_scheduling,
+              speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": k})
+    runner = llm.engine.runner
+    runner.capture_cuda_graphs(sizes=[2, 4, 8], eager=True)
+    launched = []
+    launch = runner.graphs._launch
+    runner.graphs._launch = lambda size, seq_lens: launched.append(size) or launch(size, seq_lens)
+    outs = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(PROMPTS, _params())]
+    assert outs == base
+    assert launched and set(launched) <= {2, 4, 8}
+    assert llm.engine.spec_stats.num_accepted_tokens > 0
+    pad = runner.table.pad_row
+    assert int(runner.table.num_computed[pad]) == 0 and int(runner.table.num_tokens[pad]) == 0
+    assert not runner.table.token_ids[pad].any()
+    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
