@@ -92,13 +92,14 @@ class EngineCore:
         return n
 
     def _load_spec(self, model_config) -> tuple:
-        """Load the P-EAGLE head and check it fits the target: -> (head, K, layers to tap)."""
+        """Load the P-EAGLE head and check it fits the target: -> (head, K, layers to tap,
+        parallel drafting)."""
         settings = SpecDecodeSettings.from_dict(self.config.speculative_config)
         m = self.model
         head = load_head(settings.model, self.dtype, self.device, shared_embedding=m.embed_tokens,
                          shared_lm_head=m.embed_tokens if m.tie_word_embeddings else m.lm_head)
         layers = check_fits_target(head.cfg, model_config, settings.num_speculative_tokens, MAX_SPECULATIVE_TOKENS)
-        return head, settings.num_speculative_tokens, layers
+        return head, settings.num_speculative_tokens, layers, settings.parallel_drafting
 
     def _head_bytes_per_block(self) -> int:
         cfg = self._spec[0].cfg

@@ -91,7 +91,7 @@ class ModelRunner:
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     # -- speculative decoding -----------------------------------------------------------
-    def enable_spec(self, head, num_spec: int, aux_layer_ids: list[int]) -> None:
+    def enable_spec(self, head, num_spec: int, aux_layer_ids: list[int], parallel: bool = True) -> None:
         """Draft K tokens per request with a P-EAGLE head (before capture_cuda_graphs:
         the graphs then cover verification and drafting)."""
         if self.state_layout is not None:
@@ -99,7 +99,7 @@ class ModelRunner:
                              "cannot roll back rejected drafts")
         self.model.aux_layer_ids = tuple(aux_layer_ids)
         self.spec = SpecDecoder(head, num_spec, self.kv_cache.shape[0], self.block_size, self.max_model_len,
-                                self.device, self.kv_cache.dtype)
+                                self.device, self.kv_cache.dtype, parallel)
 
     def _execute_spec(self, out: SchedulerOutput) -> PendingOutput:
         t, spec, K = self.table, self.spec, self.spec.k
@@ -263,7 +263,11 @@ class ModelRunner:
             return PendingOutput()
         self.num_forwards += 1
         if self.spec is not None:
-            return self._execute_spec(out)
+            pending = self._execute_spec(out)
+            if events is not None:
+                events[1].record()
+                self.step_events.append(events)
+            return pending
         t = self.table
         batch = len(out.num_scheduled_tokens)
         req_ids = list(out.num_scheduled_tokens)

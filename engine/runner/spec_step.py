@@ -21,6 +21,8 @@ allocates K-1 look-ahead slots for the mask rows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -31,8 +33,8 @@ from engine.spec.rejection import rejection_sample
 
 class SpecDecoder:
     def __init__(self, head: PEagleHead, num_spec: int, num_blocks: int, block_size: int, max_model_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.head, self.k = head, num_spec
+                 device: torch.device, dtype: torch.dtype, parallel: bool = True) -> None:
+        self.head, self.k, self.parallel = head, num_spec, parallel
         self.block_size, self.max_model_len = block_size, max_model_len
         cfg = head.cfg
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -96,40 +98,78 @@ class SpecDecoder:
         the K drafts of sampling requests past their known tokens. `start`: each
         request's first position this step (its computed count before the step);
         n_rows_cpu: its rows, nsched + K - 1 (a padded graph entry, with no tokens: 2K,
-        which write nothing)."""
-        t, K, L, bs = table, self.k, self.max_model_len, self.block_size
+        which write nothing). Parallel drafting: one pass over all rows. Chain drafting
+        (parallel_drafting=False, for comparison): a pass over [stale | valid] gives d_1,
+        then one pass per mask row gives d_2..d_K (each reads the KV the passes before
+        wrote; the drafts are the same, the head runs K times)."""
+        t, K = table, self.k
         dev = rows.device
         B = rows.shape[0]
-        total = int(n_rows_cpu.sum())
         real = nsched > 0
         n_rows = torch.where(real, nsched.long() + K - 1, 2 * K)
-        hq = torch.zeros(B + 1, dtype=torch.int64, device=dev)
-        hq[1:] = torch.cumsum(n_rows, 0)
         stale = torch.where(samples, ndraft.long() + 1 - emitted, 0)      # rejected drafts
-        req = torch.repeat_interleave(torch.arange(B, device=dev), n_rows, output_size=total)
-        j = torch.arange(total, device=dev) - hq[req]
-        pos = start.long()[req] - stale[req] + j
-        is_stale = j < stale[req]
-        is_mask = j >= (n_rows - (K - 1))[req]
-        # Row at position i: token x_{i+1} (committed above) and the target's taps at i.
-        tgt = (query_start.long()[req] + j - stale[req]).clamp(min=query_start.long()[req],
-                                                                 max=query_start.long()[req + 1] - 1).clamp(min=0)
-        ids = t.token_ids[rows.long()[req], (pos + 1).clamp(0, L - 1)].long()
-        safe = pos.clamp(0, L - 1)
-        block = t.block_table[rows.long()[req], safe // bs].long()
-        write = ~is_stale & (pos >= 0) & (pos < L) & real[req]
-        slots = torch.where(write, block * bs + safe % bs, -1)
-        seq_lens = (start.long() - stale + n_rows).to(torch.int32)
-        # Mask rows may reach past max_model_len: extra (zero) block columns keep the
-        # gathers in range; those rows' outputs are never used.
-        block_table = torch.cat([t.block_table[rows], t.block_table.new_zeros(B, self.extra_cols)], dim=1)
-        seq_lens_cpu = self.exact_lengths(seq_lens, np.full(B, L + 2 * K))
-        meta = AttentionMetadata(num_reqs=B, query_start_loc=hq.to(torch.int32), seq_lens=seq_lens,
-                                 block_table=block_table, slot_mapping=slots, block_size=bs,
-                                 query_lens_cpu=n_rows_cpu.tolist(), seq_lens_cpu=seq_lens_cpu)
-        normed, _ = self.head(ids, aux[tgt], pos.clamp(min=0), is_mask, meta)
-        sample_rows = hq[1:, None] - K + torch.arange(K, device=dev)
-        logits = self.head.compute_logits(normed[sample_rows.flatten()])
+        lay = _Layout(rows, real, n_rows, stale, start.long() - stale, query_start.long(), aux)
+        if self.parallel:
+            normed, hq = self._pass(t, lay, torch.zeros_like(n_rows), n_rows, n_rows_cpu)
+            logits = self.head.compute_logits(normed[(hq[1:, None] - K + torch.arange(K, device=dev)).flatten()])
+        else:
+            first_mask = n_rows - (K - 1)
+            normed, hq = self._pass(t, lay, torch.zeros_like(n_rows), first_mask, n_rows_cpu - (K - 1))
+            picked = [normed[hq[1:] - 1]]
+            ones, ones_cpu = torch.ones_like(n_rows), np.ones(B, dtype=np.int64)
+            for k in range(1, K):
+                normed, _ = self._pass(t, lay, first_mask + k - 1, ones, ones_cpu)
+                picked.append(normed)
+            logits = self.head.compute_logits(torch.stack(picked, 1).flatten(0, 1))
         drafts = self.head.to_target_ids(logits.argmax(-1)).view(B, K)
         draft_pos = t.num_tokens[rows].long()[:, None] + torch.arange(K, device=dev)
         self._write_tokens(t, rows, draft_pos, drafts, samples[:, None].expand(B, K))
+
+    def _pass(self, t, lay: _Layout, first: torch.Tensor, count: torch.Tensor, count_cpu: np.ndarray
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over rows [first, first + count) of each request's layout (the
+        earlier ones are in its KV cache) -> (normed [sum(count), H], exclusive cumsum
+        of count [B + 1])."""
+        K, L, bs = self.k, self.max_model_len, self.block_size
+        dev = lay.rows.device
+        B = lay.rows.shape[0]
+        total = int(count_cpu.sum())
+        hq = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+        hq[1:] = torch.cumsum(count, 0)
+        req = torch.repeat_interleave(torch.arange(B, device=dev), count, output_size=total)
+        j = first[req] + torch.arange(total, device=dev) - hq[req]
+        pos = lay.base[req] + j
+        is_stale = j < lay.stale[req]
+        is_mask = j >= (lay.n_rows - (K - 1))[req]
+        # Row at position i: token x_{i+1} (committed above) and the target's taps at i.
+        qs = lay.query_start
+        tgt = (qs[req] + j - lay.stale[req]).clamp(min=qs[req], max=qs[req + 1] - 1).clamp(min=0)
+        rows = lay.rows.long()[req]
+        ids = t.token_ids[rows, (pos + 1).clamp(0, L - 1)].long()
+        safe = pos.clamp(0, L - 1)
+        block = t.block_table[rows, safe // bs].long()
+        write = ~is_stale & (pos >= 0) & (pos < L) & lay.real[req]
+        slots = torch.where(write, block * bs + safe % bs, -1)
+        seq_lens = (lay.base + first + count).to(torch.int32)
+        # Mask rows may reach past max_model_len: extra (zero) block columns keep the
+        # gathers in range; those rows' outputs are never used.
+        block_table = torch.cat([t.block_table[lay.rows], t.block_table.new_zeros(B, self.extra_cols)], dim=1)
+        meta = AttentionMetadata(num_reqs=B, query_start_loc=hq.to(torch.int32), seq_lens=seq_lens,
+                                 block_table=block_table, slot_mapping=slots, block_size=bs,
+                                 query_lens_cpu=count_cpu.tolist(),
+                                 seq_lens_cpu=self.exact_lengths(seq_lens, np.full(B, L + 2 * K)))
+        normed, _ = self.head(ids, lay.aux[tgt], pos.clamp(min=0), is_mask, meta)
+        return normed, hq
+
+
+@dataclass
+class _Layout:
+    """One step's head rows per request: [stale | valid | K-1 mask], n_rows in all, the
+    first at position `base`; `real`: the entry has tokens (not graph padding)."""
+    rows: torch.Tensor
+    real: torch.Tensor
+    n_rows: torch.Tensor
+    stale: torch.Tensor
+    base: torch.Tensor
+    query_start: torch.Tensor
+    aux: torch.Tensor

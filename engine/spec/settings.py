@@ -14,13 +14,16 @@ class SpecDecodeSettings:
     method: str
     model: str
     num_speculative_tokens: int
+    # vLLM's key: False drafts with K sequential passes of the head (a chain drafter,
+    # for comparison: the same drafts at K times the head's cost).
+    parallel_drafting: bool = True
 
     @classmethod
     def from_dict(cls, cfg: dict) -> SpecDecodeSettings:
         if not isinstance(cfg, dict):   # a bad setting like the others: EngineConfig gathers ValueErrors
             raise ValueError("speculative_config must be a dict like {'method': 'peagle', "  # noqa: TRY004
                              "'model': HEAD_FOLDER, 'num_speculative_tokens': K}")
-        unknown = set(cfg) - {"method", "model", "num_speculative_tokens"}
+        unknown = set(cfg) - {"method", "model", "num_speculative_tokens", "parallel_drafting"}
         if unknown:
             raise ValueError(f"speculative_config has keys this engine does not know: {sorted(unknown)}")
         method = cfg.get("method", "peagle")
@@ -32,4 +35,7 @@ class SpecDecodeSettings:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"speculative_config num_speculative_tokens must be an integer between 1 and "
                              f"{MAX_SPECULATIVE_TOKENS}, got {k!r}")
-        return cls(method, cfg["model"], k)
+        parallel = cfg.get("parallel_drafting", True)
+        if not isinstance(parallel, bool):
+            raise ValueError(f"speculative_config parallel_drafting must be true or false, got {parallel!r}")
+        return cls(method, cfg["model"], k, parallel)

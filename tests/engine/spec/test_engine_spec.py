@@ -225,3 +225,20 @@ def test_padded_spec_graph_steps_give_the_eager_tokens(target, heads, async_sche
     assert int(runner.table.num_computed[pad]) == 0 and int(runner.table.num_tokens[pad]) == 0
     assert not runner.table.token_ids[pad].any()
     assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+
+
+def test_chain_drafting_gives_the_parallel_drafts(target, heads):
+    """parallel_drafting=False runs the head K times (one pass for [stale | valid], then
+    one per mask row, each reading the KV the passes before wrote): the same drafts, so
+    the same tokens and the same acceptance counts."""
+    folder, _ = target
+    runs = []
+    for parallel in (True, False):
+        llm = LLM(str(folder), block_size=4, max_num_batched_tokens=16,
+                  speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": 3,
+                                      "parallel_drafting": parallel})
+        outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _params())]
+        st = llm.engine.spec_stats
+        runs.append((outs, st.num_drafts, st.num_accepted_tokens, st.accepted_per_position))
+    assert runs[0] == runs[1]
+    assert runs[0][2] > 0
