@@ -116,6 +116,7 @@ def build_rows(tokens: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor, ma
     for b in range(tokens.shape[0]):
         anchor, depth = sample_chains(tokens.shape[1], cfg.depths, cfg.cod_ratio if ratio is None else ratio,
                                       cfg.cod_min_ratio if ratio is None else ratio, gen)
+        anchor, depth = anchor.to(tokens.device), depth.to(tokens.device)
         ids = torch.where(depth == 0, tokens[b, (anchor + 1).clamp(max=tokens.shape[1] - 1)], mask_token_id)
         parts.append(Rows(ids, aux[b, anchor], anchor + depth, depth > 0, depth,
                           logits[b, anchor + depth + 1], training_mask(anchor, depth)))
@@ -205,19 +206,21 @@ def acceptance_length(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor,
     rows = build_rows(tokens, aux, logits, head.mask_token_id, cfg, None, ratio=1.0)
     pred = head.to_target_ids(head_logits(head, rows).argmax(-1))
     n_anchor = N - 1
+    dev = tokens.device
     per_seq = [n_anchor - d for d in range(num_spec)]          # rows per depth in one sequence
-    offsets = torch.tensor([0] + per_seq).cumsum(0)
-    anchors = torch.arange(first_anchor, N - 1 - num_spec)
+    offsets = torch.tensor([0] + per_seq).cumsum(0).tolist()
+    anchors = torch.arange(first_anchor, N - 1 - num_spec, device=dev)
     drafts, targets = [], []
     for b in range(B):
-        base = b * int(offsets[-1])
+        base = b * offsets[-1]
         drafts.append(torch.stack([pred[base + offsets[d] + anchors] for d in range(num_spec)], 1))
-        targets.append(logits[b, anchors[:, None] + 1 + torch.arange(num_spec + 1)])
+        targets.append(logits[b, anchors[:, None] + 1 + torch.arange(num_spec + 1, device=dev)])
     drafts = torch.cat(drafts)
     target_rows = torch.cat(targets).reshape(-1, logits.shape[-1])
     n = drafts.shape[0]
-    zeros = torch.zeros(n, dtype=torch.int64)
-    out = rejection_sample(target_rows, drafts, torch.full((n,), num_spec), torch.zeros(n), zeros, zeros)
+    zeros = torch.zeros(n, dtype=torch.int64, device=dev)
+    out = rejection_sample(target_rows, drafts, torch.full((n,), num_spec, device=dev), torch.zeros(n, device=dev),
+                           zeros, zeros)
     accepted = out.num_accepted
     per_position = torch.stack([(accepted > k).float().mean() for k in range(num_spec)])
     return 1.0 + float(accepted.float().mean()), per_position
