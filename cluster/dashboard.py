@@ -28,13 +28,15 @@ QUANTILES = (0.5, 0.9, 0.99)
 @dataclass(frozen=True)
 class Line:
     """One line (per group) of a panel: how to derive it and how to name it."""
-    kind: str                      # rate | gauge | quantile
+    kind: str                      # rate | gauge | quantile | ratio
     metric: str
     legend: str                    # "{pool}" and other group labels are filled in
     by: tuple[str, ...] = ("pool",)
     q: float = 0.0                 # quantile
     agg: str = "sum"               # gauge aggregation over series: sum | max | mean | min
     dashed: bool = False           # drawn dashed (a reference line another may cover)
+    over: str = ""                 # ratio: offset + rate(metric) / rate(over)
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ PANELS: tuple[Panel, ...] = (
     Panel("kv_failures", "KV-transfer failures and recomputed prefills", "reqps", (
         Line("rate", "tandem_kv_transfer_failures_total", "failed {pool} {reason}", by=("pool", "reason")),
         Line("rate", "tandem_kv_transfer_recomputed_total", "recomputed {pool}"))),
+    Panel("spec_decode", "Speculative decoding: mean acceptance length", "short", (
+        Line("ratio", "tandem_spec_decode_num_accepted_tokens_total", "{pool}",
+             over="tandem_spec_decode_num_drafts_total", offset=1.0),)),
     Panel("eplb", "EPLB balancedness per layer", "ratio", (
         Line("gauge", "tandem_eplb_balancedness", "worst layer {pool}", agg="min"),
         Line("gauge", "tandem_eplb_balancedness", "mean {pool}", agg="mean"))),
@@ -83,6 +88,11 @@ def _series(samples: list[mh.Sample], line: Line, window: int) -> dict[tuple[str
         return mh.counter_rate(samples, line.metric, window, line.by)
     if line.kind == "quantile":
         return mh.histogram_quantile(samples, line.metric, line.q, window, line.by)
+    if line.kind == "ratio":
+        num = mh.counter_rate(samples, line.metric, window, line.by)
+        den = mh.counter_rate(samples, line.over, window, line.by)
+        return {key: [line.offset + n / d if n is not None and d else None
+                      for n, d in zip(values, den.get(key, [None] * len(values)))] for key, values in num.items()}
     return mh.gauge(samples, line.metric, line.by, _AGG[line.agg])
 
 

@@ -53,6 +53,13 @@ METRICS: dict[str, Spec] = {
                                         ("kind",)),
     "tandem_kv_transfer_recompute_failures_total": Spec("counter", "Local recomputes of a failed remote prefill "
                                                                    "that failed too"),
+    "tandem_spec_decode_num_drafts_total": Spec("counter", "Speculative-decoding verification rounds (one per "
+                                                           "request and step with drafts)"),
+    "tandem_spec_decode_num_draft_tokens_total": Spec("counter", "Draft tokens verified"),
+    "tandem_spec_decode_num_accepted_tokens_total": Spec("counter", "Draft tokens accepted"),
+    "tandem_spec_decode_num_accepted_tokens_per_pos_total": Spec("counter", "Rounds that accepted the draft at "
+                                                                            "each position (0: the first)", (),
+                                                                 ("position",)),
     "tandem_eplb_balancedness": Spec("gauge", "Mean / max GPU expert load per MoE layer", (), ("layer",)),
     "tandem_eplb_rebalance_seconds": Spec("histogram", "Duration of one EPLB rebalance", E2E_BUCKETS),
     "tandem_eplb_bytes_moved_total": Spec("counter", "Expert weight bytes moved by EPLB"),
@@ -83,6 +90,7 @@ class Metrics:
         self.base = {"model_name": model_name, "pool": pool}
         self._prom = {}
         self._ray = {}
+        self._totals: dict[tuple[str, str | None], float] = {}   # engine counters' totals seen by record_stats
         kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
         for name, spec in METRICS.items():
             labels = LABELS + spec.extra_labels
@@ -112,10 +120,24 @@ class Metrics:
         if name in self._ray:
             self._ray[name].set(value, tags=labels)
 
-    def record_stats(self, stats: dict[str, float]) -> None:
-        """Set the engine gauges from an engine's `stats()` (keys are names without the prefix)."""
+    def record_stats(self, stats: dict[str, float | dict[str, float]]) -> None:
+        """Bring the engine's series up to date from its `stats()` (keys are names without
+        the prefix): gauges are set; counters, which the engine keeps as totals, grow by
+        what was added since the last call. A dict value is a series per value of the
+        metric's one extra label."""
         for key, value in stats.items():
-            self.set(f"tandem_{key}", value)
+            name = f"tandem_{key}"
+            spec = METRICS[name]
+            per_label = value.items() if isinstance(value, dict) else [(None, value)]
+            for label, v in per_label:
+                extra = {spec.extra_labels[0]: label} if label is not None else {}
+                if spec.kind != "counter":
+                    self.set(name, v, **extra)
+                    continue
+                last = self._totals.get((name, label), 0.0)
+                # A total below the last (a restarted engine) starts over.
+                self.inc(name, v - last if v >= last else v, **extra)
+                self._totals[(name, label)] = v
 
     def observe(self, name: str, value: float, **extra: str) -> None:
         labels = self._labels(extra)

@@ -366,6 +366,34 @@ def panels() -> list[dict]:
         ),
         8,
     )
+    layout.row("Speculative decoding (P-EAGLE)")
+    accepted, drafts = (f"sum by (pool) (rate({metric(n)}{{{SEL}}}{RATE}))" for n in (
+        "tandem_spec_decode_num_accepted_tokens_total", "tandem_spec_decode_num_drafts_total"))
+    layout.add(
+        timeseries(
+            "Speculative decoding: mean acceptance length",
+            "Tokens per verification round: 1 + accepted drafts / rounds (the bonus token counts).",
+            [(f"1 + {accepted} / {drafts}", "{{pool}}")],
+            "short",
+        ),
+        12,
+    )
+    layout.add(
+        timeseries(
+            "Speculative decoding: acceptance by draft position",
+            "Share of verification rounds that accepted the draft at each position (0: the first).",
+            [
+                (
+                    f"sum by (pool, position) (rate({metric('tandem_spec_decode_num_accepted_tokens_per_pos_total')}"
+                    f"{{{SEL}}}{RATE})) / ignoring(position) group_left {drafts}",
+                    "{{pool}} position {{position}}",
+                )
+            ],
+            "percentunit",
+            maximum=1,
+        ),
+        12,
+    )
     return layout.panels
 
 

@@ -182,7 +182,8 @@ class EngineCore:
 
     def engine_stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.kv.usage)
+        spec = self.spec_stats.snapshot() if self._spec is not None else None
+        return EngineStats(len(s.running), len(s.waiting), self.kv.usage, spec)
 
     def shutdown(self) -> None:
         """Nothing to stop: the engine lives in this process (the interface's EPEngine has ranks)."""

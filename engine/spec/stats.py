@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -31,3 +31,16 @@ class SpecDecodeStats:
     def mean_acceptance_length(self) -> float:
         """Tokens per verification round: 1 + accepted drafts (the bonus token counts)."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def snapshot(self) -> SpecDecodeStats:
+        """A copy another thread may read while the engine goes on counting."""
+        return replace(self, accepted_per_position=list(self.accepted_per_position))
+
+    def as_metrics(self) -> dict[str, float | dict[str, float]]:
+        """vLLM's spec-decode counters (without the tandem_ prefix); the per-position one
+        is labelled `position` (0: the first draft)."""
+        return {"spec_decode_num_drafts_total": self.num_drafts,
+                "spec_decode_num_draft_tokens_total": self.num_draft_tokens,
+                "spec_decode_num_accepted_tokens_total": self.num_accepted_tokens,
+                "spec_decode_num_accepted_tokens_per_pos_total": {
+                    str(i): n for i, n in enumerate(self.accepted_per_position)}}

@@ -19,6 +19,9 @@ COUNTERS = {
     "tandem_kv_transfer_bytes_total",
     "tandem_kv_transfer_failures_total",
     "tandem_kv_transfer_recomputed_total",
+    "tandem_spec_decode_num_drafts_total",
+    "tandem_spec_decode_num_accepted_tokens_total",
+    "tandem_spec_decode_num_accepted_tokens_per_pos_total",
 }
 HISTOGRAMS = {
     "tandem_time_to_first_token_seconds",
