@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_bench import config_dir  # noqa: E402
-from disagg.nixl_connector import NixlConnector  # noqa: E402
+from disagg.connector import connector_spec  # noqa: E402
 from disagg.prefill_decode import PrefillDecodeEngine  # noqa: E402
 from disagg.prefill_service import PrefillClient, PrefillService  # noqa: E402
 from engine.async_engine import AsyncEngine  # noqa: E402
@@ -135,7 +135,7 @@ def run_colocated(ns) -> None:
 def prefill_worker(conn, ns, device: str) -> None:
     async def main() -> None:
         engine = AsyncEngine(engine_config(ns, device), max_waiting=4 * ns.num_prompts,
-                             kv_transfer=lambda core: NixlConnector.for_engine(core))
+                             kv_transfer=connector_spec())
         service = PrefillService(engine)
         conn.send(service.address)
         await service.serve_forever()
@@ -152,7 +152,7 @@ def run_pd(ns) -> None:
 
     async def main() -> None:
         decode = AsyncEngine(engine_config(ns, d1), max_waiting=4 * ns.num_prompts,
-                             kv_transfer=lambda core: NixlConnector.for_engine(core))
+                             kv_transfer=connector_spec())
         client = PrefillClient(address, timeout_s=120)
         front = PrefillDecodeEngine(decode, client)
         vocab = decode.core.model.config.vocab_size

@@ -4,7 +4,7 @@ A replica serves no HTTP: the router (cluster/router.py) sends it requests throu
 Serve handle and it streams token deltas back (`generate`). Colocated replicas run
 prefill and decode; in the disaggregated ("pd") topology a decode replica asks a
 prefill replica (through the prefill deployment's handle) to compute the prompt and
-keep its KV, pulls the KV over NIXL and decodes. Each replica's `check_health` is its
+keep its KV, pulls the KV through the configured KV connector (NIXL) and decodes. Each replica's `check_health` is its
 engine loop's liveness, so Serve replaces a dead or stuck engine; each publishes its
 metrics for the router's /metrics. A pool with `parallel.enable_expert_parallel` has
 expert-parallel replicas: each is one Serve replica whose ranks are Ray actors in the
@@ -30,7 +30,6 @@ from cluster.pool_load import PoolLoad
 from cluster.remote_engine import error_item, token_delta
 from cluster.replica_metrics import MetricsPublisher
 from cluster.settings import AppSettings
-from disagg.nixl_connector import NixlConnector
 from disagg.prefill_decode import PrefillDecodeEngine, prefill_request
 from engine.async_engine import AsyncEngine
 from engine.sampling_params import SamplingParams
@@ -101,15 +100,14 @@ def local_engine(settings: AppSettings, metrics: Metrics, pool: str = "colocated
                        parallel=replica_parallel(settings, pool))
 
 
-def nixl_engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
-    """An engine with a NIXL connector, for either side of a KV hand-off."""
+def handoff_engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
+    """An engine with the configured KV connector (kv_transfer.kv_connector), for either
+    side of a KV hand-off; its transfers count in this replica's metrics."""
     config = settings.engine_config()
     observer = KVTransferMetrics(metrics, config.kv_load_failure_policy)
-    host = get_node_ip_address()    # routable from other nodes, unlike localhost
-
-    def connector(core):
-        return NixlConnector.for_engine(core, host=host, observer=observer, **settings.kv_transfer)
-    return AsyncEngine(config, max_waiting=settings.max_waiting, kv_transfer=connector)
+    # The side channel's address must be routable from other nodes, unlike localhost.
+    spec = settings.kv_connector_spec(host=get_node_ip_address())
+    return AsyncEngine(config, max_waiting=settings.max_waiting, kv_transfer=spec, kv_observer=observer)
 
 
 class ColocatedServer(EngineReplica):
@@ -123,7 +121,7 @@ class PrefillServer(EngineReplica):
     """A prefill replica: computes prompts and keeps their KV for a decode replica."""
 
     def __init__(self, settings: AppSettings) -> None:
-        self._start(settings, "prefill", nixl_engine)
+        self._start(settings, "prefill", handoff_engine)
 
     async def prefill(self, request: dict) -> dict:
         rid = request["request_id"]
@@ -143,8 +141,8 @@ class DecodeServer(EngineReplica):
         self.prefill_pool = prefill
 
         def pd_engine(settings: AppSettings, metrics: Metrics) -> PrefillDecodeEngine:
-            decode = nixl_engine(settings, metrics)
-            return PrefillDecodeEngine(decode, self._prefill, decode.kv_transfer.observer,
+            decode = handoff_engine(settings, metrics)
+            return PrefillDecodeEngine(decode, self._prefill, decode.kv_observer,
                                        prefill_timeout_s=settings.prefill_timeout_s)
         self._start(settings, "decode", pd_engine)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from disagg.connector import DEFAULT_CONNECTOR, connector_spec
 from engine.config import EngineConfig
 
 CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -66,7 +67,6 @@ ENGINE_FLAGS = (
 # EngineConfig fields with no flag of their own: the model is the positional argument,
 # and kv_load_failure_policy sits in --kv-transfer-config, as in vLLM.
 ENGINE_FIELDS_ELSEWHERE = {"model": "MODEL", "kv_load_failure_policy": "--kv-transfer-config"}
-KV_CONNECTORS = ("NixlConnector",)
 
 
 def base_args(config_file: str | Path | None = None) -> dict:
@@ -207,16 +207,16 @@ def kv_transfer_settings(text: str) -> tuple[dict, dict]:
     if not isinstance(config, dict):
         raise SystemExit("--kv-transfer-config must be a JSON object")
     config = {**config.pop("kv_connector_extra_config", {}), **config}
-    connector = config.pop("kv_connector", KV_CONNECTORS[0])
-    if connector not in KV_CONNECTORS:
-        raise SystemExit(f"--kv-transfer-config: kv_connector {connector!r} is not available "
-                         f"(available: {', '.join(KV_CONNECTORS)})")
+    try:
+        connector_spec(config.get("kv_connector", DEFAULT_CONNECTOR))
+    except ValueError as e:
+        raise SystemExit(f"--kv-transfer-config: {e}") from None
     config.pop("kv_role", None)    # roles come from the pools in mode pd
     engine = {k: config.pop(k) for k in ("kv_load_failure_policy",) if k in config}
     unknown = set(config) - set(KV_TRANSFER_KEYS)
     if unknown:
-        raise SystemExit(f"--kv-transfer-config: unknown keys {', '.join(sorted(unknown))} (known: kv_connector, "
-                         f"kv_role, kv_load_failure_policy, {', '.join(KV_TRANSFER_KEYS)})")
+        raise SystemExit(f"--kv-transfer-config: unknown keys {', '.join(sorted(unknown))} (known: kv_role, "
+                         f"kv_load_failure_policy, {', '.join(KV_TRANSFER_KEYS)})")
     return config, engine
 
 

@@ -8,12 +8,15 @@ from dataclasses import dataclass, field, fields
 from cluster.autoscaling import AutoscalingSettings, parse_autoscaling
 from cluster.parallel_settings import COORDINATOR_CPUS, PoolParallel, check_model_fits
 from cluster.request_metrics import SLO
+from disagg.connector import DEFAULT_CONNECTOR, connector_spec
 from engine.config import EngineConfig
 from engine.engine_client import ParallelConfig
+from engine.kv_transfer import KVConnectorSpec
 
 MODES = ("colocated", "pd")
-# Connector settings an app may set (`kv_transfer:`), with their defaults in disagg.
-KV_TRANSFER_KEYS = ("lease_s", "handshake_timeout_s", "transfer_timeout_s")
+# Connector settings an app may set (`kv_transfer:`), with their defaults in disagg:
+# kv_connector names the backend (disagg/connector.py's registry), the rest its settings.
+KV_TRANSFER_KEYS = ("kv_connector", "lease_s", "handshake_timeout_s", "transfer_timeout_s")
 
 
 @dataclass
@@ -88,6 +91,11 @@ class AppSettings:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, **self.engine)
 
+    def kv_connector_spec(self, **settings) -> KVConnectorSpec:
+        """The KV connector `kv_transfer` names (NixlConnector by default), with its settings."""
+        kv = dict(self.kv_transfer)
+        return connector_spec(kv.pop("kv_connector", DEFAULT_CONNECTOR), **kv, **settings)
+
     def pool(self, name: str) -> PoolSettings:
         return self.pools.get(name, PoolSettings())
 
@@ -131,6 +139,7 @@ def parse_settings(args: dict | None) -> AppSettings:
     bad = set(settings.kv_transfer) - set(KV_TRANSFER_KEYS)
     if bad:
         raise ValueError(f"unknown kv_transfer settings: {', '.join(sorted(bad))} (known: {', '.join(KV_TRANSFER_KEYS)})")
+    settings.kv_connector_spec()    # an unknown kv_connector is a start-up error
     if settings.eplb:
         from eplb.engine_factory import eplb_settings
         eplb_settings(settings.eplb)            # unknown keys or bad values fail here

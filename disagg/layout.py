@@ -81,8 +81,9 @@ class BlockLayout:
         return "KV layouts differ (" + "; ".join(diffs) + ")" if diffs else None
 
 
-# Config keys that say where a checkpoint came from, not what the model computes.
-_PROVENANCE = ("_name_or_path", "name_or_path", "_commit_hash", "transformers_version")
+# Config keys that say where a checkpoint came from, or which expert slots an EP rank
+# holds (its share of the MoE weights, not the KV), not what the model computes.
+_PROVENANCE = ("_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "ep_slot_experts")
 
 
 def model_fingerprint(config) -> str:

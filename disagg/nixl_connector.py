@@ -1,4 +1,4 @@
-"""The NIXL connector: the engine's KV-transfer hook over the `nixl` package (UCX).
+"""The NIXL connector: a KV connector (disagg/connector.py) over the `nixl` package (UCX).
 
 Each engine registers its whole KV cache once (DRAM on CPU, VRAM on GPU) and serves its
 agent metadata and block layout on a side channel. A producer keeps a finished
@@ -19,19 +19,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 from nixl._api import nixl_agent, nixl_agent_config
 
+from disagg.connector import KVConnector
 from disagg.handle import KVHandle
 from disagg.layout import BlockLayout, block_runs, model_fingerprint
 from disagg.side_channel import SideChannelServer, fetch_metadata
 from engine.core.engine_core import EngineCore
-from engine.kv_transfer import KVTransferHook
+from engine.kv_transfer import TransferObserver
 from engine.request import Request
 
 log = logging.getLogger(__name__)
@@ -41,29 +40,6 @@ _DONE = b"done:"    # consumer -> producer: this request's blocks may be freed
 
 class LayoutMismatch(ValueError):
     """The producer's KV cache is laid out differently (block size, dtype, heads, model)."""
-
-
-class TransferObserver(Protocol):
-    """Told of every finished or failed load, on the engine thread (metrics)."""
-
-    def transferred(self, nbytes: int, seconds: float, descriptors: int) -> None: ...
-
-    def failed(self, reason: str) -> None:
-        """A load failed; under the recompute policy the engine recomputes it at once."""
-
-    def prefill_failed(self, recomputed: bool) -> None:
-        """The prefill pool failed a request (dead, slow or refusing); `recomputed`: the
-        decode engine then computed the prompt itself (False: that failed too)."""
-
-
-@dataclass
-class TransferStats:
-    """Running totals the serving layer exports as metrics (it reads the deltas)."""
-    bytes_total: int = 0
-    descriptors_total: int = 0
-    transfers_total: int = 0
-    failures: Counter = field(default_factory=Counter)           # reason -> count
-    durations: deque = field(default_factory=lambda: deque(maxlen=4096))   # recent loads, seconds
 
 
 @dataclass
@@ -94,16 +70,17 @@ class _Load:
     peer: _Peer | None = None
 
 
-class NixlConnector(KVTransferHook):
+class NixlConnector(KVConnector):
     def __init__(self, kv_cache: torch.Tensor, model: str, host: str = "127.0.0.1", port: int = 0,
                  lease_s: float = 30.0, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 30.0,
                  observer: TransferObserver | None = None, progress_thread: bool | None = None,
                  state_cache: torch.Tensor | None = None, state: dict | None = None) -> None:
         """state_cache [slots, bytes_per_slot] and its description (StateLayout.describe):
         a hybrid model's Mamba state slots, registered and read along with the blocks."""
+        super().__init__(lease_s, observer)
         self.engine_id = f"tandem-{uuid.uuid4().hex[:12]}"
         self.layout = BlockLayout.of(kv_cache, model, state_cache, state)
-        self.lease_s, self.transfer_timeout_s = lease_s, transfer_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
         self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
         self.dev_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
@@ -124,9 +101,6 @@ class NixlConnector(KVTransferHook):
              "state_base": self.state_base, "dev_id": self.dev_id, "mem_type": self.mem_type,
              "layout": self.layout.to_dict()}, host, port)
         self.host, self.port = host, self.side_channel.port
-        self.stats = TransferStats()
-        self.observer = observer
-        self._held: dict[str, float] = {}               # producer: request id -> lease expiry
         self._peers: dict[str, _Peer] = {}              # consumer: engine id -> connected peer
         self._handshakes: dict[str, Future] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-handshake")
@@ -146,27 +120,15 @@ class NixlConnector(KVTransferHook):
                    state=state, **kwargs)
 
     # -- producer ------------------------------------------------------------------------
-    def hold(self, req: Request, block_ids: list[int], state_slot: int | None = None) -> dict:
+    def _handle(self, req: Request, block_ids: list[int], state_slot: int | None) -> KVHandle:
         if (state_slot is None) != (self.layout.state is None):
             raise ValueError("a hybrid model's request is held with its state slot, any other without one")
-        self._held[req.request_id] = time.monotonic() + self.lease_s
-        return {"handle": KVHandle(self.engine_id, self.host, self.port, req.request_id, block_ids,
-                                   req.num_prompt_tokens, self.layout.hash, self.lease_s, state_slot).to_dict()}
+        return KVHandle(self.engine_id, self.host, self.port, req.request_id, block_ids,
+                        req.num_prompt_tokens, self.layout.hash, self.lease_s, state_slot)
 
-    def released(self) -> list[str]:
-        out = []
-        for msgs in self.agent.get_new_notifs().values():
-            for msg in msgs:
-                rid = msg[len(_DONE):].decode(errors="replace") if msg.startswith(_DONE) else None
-                if rid in self._held:
-                    del self._held[rid]
-                    out.append(rid)
-        now = time.monotonic()
-        for rid in [r for r, expiry in self._held.items() if expiry < now]:
-            log.warning("KV lease of request %s expired before a reader took it; freeing its blocks", rid)
-            del self._held[rid]
-            out.append(rid)
-        return out
+    def _reader_notices(self) -> list[str]:
+        return [msg[len(_DONE):].decode(errors="replace") for msgs in self.agent.get_new_notifs().values()
+                for msg in msgs if msg.startswith(_DONE)]
 
     # -- consumer ------------------------------------------------------------------------
     def start_load(self, req: Request, block_ids: list[int], num_local_tokens: int,
@@ -298,12 +260,7 @@ class NixlConnector(KVTransferHook):
         if state == "DONE" and time.monotonic() > load.trust_until:
             self._fail(load, "lease", "the READ ended after the producer's lease; its blocks may have been reused")
         elif state == "DONE":
-            seconds = time.monotonic() - load.started
-            self.stats.bytes_total += load.nbytes
-            self.stats.transfers_total += 1
-            self.stats.durations.append(seconds)
-            if self.observer is not None:
-                self.observer.transferred(load.nbytes, seconds, load.descriptors)
+            self._count_transfer(load.nbytes, time.monotonic() - load.started, load.descriptors)
             self._release_xfer(load)
             self._finish(load)
         elif state == "ERR":
@@ -345,9 +302,7 @@ class NixlConnector(KVTransferHook):
             self._peers.pop(load.handle.engine_id, None)
             self._forget_agent(load.peer.agent_name)
         self._loads.pop(load.req_id, None)
-        self.stats.failures[reason] += 1
-        if self.observer is not None:
-            self.observer.failed(reason)
+        self._count_failure(reason)
         self._failed[load.req_id] = f"KV transfer failed ({reason}): {detail}"
 
     def _release_xfer(self, load: _Load) -> None:

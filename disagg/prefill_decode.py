@@ -18,7 +18,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, replace
 
-from disagg.nixl_connector import TransferObserver
+from disagg.connector import PDObserver
 from engine.async_engine import AsyncEngine, StreamDelta
 from engine.kv_transfer import KVTransferFailed
 from engine.outputs import CompletionOutput, RequestOutput
@@ -46,7 +46,7 @@ async def prefill_request(engine: AsyncEngine, request: dict) -> dict:
 class PrefillDecodeEngine:
     """An AsyncEngine look-alike for the API layer: local decode, remote prefill."""
 
-    def __init__(self, decode: AsyncEngine, prefill: PrefillFn, observer: TransferObserver | None = None,
+    def __init__(self, decode: AsyncEngine, prefill: PrefillFn, observer: PDObserver | None = None,
                  prefill_timeout_s: float = 10.0) -> None:
         self.decode = decode
         self._prefill_fn = prefill

@@ -24,14 +24,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.config import EngineConfig
-from engine.core.engine_core import EngineCore, EngineCoreOutput
+from engine.core.engine_core import EngineCoreOutput
 from engine.engine_client import (
     EngineClient,
     ModelFiles,
@@ -39,7 +39,7 @@ from engine.engine_client import (
     build_engine_client,
 )
 from engine.engine_stats import EngineStats
-from engine.kv_transfer import KVTransferFailed, KVTransferHook
+from engine.kv_transfer import KVConnectorSpec, KVTransferFailed, TransferObserver
 from engine.output_processor import apply_output, new_output
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request
@@ -86,9 +86,12 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, max_waiting: int = 256,
-                 kv_transfer: Callable[[EngineCore], KVTransferHook] | None = None,
+                 kv_transfer: KVConnectorSpec | None = None,
                  stall_timeout_s: float = 120.0, *, engine_client: EngineClient | None = None,
-                 parallel: ParallelConfig | None = None) -> None:
+                 parallel: ParallelConfig | None = None, kv_observer: TransferObserver | None = None) -> None:
+        """kv_transfer: the KV connector for disaggregated prefill/decode, built beside
+        each engine core (in this process, or in every rank of an expert-parallel engine);
+        kv_observer is told of every transfer (metrics)."""
         if (config is None) == (engine_client is None):
             raise TypeError("pass an EngineConfig or an engine_client (one of them)")
         if engine_client is not None and parallel is not None:
@@ -99,14 +102,16 @@ class AsyncEngine:
         self.eos_token_ids = self.files.eos_token_ids
         # The engine client; named core because a single-process engine's is its EngineCore.
         self.core: EngineClient = engine_client or build_engine_client(config, parallel, self.files)
+        # The connector, where it lives in this process (an EngineCore's); None when the
+        # ranks of an expert-parallel engine each run their own.
         self.kv_transfer = None
+        self.kv_observer = kv_observer
         if kv_transfer is not None:
-            if not isinstance(self.core, EngineCore):
+            try:
+                self.kv_transfer = self.core.set_kv_connector(kv_transfer, kv_observer)
+            except BaseException:
                 self.core.shutdown()
-                raise ValueError("KV transfer (disaggregated prefill/decode) needs a single-process engine; "
-                                 "expert-parallel engines do not hand off KV yet")
-            self.kv_transfer = kv_transfer(self.core)
-            self.core.set_kv_transfer(self.kv_transfer)
+                raise
         self.max_model_len = self.core.limits.max_model_len
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

@@ -23,6 +23,7 @@ from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore, EngineCoreOutput
 from engine.default_model import default_model_path
 from engine.engine_stats import EngineStats
+from engine.kv_transfer import KVConnectorSpec, TransferObserver
 from engine.models.loader import load_config
 from engine.request import Request, RequestStatus
 from engine.request_limits import RequestLimits
@@ -130,6 +131,10 @@ class EngineClient(Protocol):
 
     def shutdown(self) -> None:
         ...
+
+    def set_kv_connector(self, spec: KVConnectorSpec, observer: TransferObserver | None = None):
+        """Build the KV connector `spec` names beside each engine core (disaggregated
+        prefill/decode); returns it when it lives in this process, else None."""
 
 
 @dataclass

@@ -19,12 +19,20 @@ leases). Requests opt in through `Request.kv_transfer_params`:
   can tell how much of the producer's lease is left while the request waits for blocks.
 
 Every method is called from the engine-core loop, never concurrently.
+
+A connector is named by a `KVConnectorSpec` (plain data: 'module:Class' and its
+settings) and built where the engine core lives: in this process for an EngineCore, in
+each rank process for an expert-parallel engine, whose ranks report their observer's
+calls back with each step (`RecordedTransfers`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from engine.plugins import load_class
 from engine.request import Request
 
 FAILURE_POLICIES = ("recompute", "fail")
@@ -67,6 +75,60 @@ class KVTransferHook(ABC):
 
     def close(self) -> None:
         """Release transfer resources (engine shutdown)."""
+
+
+class TransferObserver(Protocol):
+    """Told of every finished or failed load, on the engine thread (metrics)."""
+
+    def transferred(self, nbytes: int, seconds: float, descriptors: int) -> None: ...
+
+    def failed(self, reason: str) -> None:
+        """A load failed; under the recompute policy the engine recomputes it at once."""
+
+
+@dataclass(frozen=True)
+class KVConnectorSpec:
+    """A connector to build beside an engine core: `connector` is 'package.module:Class'
+    whose `Class.for_engine(core, observer=..., **kwargs)` returns the hook. Plain data,
+    so an expert-parallel engine sends it to its rank processes."""
+    connector: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, core, observer: TransferObserver | None = None) -> KVTransferHook:
+        return load_class(self.connector).for_engine(core, observer=observer, **self.kwargs)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"connector": self.connector, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> KVConnectorSpec:
+        return cls(d["connector"], dict(d.get("kwargs") or {}))
+
+
+class RecordedTransfers:
+    """An observer for a connector in another process (an EP rank): it records the calls,
+    the rank sends them with its step answer and the coordinator replays them onto the
+    real observer, so metrics count every rank's transfers."""
+    CALLS = ("transferred", "failed")
+
+    def __init__(self) -> None:
+        self._calls: list[list] = []
+
+    def transferred(self, nbytes: int, seconds: float, descriptors: int) -> None:
+        self._calls.append(["transferred", nbytes, seconds, descriptors])
+
+    def failed(self, reason: str) -> None:
+        self._calls.append(["failed", reason])
+
+    def drain(self) -> list[list]:
+        calls, self._calls = self._calls, []
+        return calls
+
+    @classmethod
+    def replay(cls, calls: list[list], observer: TransferObserver | None) -> None:
+        for name, *args in calls if observer is not None else ():
+            if name in cls.CALLS:
+                getattr(observer, name)(*args)
 
 
 def is_consumer(req: Request) -> bool:

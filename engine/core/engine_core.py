@@ -13,7 +13,12 @@ from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine_stats import EngineStats
 from engine.kv_cache import KVCacheManager, PagedCacheSpec
 from engine.kv_cache.state_layout import state_slots_for
-from engine.kv_transfer import KVTransferHook, is_consumer
+from engine.kv_transfer import (
+    KVConnectorSpec,
+    KVTransferHook,
+    TransferObserver,
+    is_consumer,
+)
 from engine.models.loader import load_model
 from engine.request import Request, RequestStatus
 from engine.request_limits import RequestLimits
@@ -161,6 +166,12 @@ class EngineCore:
     def set_kv_transfer(self, hook: KVTransferHook) -> None:
         """Plug in a KV-transfer connector (disaggregated prefill/decode)."""
         self.scheduler.kv_transfer = hook
+
+    def set_kv_connector(self, spec: KVConnectorSpec, observer: TransferObserver | None = None) -> KVTransferHook:
+        """Build the connector `spec` names over this core's KV cache and plug it in."""
+        hook = spec.build(self, observer)
+        self.set_kv_transfer(hook)
+        return hook
 
     def abort_requests(self, req_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         for rid in req_ids:

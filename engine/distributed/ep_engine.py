@@ -36,7 +36,7 @@ from engine.distributed.launcher import RankLauncher, SpawnLauncher
 from engine.distributed.protocol import config_to_wire, pack, params_to_wire, unpack
 from engine.engine_client import ModelFiles, Prompt, pair_prompts, routed_experts
 from engine.engine_stats import EngineStats
-from engine.kv_transfer import is_consumer
+from engine.kv_transfer import KVConnectorSpec, RecordedTransfers, TransferObserver, is_producer
 from engine.output_processor import apply_output, new_output
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -74,6 +74,7 @@ class _Tracked:
     # Added through the engine-client interface: the caller folds the outputs (text,
     # stop strings) and keeps the result, so the engine forgets it once finished.
     client: bool = False
+    kv_transfer_params: dict | None = None    # a KV hand-off, done on the owning rank
 
 
 @dataclass
@@ -156,6 +157,10 @@ class EPEngine:
         self.num_recoveries = 0
         self.events: list[str] = []               # what happened to the rank set, in words
         self.graph_sizes: dict[str, list[int]] = {}  # per rank: decode batch sizes it replays as CUDA graphs
+        # KV hand-off (disaggregated prefill/decode): each rank runs its own connector.
+        self.kv_connector: KVConnectorSpec | None = None
+        self.kv_observer: TransferObserver | None = None
+        self._kv_held = False       # some rank holds a finished prefill's blocks for a reader
 
         # Knowing the expert count up front lets each rank build and load only its own
         # slots; random weights are drawn for the whole model so every rank agrees.
@@ -220,9 +225,8 @@ class EPEngine:
     def _add_client_request(self, req: Request) -> str:
         self._check_new_id(req.request_id)
         self.validate(req)
-        if is_consumer(req) or (req.kv_transfer_params or {}).get("do_remote_decode"):
-            raise ValueError("KV transfer (disaggregated prefill/decode) is not supported by an expert-parallel "
-                             "engine yet; send the request without kv_transfer_params")
+        if req.kv_transfer_params and self.kv_connector is None:
+            raise ValueError("this engine has no KV-transfer connector; send the request without kv_transfer_params")
         params = req.sampling_params
         if params.seed is None:
             params = replace(params, seed=self._rng.getrandbits(63))
@@ -233,10 +237,20 @@ class EPEngine:
         ids = list(req.prompt_token_ids) + list(req.output_token_ids)
         # The caller detokenizes and applies stop strings: no detokenizer here.
         tracked = _Tracked(req.request_id, ids, params, new_output(req.request_id, None, ids, params),
-                           IncrementalDetokenizer(None, []), client=True)
+                           IncrementalDetokenizer(None, []), client=True, kv_transfer_params=req.kv_transfer_params)
         self.requests[req.request_id] = tracked
         self._submit(tracked, ids, params)
         return req.request_id
+
+    def set_kv_connector(self, spec: KVConnectorSpec, observer: TransferObserver | None = None) -> None:
+        """Give every rank (and every rank started later) its own KV connector built from
+        `spec`; the ranks' transfers are reported to `observer` here. Returns nothing:
+        the connectors live in the rank processes."""
+        self._check_usable()
+        self.kv_connector, self.kv_observer = spec, observer
+        for r in self.ranks:
+            self._send(r.name, {"type": "kv_connector", "kv_connector": spec.to_wire()})
+        self._gather([r.name for r in self.ranks])
 
     def _check_new_id(self, rid: str) -> None:
         if rid in self.requests and not self.requests[rid].finished:
@@ -271,11 +285,15 @@ class EPEngine:
     def has_pending_work(self) -> bool:
         # Aborts reach the ranks with a step: until then they hold the blocks. Outputs of
         # steps taken on the engine's own (scaling, a rebalance) go out with the next step.
-        return self.has_unfinished() or any(r.pending_abort for r in self.ranks) or bool(self._undelivered)
+        # Held prefill blocks are polled (by stepping) for their reader's notice.
+        return (self.has_unfinished() or any(r.pending_abort for r in self.ranks) or bool(self._undelivered)
+                or self._kv_held)
 
     def poll_interval(self) -> float | None:
         """None while there are requests to step; else how long a loop may wait."""
-        return None if self.has_pending_work else 0.5
+        if self.has_unfinished() or any(r.pending_abort for r in self.ranks) or self._undelivered:
+            return None
+        return 0.02 if self._kv_held else 0.5
 
     def engine_stats(self) -> EngineStats:
         """Summed over the ranks as of the last step (KV usage: their mean)."""
@@ -344,6 +362,9 @@ class EPEngine:
             self.events.append(f"{name} failed step {self.step_index}: {a['error']}")
             raise self.failed
         self._stats = _stats_of(answers.values())
+        for a in answers.values():
+            RecordedTransfers.replay(a.get("kv_calls", []), self.kv_observer)
+        self._kv_held = any(a.get("kv_held") for a in answers.values())
         self._on_step_answers(self.step_index, answers)
         return answers
 
@@ -355,11 +376,19 @@ class EPEngine:
                 t.error = error
                 self._finish(t)
                 self._undelivered.append(EngineCoreOutput(t.request_id, [], "error", error=error))
-        for iid, tokens, reason, logprobs in answer["outputs"]:
+        for iid, tokens, reason, logprobs, kv_params, error in answer["outputs"]:
             t = self._by_internal.get(iid)
             if t is None or t.finished:
                 continue
-            out = EngineCoreOutput(t.request_id, list(tokens), reason, [dict(lp) for lp in logprobs])
+            out = EngineCoreOutput(t.request_id, list(tokens), reason, [dict(lp) for lp in logprobs],
+                                   kv_transfer_params=kv_params, error=error)
+            if error is not None:       # a failed KV load under the fail policy
+                t.error = error
+                t.result.outputs[0].finish_reason = reason
+                self._finish(t)
+                self._by_internal.pop(iid, None)
+                self._undelivered.append(out)
+                continue
             apply_output(self, t.result, t.detok, out)
             if t.result.finished:
                 self._finish(t)
@@ -399,7 +428,8 @@ class EPEngine:
                 init = {"type": "init", "config": config_to_wire(self._rank_config(r)), "model_path": str(self.path),
                         "eos_token_ids": sorted(self.eos_token_ids), "store_host": self.host,
                         "store_port": self._store.port, "timeout_s": self.timeout_s,
-                        "extensions": list(self.extensions)}
+                        "extensions": list(self.extensions),
+                        "kv_connector": self.kv_connector.to_wire() if self.kv_connector else None}
                 if self._load_own_slots:
                     init["slot_experts"] = self._initial_slots(first_rank + k, 1).tolist()
                 self._send(r.name, init)
@@ -503,6 +533,10 @@ class EPEngine:
             done = t.result.outputs[0].token_ids
             left = t.params.max_tokens - len(done)
             self._by_internal.pop(t.internal_id, None)
+            # A lost consumer's load is recomputed; a prefill for another engine still
+            # hands out its KV (from its new rank) unless it had already finished.
+            if not (t.kv_transfer_params and is_producer(t) and not done):
+                t.kv_transfer_params = None
             self._submit(t, t.prompt_ids + done, replace(t.params, max_tokens=max(left, 1)))
         self.events.append(f"recovered on {[r.name for r in survivors]}; unfinished requests restarted")
 
@@ -515,7 +549,7 @@ class EPEngine:
         owner = min(candidates, key=lambda r: (self.num_unfinished_on(r.name), self.ranks.index(r)))
         t.internal_id, t.owner = next(self._internal_ids), owner.name
         self._by_internal[t.internal_id] = t
-        owner.pending_add.append([t.internal_id, prompt_ids, params_to_wire(params)])
+        owner.pending_add.append([t.internal_id, prompt_ids, params_to_wire(params), t.kv_transfer_params])
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if not isinstance(prompt, str) and (not prompt or not all(isinstance(t, int) for t in prompt)):

@@ -14,7 +14,6 @@ after_step(msg) -> dict (merged into the step's answer) and on_reset(msg).
 
 from __future__ import annotations
 
-import importlib
 import os
 import traceback
 from typing import Any
@@ -23,21 +22,25 @@ import torch
 import zmq
 
 from engine.core.engine_core import EngineCore
-from engine.distributed.process_group import EPGroups, backend_for, join_generation, leave_group
-from engine.distributed.protocol import config_from_wire, pack, params_from_wire, unpack
 from engine.distributed.peer_memory import allocate_peer_memory
-from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, dummy_moe_pass, regroup_layer
+from engine.distributed.process_group import (
+    EPGroups,
+    backend_for,
+    join_generation,
+    leave_group,
+)
+from engine.distributed.protocol import config_from_wire, pack, params_from_wire, unpack
+from engine.distributed.rank_kv_transfer import RankKVTransfer
+from engine.layers.ep_dispatch import (
+    ExpertParallel,
+    attach_expert_parallel,
+    dummy_moe_pass,
+    regroup_layer,
+)
 from engine.layers.ep_low_latency import LowLatencyBuffers
 from engine.models.loader import load_config
+from engine.plugins import load_class
 from engine.request import Request
-
-
-def load_extension(spec: str):
-    """'package.module:ClassName' -> the class."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"extension {spec!r} must look like 'package.module:ClassName'")
-    return getattr(importlib.import_module(module), name)
 
 
 class EPWorker:
@@ -59,7 +62,21 @@ class EPWorker:
         self.timeout_s = float(init.get("timeout_s", 60.0))
         self.ep: ExpertParallel | None = None
         self.groups: EPGroups | None = None
-        self.extensions = [load_extension(spec)(self) for spec in init.get("extensions", [])]
+        self.extensions = [load_class(spec)(self) for spec in init.get("extensions", [])]
+        self.kv: RankKVTransfer | None = None
+        if init.get("kv_connector"):
+            self.set_kv_connector(init)
+
+    def set_kv_connector(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Build this rank's KV connector from msg['kv_connector'] (a KVConnectorSpec)."""
+        if self.kv is None:
+            self.kv = RankKVTransfer(self.core, msg["kv_connector"])
+        return {}
+
+    def close(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
+            self.kv = None
 
     @property
     def moe_layers(self) -> list[torch.nn.Module]:
@@ -137,9 +154,10 @@ class EPWorker:
         rejected = []
         if msg.get("abort"):
             self.core.abort_requests(list(msg["abort"]))
-        for rid, prompt, params in msg.get("add", []):
+        for rid, prompt, params, *kv in msg.get("add", []):
             try:
-                self.core.add_request(Request(rid, list(prompt), params_from_wire(params), self.eos))
+                self.core.add_request(Request(rid, list(prompt), params_from_wire(params), self.eos,
+                                              kv_transfer_params=kv[0] if kv else None))
             except ValueError as e:
                 rejected.append([rid, str(e)])
         self._call("before_step", msg)
@@ -149,11 +167,14 @@ class EPWorker:
         if not ran_forward:
             dummy_moe_pass(self.model)
         answer = {"outputs": [[o.request_id, o.new_token_ids, o.finish_reason,
-                               [list(lp.items()) for lp in o.new_logprobs]] for o in outputs],
+                               [list(lp.items()) for lp in o.new_logprobs], o.kv_transfer_params, o.error]
+                              for o in outputs],
                   "rejected": rejected, "unfinished": self.core.scheduler.num_unfinished,
                   "num_running": len(self.core.scheduler.running), "num_waiting": len(self.core.scheduler.waiting),
                   "kv_usage": self.core.kv.usage,
                   "ran_forward": ran_forward}
+        if self.kv is not None:
+            answer.update(self.kv.step_answer())
         for ext_answer in self._call("after_step", msg):
             answer.update(ext_answer or {})
         return answer
@@ -207,7 +228,8 @@ def worker_main(address: str, name: str, num_threads: int = 0, coordinator_pid: 
                     continue
                 if worker is None:
                     raise RuntimeError(f"{kind!r} before init")
-                handler = {"regroup": worker.regroup, "step": worker.step, "reset": worker.reset}.get(kind)
+                handler = {"regroup": worker.regroup, "step": worker.step, "reset": worker.reset,
+                           "kv_connector": worker.set_kv_connector}.get(kind)
                 if handler is None:
                     raise ValueError(f"unknown message type {kind!r}")
                 with torch.inference_mode():
@@ -217,6 +239,8 @@ def worker_main(address: str, name: str, num_threads: int = 0, coordinator_pid: 
                 sock.send(pack({"type": "error", "seq": seq, "error": f"{type(e).__name__}: {e}",
                                 "traceback": traceback.format_exc()}))
     finally:
+        if worker is not None:
+            worker.close()
         leave_group()
         sock.close()
         ctx.term()

@@ -18,7 +18,15 @@ from cluster.cli import parser
 from cluster.serve_args import ENGINE_FIELDS_ELSEWHERE, ENGINE_FLAGS, app_args
 from engine.config import EngineConfig
 from tests.ray_cluster import (
-    BIN, REPO, free_port, new_token, ray_env, session_pids, short_temp_dir, stop_session, wait_until,
+    BIN,
+    REPO,
+    free_port,
+    new_token,
+    ray_env,
+    session_pids,
+    short_temp_dir,
+    stop_session,
+    wait_until,
 )
 
 VLLM_FLAGS = ("--dtype", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--block-size",
@@ -69,7 +77,7 @@ def test_settings_layer_config_yaml_then_config_file_then_flags(tmp_path):
     assert engine["max_model_len"] == 512 and engine["enable_prefix_caching"] is False
     assert engine["enable_cuda_graphs"] is False and engine["seed"] == 7
     assert engine["block_size"] == 16                                    # config.yaml's
-    assert engine["kv_load_failure_policy"] == "fail" and args["kv_transfer"] == {"lease_s": 5}
+    assert engine["kv_load_failure_policy"] == "fail" and args["kv_transfer"] == {"kv_connector": "NixlConnector", "lease_s": 5}
     assert "enable_chunked_prefill" in engine and engine["enable_chunked_prefill"] is True
 
 
@@ -95,6 +103,14 @@ def test_device_cuda_asks_ray_for_a_gpu_per_engine():
 def test_bad_kv_transfer_config_says_what_is_wrong(config, message):
     with pytest.raises(SystemExit, match=message):
         app_args(parse("--kv-transfer-config", config))
+
+
+def test_unknown_kv_connector_in_app_settings_is_a_start_up_error():
+    from cluster.settings import parse_settings
+    with pytest.raises(ValueError, match=r"kv_connector 'Mooncake' is not available \(available: NixlConnector\)"):
+        parse_settings({"kv_transfer": {"kv_connector": "Mooncake"}})
+    spec = parse_settings({"kv_transfer": {"lease_s": 5}}).kv_connector_spec(host="10.0.0.1")
+    assert spec.connector == "disagg.nixl_connector:NixlConnector" and spec.kwargs == {"lease_s": 5, "host": "10.0.0.1"}
 
 
 @pytest.fixture(scope="module")

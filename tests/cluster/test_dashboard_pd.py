@@ -29,7 +29,7 @@ def pd_url():
     async def call_prefill(request: dict) -> dict:
         return await prefill_request(prefill, request)
 
-    pd = PrefillDecodeEngine(decode, call_prefill, decode.kv_transfer.observer)
+    pd = PrefillDecodeEngine(decode, call_prefill, decode.kv_observer)
     served = Served(build_api(pd, MODEL, metrics, SLO(ttft_ms=60000, itl_ms=60000)))
     yield served.url
     served.stop()

@@ -13,7 +13,7 @@ from cluster.kv_transfer_metrics import KVTransferMetrics
 from cluster.metrics import Metrics
 from cluster.openai_api import build_api
 from cluster.request_metrics import SLO
-from disagg.nixl_connector import NixlConnector
+from disagg.connector import connector_spec
 from disagg.prefill_decode import PrefillDecodeEngine, prefill_request
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -29,7 +29,7 @@ def engine(metrics: Metrics | None = None) -> AsyncEngine:
         return AsyncEngine(config, max_waiting=8)
     observer = KVTransferMetrics(metrics, config.kv_load_failure_policy)
     return AsyncEngine(config, max_waiting=8,
-                       kv_transfer=lambda core: NixlConnector.for_engine(core, observer=observer))
+                       kv_transfer=connector_spec(), kv_observer=observer)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def servers():
             raise ConnectionError("prefill replica unreachable")
         return await prefill_request(prefill, request)
 
-    pd = PrefillDecodeEngine(decode, call_prefill, decode.kv_transfer.observer)
+    pd = PrefillDecodeEngine(decode, call_prefill, decode.kv_observer)
     up = [Served(build_api(colocated, MODEL, Metrics(MODEL, "colocated"), slo)),
           Served(build_api(pd, MODEL, metrics, slo))]
     yield up[0].url, up[1].url, prefill, decode, pd, state

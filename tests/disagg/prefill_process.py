@@ -35,14 +35,14 @@ def serve_prefill_service(conn) -> None:
     sys.path.insert(0, os.getcwd())
     import asyncio
 
-    from disagg.nixl_connector import NixlConnector
+    from disagg.connector import connector_spec
     from disagg.prefill_service import PrefillService
     from engine.async_engine import AsyncEngine
     from engine.config import EngineConfig
 
     async def main() -> None:
         engine = AsyncEngine(EngineConfig(max_model_len=256, max_num_seqs=4),
-                             kv_transfer=lambda core: NixlConnector.for_engine(core))
+                             kv_transfer=connector_spec())
         service = PrefillService(engine)
         conn.send(service.address)
         await service.serve_forever()

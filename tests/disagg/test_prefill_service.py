@@ -8,7 +8,7 @@ import multiprocessing as mp
 
 import pytest
 
-from disagg.nixl_connector import NixlConnector
+from disagg.connector import connector_spec
 from disagg.prefill_decode import PrefillDecodeEngine
 from disagg.prefill_service import PrefillClient
 from engine.async_engine import AsyncEngine
@@ -44,7 +44,7 @@ def test_prefill_service_in_another_process(prefill_process):
     async def run():
         config = EngineConfig(max_model_len=256, max_num_seqs=4)
         colocated = AsyncEngine(config)
-        decode = AsyncEngine(config, kv_transfer=lambda core: NixlConnector.for_engine(core))
+        decode = AsyncEngine(config, kv_transfer=connector_spec())
         client = PrefillClient(address, timeout_s=30)
         pd = PrefillDecodeEngine(decode, client)
         try:

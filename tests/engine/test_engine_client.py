@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
+from engine import LLM, SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.core.engine_core import EngineCore
 from engine.distributed import EPEngine
@@ -115,6 +115,3 @@ def test_parallel_settings_that_cannot_work_say_what_to_change():
         LLM("default", enable_eplb=True)
     with pytest.raises(TypeError, match="unknown engine arguments: data_parallel"):
         LLM("default", data_parallel=2)
-    with pytest.raises(ValueError, match="KV transfer .* single-process"):
-        AsyncEngine(EngineConfig(model="default", **ARGS), kv_transfer=lambda core: None,
-                    parallel=ParallelConfig(1, enable_expert_parallel=True))
