@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from disagg.nixl_connector import NixlConnector  # noqa: E402
+from engine.kv_transfer_params import KVTransferParams  # noqa: E402
 from engine.request import Request  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -88,7 +89,7 @@ def read_once(conn, consumer: NixlConnector, src: list[int], dst: list[int], tag
     conn.send((tag, src))
     handle, checksum = conn.recv()
     req = Request(tag, [1] * (len(src) * BLOCK), SamplingParams(max_tokens=2),
-                  kv_transfer_params={"do_remote_prefill": True, **handle})
+                  kv_transfer_params=KVTransferParams(do_remote_prefill=True, handle=handle))
     before = consumer.stats.descriptors_total
     t0 = time.perf_counter()
     consumer.start_load(req, dst, 0)

@@ -94,7 +94,7 @@ class KVConnector(KVTransferHook):
     def hold(self, req: Request, block_ids: list[int], state_slot: int | None = None) -> dict:
         handle = self._handle(req, block_ids, state_slot)
         self._held[req.request_id] = time.monotonic() + self.lease_s
-        return {"handle": handle.to_dict()}
+        return handle.to_dict()
 
     def released(self) -> list[str]:
         out = [rid for rid in self._reader_notices() if self._held.pop(rid, None) is not None]

@@ -138,12 +138,12 @@ class NixlConnector(KVConnector):
                      state_slot=state_slot)
         self._loads[rid] = load
         try:
-            load.handle = handle = KVHandle.from_dict((req.kv_transfer_params or {}).get("handle"))
+            load.handle = handle = KVHandle.from_dict(req.kv_transfer_params.handle)
         except ValueError as e:
             return self._fail(load, "bad_handle", str(e))
         # The lease started when the producer made the handle, a little before the request
         # reached this engine: trust only its first half, counted from arrival here.
-        received = req.kv_transfer_params.get("received", time.monotonic())
+        received = req.kv_transfer_params.received or time.monotonic()
         load.trust_until = received + handle.lease_s / 2
         load.num_tokens = req.num_prompt_tokens
         load.first_block = num_local_tokens // self.layout.block_size   # blocks before it are prefix hits

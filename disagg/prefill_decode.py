@@ -16,31 +16,32 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from disagg.connector import PDObserver
+from disagg.prefill_messages import PrefillRequest, PrefillResult
 from engine.async_engine import AsyncEngine, StreamDelta
 from engine.kv_transfer import KVTransferFailed
+from engine.kv_transfer_params import KVTransferParams
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
+# PrefillRequest.to_dict() -> PrefillResult.to_dict(): plain data, whatever the transport.
 PrefillFn = Callable[[dict], Awaitable[dict]]
 log = logging.getLogger(__name__)
 
 
 async def prefill_request(engine: AsyncEngine, request: dict) -> dict:
-    """Run one prefill on this engine. `request`: request_id, prompt_token_ids, sampling
-    (SamplingParams fields), remote_decode (keep the KV for a reader). Returns the
-    finished output as plain data, with the KV handle when one is held."""
-    params = SamplingParams(**request["sampling"])
+    """Run one prefill (a PrefillRequest's dict) on this engine; returns the finished
+    output as a PrefillResult's dict, with the KV handle when one is held."""
+    req = PrefillRequest.from_dict(request)
+    kv = KVTransferParams(do_remote_decode=True) if req.remote_decode else None
     final = None
-    async for delta in engine.generate(request["prompt_token_ids"], params, request["request_id"],
-                                       {"do_remote_decode": True} if request.get("remote_decode") else None):
+    async for delta in engine.generate(req.prompt_token_ids, req.sampling, req.request_id, kv):
         final = delta
     out = final.output
-    return {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
-            "logprobs": out.logprobs, "num_cached_tokens": final.num_cached_tokens,
-            "kv_transfer_params": out.kv_transfer_params, "prompt_logprobs": out.prompt_logprobs}
+    return PrefillResult(out.token_ids, out.text, out.finish_reason, out.logprobs, final.num_cached_tokens,
+                         out.kv_transfer_params, out.prompt_logprobs).to_dict()
 
 
 class PrefillDecodeEngine:
@@ -84,10 +85,11 @@ class PrefillDecodeEngine:
     def num_waiting(self) -> int:
         return self.decode.num_waiting
 
-    async def prefill(self, request: dict) -> dict:
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
         """The prefill pool's answer, within the deadline: a dead or stalled prefill
         replica costs at most `prefill_timeout_s` before the decode engine takes over."""
-        return await asyncio.wait_for(self._prefill_fn(request), self.prefill_timeout_s)
+        return PrefillResult.from_dict(await asyncio.wait_for(self._prefill_fn(request.to_dict()),
+                                                              self.prefill_timeout_s))
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         return self.decode.encode(prompt)
@@ -111,14 +113,13 @@ class PrefillDecodeEngine:
         text_prompt = prompt if isinstance(prompt, str) else None
         try:
             if params.max_tokens == 1:          # nothing to decode: the prefill is the answer
-                result = await self.prefill({"request_id": request_id, "prompt_token_ids": ids,
-                                             "sampling": asdict(params)})
+                result = await self.prefill(PrefillRequest(request_id, ids, params))
                 yield _delta_from(request_id, text_prompt, ids, result)
                 return
             # Stop strings are applied here, on the whole text; the prefill side only
             # needs to know about stop tokens.
-            first = await self.prefill({"request_id": request_id, "prompt_token_ids": ids, "remote_decode": True,
-                                        "sampling": asdict(replace(params, max_tokens=1, stop=[]))})
+            first = await self.prefill(PrefillRequest(request_id, ids, replace(params, max_tokens=1, stop=[]),
+                                                      remote_decode=True))
         except ValueError:
             raise
         except Exception as e:      # the prefill pool is down, slow, overloaded or broken
@@ -140,22 +141,20 @@ class PrefillDecodeEngine:
                     self.observer.prefill_failed(recomputed=False)
                 raise
             return
-        handle = (first.get("kv_transfer_params") or {}).get("handle")
-        if first["finish_reason"] != "length" or handle is None:   # EOS or a stop token: done
+        kv = first.kv_transfer_params
+        if first.finish_reason != "length" or kv is None or kv.handle is None:   # EOS or a stop token: done
             yield _delta_from(request_id, text_prompt, ids, first)
             return
-        kv = {"do_remote_prefill": True, "handle": handle, "first_token_ids": first["token_ids"],
-              "first_logprobs": first["logprobs"]}
-        prompt_logprobs = first.get("prompt_logprobs")     # computed by the prefill engine
+        kv = replace(kv, first_token_ids=list(first.token_ids), first_logprobs=list(first.logprobs or []))
+        prompt_logprobs = first.prompt_logprobs     # computed by the prefill engine
         async for delta in self.decode.generate(prompt, params, request_id, kv):
             if prompt_logprobs is not None:
                 delta, prompt_logprobs = replace(delta, prompt_logprobs=prompt_logprobs), None
             yield delta
 
 
-def _delta_from(request_id: str, prompt: str | None, ids: list[int], result: dict) -> StreamDelta:
-    comp = CompletionOutput(0, result["text"], list(result["token_ids"]), result["finish_reason"],
-                            result["logprobs"])
+def _delta_from(request_id: str, prompt: str | None, ids: list[int], result: PrefillResult) -> StreamDelta:
+    comp = CompletionOutput(0, result.text, list(result.token_ids), result.finish_reason, result.logprobs)
     out = RequestOutput(request_id, prompt, ids, [comp], True)
-    return StreamDelta(out, result["text"], list(result["token_ids"]), list(result["logprobs"] or []),
-                       result.get("num_cached_tokens", 0), result.get("prompt_logprobs"))
+    return StreamDelta(out, result.text, list(result.token_ids), list(result.logprobs or []),
+                       result.num_cached_tokens, result.prompt_logprobs)

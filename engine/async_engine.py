@@ -40,6 +40,7 @@ from engine.engine_client import (
 )
 from engine.engine_stats import EngineStats
 from engine.kv_transfer import KVConnectorSpec, KVTransferFailed, TransferObserver
+from engine.kv_transfer_params import KVTransferParams
 from engine.output_processor import apply_output, new_output
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import Request
@@ -132,7 +133,7 @@ class AsyncEngine:
         return self.files.encode(prompt)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       kv_transfer_params: dict | None = None,
+                       kv_transfer_params: KVTransferParams | None = None,
                        output_prefix: list[int] | None = None) -> AsyncIterator[StreamDelta]:
         """Stream the request's new tokens. `output_prefix`: tokens already generated for
         it elsewhere (a stream resumed after its engine was lost): they are recomputed as

@@ -2,15 +2,16 @@
 to another (producer) and how an engine takes a prefill computed elsewhere (consumer).
 
 The engine knows only this interface; `disagg/` implements it (NIXL, a side channel,
-leases). Requests opt in through `Request.kv_transfer_params`:
+leases). Requests opt in through `Request.kv_transfer_params` (a KVTransferParams):
 
-- producer: `{"do_remote_decode": True}`. When the request finishes by length (the
-  prefill's one token), the scheduler keeps its blocks (and a hybrid model's state
-  slot, under the same lease) and asks the hook to `hold` them; the hook returns a handle that goes back to the caller in the output's
-  `kv_transfer_params`. The blocks are freed once the hook lists the request in
-  `released()` (the consumer read them, or the lease ran out).
-- consumer: `{"do_remote_prefill": True, "handle": {...}, "first_token_ids": [t],
-  "first_logprobs": [...]}`. The request starts with the producer's first token as
+- producer: `do_remote_decode`. When the request finishes by length (the prefill's one
+  token), the scheduler keeps its blocks (and a hybrid model's state slot, under the
+  same lease) and asks the hook to `hold` them; the hook returns a handle, which goes
+  back to the caller in the output's `kv_transfer_params` (`do_remote_prefill` and the
+  handle: what a consumer needs). The blocks are freed once the hook lists the request
+  in `released()` (the consumer read them, or the lease ran out).
+- consumer: `do_remote_prefill`, the producer's `handle`, `first_token_ids` [t] and
+  `first_logprobs`. The request starts with the producer's first token as
   output. The scheduler allocates local blocks (and a state slot) for the prompt,
   calls `start_load`, and
   admits the request as prefilled when `finished_loads()` reports it done. A failed
@@ -45,7 +46,7 @@ class KVTransferFailed(RuntimeError):
 class KVTransferHook(ABC):
     # -- producer side ----------------------------------------------------------------
     @abstractmethod
-    def hold(self, req: Request, block_ids: list[int], state_slot: int | None = None) -> dict:
+    def hold(self, req: Request, block_ids: list[int], state_slot: int | None = None) -> dict[str, Any]:
         """Keep `block_ids` (the request's KV, `req.num_prompt_tokens` tokens) and, for a
         hybrid model, its Mamba `state_slot` (the state after the prompt) for a
         consumer; returns the handle the consumer needs to read them."""
@@ -132,8 +133,8 @@ class RecordedTransfers:
 
 
 def is_consumer(req: Request) -> bool:
-    return bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_prefill"))
+    return req.kv_transfer_params is not None and req.kv_transfer_params.do_remote_prefill
 
 
 def is_producer(req: Request) -> bool:
-    return bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode"))
+    return req.kv_transfer_params is not None and req.kv_transfer_params.do_remote_decode

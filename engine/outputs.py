@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.kv_transfer_params import KVTransferParams
+
 # One dict per token: token id -> logprob (the token itself and the top-n).
 Logprobs = list[dict[int, float] | None]
 
@@ -24,7 +26,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
-    kv_transfer_params: dict | None = None   # a prefill for another engine: its KV handle
+    kv_transfer_params: KVTransferParams | None = None   # a prefill for another engine: its KV handle
     # SamplingParams.prompt_logprobs: per prompt token (None for the first), once the first token is out.
     prompt_logprobs: Logprobs | None = None
 

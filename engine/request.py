@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.kv_transfer_params import KVTransferParams
 from engine.sampling_params import SamplingParams
 
 
@@ -39,8 +40,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     # Blocks per cache group the runner already knows of (to send only new ones).
     runner_block_counts: list[int] = field(default_factory=list)
-    # Opaque to the core; the KV-transfer hook reads and writes it.
-    kv_transfer_params: dict | None = None
+    # A KV hand-off (disaggregated prefill/decode); see engine/kv_transfer.py.
+    kv_transfer_params: KVTransferParams | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

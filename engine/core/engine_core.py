@@ -13,12 +13,8 @@ from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine_stats import EngineStats
 from engine.kv_cache import KVCacheManager, PagedCacheSpec
 from engine.kv_cache.state_layout import state_slots_for
-from engine.kv_transfer import (
-    KVConnectorSpec,
-    KVTransferHook,
-    TransferObserver,
-    is_consumer,
-)
+from engine.kv_transfer import KVConnectorSpec, KVTransferHook, TransferObserver, is_consumer
+from engine.kv_transfer_params import KVTransferParams
 from engine.models.loader import load_model
 from engine.request import Request, RequestStatus
 from engine.request_limits import RequestLimits
@@ -36,7 +32,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_cached_tokens: int = 0
-    kv_transfer_params: dict | None = None   # producer: the handle of the held KV
+    kv_transfer_params: KVTransferParams | None = None   # producer: what a consumer needs (the handle)
     error: str | None = None                 # why the request failed (KV transfer, fail policy)
     # With the first token of a request that asked for them: one entry per prompt token
     # (None for the first, which nothing scores).
@@ -141,10 +137,10 @@ class EngineCore:
         self.validate(req)
         if is_consumer(req):
             # The producer sampled the first token; this engine continues after it.
-            first = req.kv_transfer_params.get("first_token_ids")
+            first = req.kv_transfer_params.first_token_ids
             if (not isinstance(first, list) or len(first) != 1 or not isinstance(first[0], int)
                     or not 0 <= first[0] < self.model.config.vocab_size):
-                raise ValueError("a remote-prefill request needs kv_transfer_params['first_token_ids'] = [token id]")
+                raise ValueError("a remote-prefill request needs kv_transfer_params.first_token_ids = [token id]")
             req.output_token_ids = list(first)
         req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self._rng.getrandbits(63)
         self.scheduler.add_request(req)
@@ -245,7 +241,7 @@ class EngineCore:
         recomputed); failed loads under the fail policy finish with an error."""
         s = self.scheduler
         outputs = [EngineCoreOutput(r.request_id, list(r.output_token_ids), None,
-                                    list(r.kv_transfer_params.get("first_logprobs") or []), r.num_cached_tokens)
+                                    list(r.kv_transfer_params.first_logprobs), r.num_cached_tokens)
                    for r in s.remote_admitted]
         outputs += [EngineCoreOutput(r.request_id, [], r.finish_reason(), error=reason)
                     for r, reason in s.remote_failed]

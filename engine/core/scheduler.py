@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.core.scheduler_output import NewRequestData, SchedulerOutput
 from engine.kv_cache import KVCacheManager
 from engine.kv_transfer import KVTransferHook, is_consumer, is_producer
+from engine.kv_transfer_params import KVTransferParams
 from engine.request import Request, RequestStatus
 
 
@@ -62,7 +63,7 @@ class Scheduler:
                 raise ValueError("this engine has no KV-transfer connector; it cannot take a remote prefill")
             req.status = RequestStatus.WAITING_FOR_REMOTE_KV
             # Arrival time, for the hook to judge how much of the producer's lease is left.
-            req.kv_transfer_params = {**req.kv_transfer_params, "received": time.monotonic()}
+            req.kv_transfer_params = replace(req.kv_transfer_params, received=time.monotonic())
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -248,7 +249,7 @@ class Scheduler:
             if req is None:
                 continue
             self.kv.free(req)
-            req.kv_transfer_params = {**req.kv_transfer_params, "do_remote_prefill": False, "error": reason}
+            req.kv_transfer_params = replace(req.kv_transfer_params, do_remote_prefill=False, error=reason)
             if self.config.kv_load_failure_policy == "recompute":
                 # Prefill it here: prompt and the producer's first token, from scratch
                 # (or from local prefix hits); the sampler's noise does not depend on
@@ -333,8 +334,8 @@ class Scheduler:
         if status == RequestStatus.FINISHED_LENGTH and self.kv_transfer is not None and is_producer(req):
             # A prefill for another engine: keep the blocks until the reader is done.
             # A hybrid model's state slot (the state after the prompt) stays with them.
-            req.kv_transfer_params = self.kv_transfer.hold(req, list(self.kv.block_ids(rid)[0]),
-                                                           state_slot=self._state_slot(rid))
+            handle = self.kv_transfer.hold(req, list(self.kv.block_ids(rid)[0]), state_slot=self._state_slot(rid))
+            req.kv_transfer_params = KVTransferParams(do_remote_prefill=True, handle=handle)
             self.held[rid] = req
             return
         self.kv.free(req)

@@ -37,6 +37,7 @@ from engine.distributed.protocol import config_to_wire, pack, params_to_wire, un
 from engine.engine_client import ModelFiles, Prompt, pair_prompts, routed_experts
 from engine.engine_stats import EngineStats
 from engine.kv_transfer import KVConnectorSpec, RecordedTransfers, TransferObserver, is_producer
+from engine.kv_transfer_params import KVTransferParams
 from engine.output_processor import apply_output, new_output
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -74,7 +75,7 @@ class _Tracked:
     # Added through the engine-client interface: the caller folds the outputs (text,
     # stop strings) and keeps the result, so the engine forgets it once finished.
     client: bool = False
-    kv_transfer_params: dict | None = None    # a KV hand-off, done on the owning rank
+    kv_transfer_params: KVTransferParams | None = None    # a KV hand-off, done on the owning rank
 
 
 @dataclass
@@ -381,7 +382,8 @@ class EPEngine:
             if t is None or t.finished:
                 continue
             out = EngineCoreOutput(t.request_id, list(tokens), reason, [dict(lp) for lp in logprobs],
-                                   kv_transfer_params=kv_params, error=error)
+                                   kv_transfer_params=KVTransferParams.from_dict(kv_params) if kv_params else None,
+                                   error=error)
             if error is not None:       # a failed KV load under the fail policy
                 t.error = error
                 t.result.outputs[0].finish_reason = reason
@@ -549,7 +551,8 @@ class EPEngine:
         owner = min(candidates, key=lambda r: (self.num_unfinished_on(r.name), self.ranks.index(r)))
         t.internal_id, t.owner = next(self._internal_ids), owner.name
         self._by_internal[t.internal_id] = t
-        owner.pending_add.append([t.internal_id, prompt_ids, params_to_wire(params), t.kv_transfer_params])
+        kv = t.kv_transfer_params.to_dict() if t.kv_transfer_params is not None else None
+        owner.pending_add.append([t.internal_id, prompt_ids, params_to_wire(params), kv])
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if not isinstance(prompt, str) and (not prompt or not all(isinstance(t, int) for t in prompt)):

@@ -22,22 +22,13 @@ import torch
 import zmq
 
 from engine.core.engine_core import EngineCore
-from engine.distributed.peer_memory import allocate_peer_memory
-from engine.distributed.process_group import (
-    EPGroups,
-    backend_for,
-    join_generation,
-    leave_group,
-)
+from engine.distributed.process_group import EPGroups, backend_for, join_generation, leave_group
 from engine.distributed.protocol import config_from_wire, pack, params_from_wire, unpack
+from engine.distributed.peer_memory import allocate_peer_memory
 from engine.distributed.rank_kv_transfer import RankKVTransfer
-from engine.layers.ep_dispatch import (
-    ExpertParallel,
-    attach_expert_parallel,
-    dummy_moe_pass,
-    regroup_layer,
-)
+from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, dummy_moe_pass, regroup_layer
 from engine.layers.ep_low_latency import LowLatencyBuffers
+from engine.kv_transfer_params import KVTransferParams
 from engine.models.loader import load_config
 from engine.plugins import load_class
 from engine.request import Request
@@ -157,7 +148,8 @@ class EPWorker:
         for rid, prompt, params, *kv in msg.get("add", []):
             try:
                 self.core.add_request(Request(rid, list(prompt), params_from_wire(params), self.eos,
-                                              kv_transfer_params=kv[0] if kv else None))
+                                              kv_transfer_params=KVTransferParams.from_dict(kv[0]) if kv and kv[0]
+                                              else None))
             except ValueError as e:
                 rejected.append([rid, str(e)])
         self._call("before_step", msg)
@@ -167,7 +159,7 @@ class EPWorker:
         if not ran_forward:
             dummy_moe_pass(self.model)
         answer = {"outputs": [[o.request_id, o.new_token_ids, o.finish_reason,
-                               [list(lp.items()) for lp in o.new_logprobs], o.kv_transfer_params, o.error]
+                               [list(lp.items()) for lp in o.new_logprobs], o.kv_transfer_params and o.kv_transfer_params.to_dict(), o.error]
                               for o in outputs],
                   "rejected": rejected, "unfinished": self.core.scheduler.num_unfinished,
                   "num_running": len(self.core.scheduler.running), "num_waiting": len(self.core.scheduler.waiting),

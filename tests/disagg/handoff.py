@@ -9,6 +9,7 @@ from disagg.nixl_connector import NixlConnector
 from engine.config import EngineConfig
 from engine.core.engine_core import EngineCore
 from engine.engine_client import resolve_model_path
+from engine.kv_transfer_params import KVTransferParams
 from engine.models.loader import load_config
 from engine.request import Request
 from engine.sampling_params import SamplingParams
@@ -47,7 +48,7 @@ def run_to_end(core: EngineCore, rid: str, others: tuple[EngineCore, ...] = (), 
 
 
 def prefill(p: EngineCore, rid: str, prompt: list[int]):
-    p.add_request(Request(rid, prompt, greedy(1), kv_transfer_params={"do_remote_decode": True}))
+    p.add_request(Request(rid, prompt, greedy(1), kv_transfer_params=KVTransferParams(do_remote_decode=True)))
     tokens, out = run_to_end(p, rid)
     return tokens, out.kv_transfer_params
 
@@ -56,7 +57,7 @@ def decode(d: EngineCore, p: EngineCore | None, rid: str, prompt: list[int], fir
            max_tokens: int):
     """Continue `rid` on `d` from a producer's first token and KV handle; `p`, when in
     this process, is stepped alongside so it sees the consumer's notices."""
-    kv = {"do_remote_prefill": True, "handle": handle, "first_token_ids": first}
+    kv = KVTransferParams(do_remote_prefill=True, handle=handle, first_token_ids=first)
     d.add_request(Request(rid, prompt, greedy(max_tokens), kv_transfer_params=kv))
     return run_to_end(d, rid, others=(p,) if p is not None else ())
 

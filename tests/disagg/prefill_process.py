@@ -23,7 +23,7 @@ def serve_prefills(conn, model: str = "default") -> None:
             continue
         n += 1
         first, params = prefill(core, f"{kind}-{n}", prompt)
-        conn.send((first, params["handle"]))
+        conn.send((first, params.handle))
         if kind == "ok":
             # Serve the consumer's notices until it is done reading.
             while core.scheduler.held and not conn.poll(0.01):

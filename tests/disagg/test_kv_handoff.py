@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.kv_transfer_params import KVTransferParams
 from engine.request import Request
 from tests.disagg.handoff import decode, greedy, make_core, pool_is_full, prefill, run_to_end, settle
 
@@ -33,7 +34,7 @@ def colocated(ref, rid: str, prompt: list[int], n: int) -> list[int]:
 
 def handoff(p, d, rid: str, prompt: list[int], n: int) -> list[int]:
     first, params = prefill(p, rid, prompt)
-    tokens, out = decode(d, p, rid, prompt, first, params["handle"], n)
+    tokens, out = decode(d, p, rid, prompt, first, params.handle, n)
     assert out.error is None, out.error
     return tokens
 
@@ -77,14 +78,14 @@ def test_many_requests_in_flight(engines):
     want = {rid: colocated(ref, "ref-" + rid, pr, 6) for rid, pr in prompts.items()}
     handles = {}
     for rid, pr in prompts.items():
-        p.add_request(Request(rid, pr, greedy(1), kv_transfer_params={"do_remote_decode": True}))
+        p.add_request(Request(rid, pr, greedy(1), kv_transfer_params=KVTransferParams(do_remote_decode=True)))
     while len(handles) < len(prompts):
         for out in p.step():
-            handles[out.request_id] = (out.new_token_ids, out.kv_transfer_params["handle"])
+            handles[out.request_id] = (out.new_token_ids, out.kv_transfer_params.handle)
     for rid, pr in prompts.items():
         first, handle = handles[rid]
-        d.add_request(Request(rid, pr, greedy(6), kv_transfer_params={
-            "do_remote_prefill": True, "handle": handle, "first_token_ids": first}))
+        d.add_request(Request(rid, pr, greedy(6), kv_transfer_params=KVTransferParams(
+            do_remote_prefill=True, handle=handle, first_token_ids=first)))
     got = {rid: [] for rid in prompts}
     while d.has_unfinished():
         for out in d.step():
@@ -98,11 +99,11 @@ def test_many_requests_in_flight(engines):
 def test_consumer_without_connector_is_refused():
     core = make_core(connector=False)
     with pytest.raises(ValueError, match="no KV-transfer connector"):
-        core.add_request(Request("x", [1, 2, 3], greedy(4), kv_transfer_params={
-            "do_remote_prefill": True, "handle": {}, "first_token_ids": [5]}))
+        core.add_request(Request("x", [1, 2, 3], greedy(4), kv_transfer_params=KVTransferParams(
+            do_remote_prefill=True, handle={}, first_token_ids=[5])))
     with pytest.raises(ValueError, match="first_token_ids"):
-        core.add_request(Request("y", [1, 2, 3], greedy(4), kv_transfer_params={
-            "do_remote_prefill": True, "handle": {}, "first_token_ids": "5"}))
+        core.add_request(Request("y", [1, 2, 3], greedy(4), kv_transfer_params=KVTransferParams(
+            do_remote_prefill=True, handle={}, first_token_ids="5")))
 
 
 def test_handoff_with_async_scheduling(engines):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from engine.kv_transfer_params import KVTransferParams
 from engine.request import Request
 from tests.disagg.handoff import decode, greedy, make_core, pool_is_full, prefill, run_to_end, settle
 from tests.disagg.prefill_process import serve_prefills
@@ -54,7 +55,7 @@ def test_corrupt_handle_recomputes(producer, consumer, want, corrupt, reason):
     before = failures(d).get(reason, 0)
     recomputed = d.scheduler.num_recomputed
     first, params = prefill(p, "bad", PROMPT)
-    tokens, out = decode(d, p, "bad", PROMPT, first, corrupt(params["handle"]), N)
+    tokens, out = decode(d, p, "bad", PROMPT, first, corrupt(params.handle), N)
     assert out.error is None and tokens == want
     assert failures(d)[reason] == before + 1
     assert d.scheduler.num_recomputed == recomputed + 1
@@ -69,8 +70,8 @@ def test_lease_running_out_before_the_read_recomputes(consumer, want):
     d = consumer
     try:
         first, params = prefill(p, "late", PROMPT)
-        d.add_request(Request("late", PROMPT, greedy(N), kv_transfer_params={
-            "do_remote_prefill": True, "handle": params["handle"], "first_token_ids": first}))
+        d.add_request(Request("late", PROMPT, greedy(N), kv_transfer_params=KVTransferParams(
+            do_remote_prefill=True, handle=params.handle, first_token_ids=first)))
         time.sleep(0.4)                    # e.g. queued behind other requests for blocks
         before = failures(d).get("lease", 0)
         tokens, out = run_to_end(d, "late", others=(p,))
@@ -85,7 +86,7 @@ def test_fail_policy_fails_cleanly(producer, want):
     d = make_core(kv_load_failure_policy="fail")
     try:
         first, params = prefill(producer, "fail", PROMPT)
-        _, out = decode(d, producer, "fail", PROMPT, first, {**params["handle"], "layout_hash": "x"}, N)
+        _, out = decode(d, producer, "fail", PROMPT, first, {**params.handle, "layout_hash": "x"}, N)
         assert out.error is not None and "layout" in out.error
         assert out.finish_reason == "abort"
         settle(producer, d)
@@ -99,7 +100,7 @@ def test_layout_mismatch_is_refused_at_handshake(producer, want):
     d = make_core(block_size=8)     # same model, different block size
     try:
         first, params = prefill(producer, "layout", PROMPT)
-        tokens, out = decode(d, producer, "layout", PROMPT, first, params["handle"], N)
+        tokens, out = decode(d, producer, "layout", PROMPT, first, params.handle, N)
         assert tokens == want
         assert failures(d) == {"layout": 1}
         settle(producer, d)
@@ -111,8 +112,8 @@ def test_layout_mismatch_is_refused_at_handshake(producer, want):
 def test_abort_while_loading_frees_both_sides(producer, consumer):
     p, d = producer, consumer
     first, params = prefill(p, "abort", PROMPT)
-    d.add_request(Request("abort", PROMPT, greedy(N), kv_transfer_params={
-        "do_remote_prefill": True, "handle": params["handle"], "first_token_ids": first}))
+    d.add_request(Request("abort", PROMPT, greedy(N), kv_transfer_params=KVTransferParams(
+        do_remote_prefill=True, handle=params.handle, first_token_ids=first)))
     d.step()                       # allocates blocks and starts the handshake/READ
     assert "abort" in d.scheduler.loading
     d.abort_requests(["abort"])

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
 from engine.kv_transfer import KVTransferHook
+from engine.kv_transfer_params import KVTransferParams
 from engine.request import Request
 from tests.engine.tiny_models import HYBRID_CONFIGS, build, hf_greedy
 
@@ -194,8 +195,8 @@ def test_failed_remote_load_on_a_hybrid_model_is_recomputed_here(family):
     llm.engine.set_kv_transfer(hook)
     ref_tokens = refs[2][0]
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    llm.engine.add_request(Request("r", PROMPTS[2], sp, kv_transfer_params={
-        "do_remote_prefill": True, "handle": {}, "first_token_ids": [ref_tokens[0]]}))
+    llm.engine.add_request(Request("r", PROMPTS[2], sp, kv_transfer_params=KVTransferParams(
+        do_remote_prefill=True, handle={}, first_token_ids=[ref_tokens[0]])))
     tokens = []
     while llm.engine.has_unfinished():
         tokens += [t for o in llm.engine.step() for t in o.new_token_ids]
