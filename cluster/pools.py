@@ -100,14 +100,17 @@ def local_engine(settings: AppSettings, metrics: Metrics, pool: str = "colocated
                        parallel=replica_parallel(settings, pool))
 
 
-def handoff_engine(settings: AppSettings, metrics: Metrics) -> AsyncEngine:
-    """An engine with the configured KV connector (kv_transfer.kv_connector), for either
-    side of a KV hand-off; its transfers count in this replica's metrics."""
+def handoff_engine(settings: AppSettings, metrics: Metrics, pool: str) -> AsyncEngine:
+    """The pool's engine (one process, or an EP engine whose ranks each run a connector)
+    with the configured KV connector (kv_transfer.kv_connector), for either side of a KV
+    hand-off; its transfers (all its ranks') count in this replica's metrics."""
     config = settings.engine_config()
     observer = KVTransferMetrics(metrics, config.kv_load_failure_policy)
-    # The side channel's address must be routable from other nodes, unlike localhost.
+    # The side channel's address must be routable from other nodes, unlike localhost
+    # (an EP rank binds its own node's address: engine/distributed/rank_kv_transfer.py).
     spec = settings.kv_connector_spec(host=get_node_ip_address())
-    return AsyncEngine(config, max_waiting=settings.max_waiting, kv_transfer=spec, kv_observer=observer)
+    return AsyncEngine(config, max_waiting=settings.max_waiting, kv_transfer=spec, kv_observer=observer,
+                       parallel=replica_parallel(settings, pool))
 
 
 class ColocatedServer(EngineReplica):
@@ -121,7 +124,7 @@ class PrefillServer(EngineReplica):
     """A prefill replica: computes prompts and keeps their KV for a decode replica."""
 
     def __init__(self, settings: AppSettings) -> None:
-        self._start(settings, "prefill", handoff_engine)
+        self._start(settings, "prefill", lambda s, m: handoff_engine(s, m, "prefill"))
 
     async def prefill(self, request: dict) -> dict:
         rid = request["request_id"]
@@ -141,7 +144,7 @@ class DecodeServer(EngineReplica):
         self.prefill_pool = prefill
 
         def pd_engine(settings: AppSettings, metrics: Metrics) -> PrefillDecodeEngine:
-            decode = handoff_engine(settings, metrics)
+            decode = handoff_engine(settings, metrics, "decode")
             return PrefillDecodeEngine(decode, self._prefill, decode.kv_observer,
                                        prefill_timeout_s=settings.prefill_timeout_s)
         self._start(settings, "decode", pd_engine)

@@ -290,6 +290,11 @@ class EPEngine:
         return (self.has_unfinished() or any(r.pending_abort for r in self.ranks) or bool(self._undelivered)
                 or self._kv_held)
 
+    @property
+    def has_held_blocks(self) -> bool:
+        """Some rank holds finished prefills' blocks for a reader (as of the last step)."""
+        return self._kv_held
+
     def poll_interval(self) -> float | None:
         """None while there are requests to step; else how long a loop may wait."""
         if self.has_unfinished() or any(r.pending_abort for r in self.ranks) or self._undelivered:

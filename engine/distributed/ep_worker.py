@@ -61,7 +61,7 @@ class EPWorker:
     def set_kv_connector(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Build this rank's KV connector from msg['kv_connector'] (a KVConnectorSpec)."""
         if self.kv is None:
-            self.kv = RankKVTransfer(self.core, msg["kv_connector"])
+            self.kv = RankKVTransfer(self.core, msg["kv_connector"], self.store[0])
         return {}
 
     def close(self) -> None:

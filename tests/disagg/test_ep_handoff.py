@@ -89,7 +89,7 @@ def test_pd_into_two_ep_ranks_equals_one_engine(setup):
 
         prefill = AsyncEngine(config, kv_transfer=connector_spec(), parallel=prefill_parallel)
         observer = Observer()
-        decode = AsyncEngine(config, kv_transfer=connector_spec(), kv_observer=observer, parallel=EP2)
+        decode = AsyncEngine(config, kv_transfer=connector_spec(host="127.0.0.1"), kv_observer=observer, parallel=EP2)
         corrupt = {"on": False}
         producers = set()
 

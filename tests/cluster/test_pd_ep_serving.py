@@ -1,0 +1,71 @@
+"""The disaggregated topology with an expert-parallel decode pool, on a real local Ray
+through the router with the official `openai` client: `tandem serve --mode pd
+--data-parallel-size 2 --enable-expert-parallel`'s settings (pools.decode.parallel) give
+the one-process (dp=1) greedy text. The decode replica's two ranks each pull the KV with
+their own NIXL agent; their transfers reach the replica's /metrics."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from cluster.app import build_app
+from cluster.cli import parser
+from cluster.serve_args import app_args
+from engine import SamplingParams
+from tests.cluster.test_ep_serving import created_groups, metric_lines, wait_answering
+from tests.ray_cluster import free_port, local_ray, wait_until
+
+MODEL = "tandem-default"
+PROMPTS = ["Experts, spread out.", "a second, somewhat longer prompt for the other rank", "third", "4"]
+
+
+def pd_ep_app_args() -> dict:
+    args = app_args(parser().parse_args(["serve", "--mode", "pd", "--data-parallel-size", "2",
+                                         "--enable-expert-parallel"]))
+    args["engine"].update({"max_model_len": 256, "max_num_seqs": 4, "kv_cache_memory_gb": 0.05})
+    assert args["pools"]["decode"]["parallel"]["data_parallel_size"] == 2
+    args["pools"]["decode"].update({"replicas": 1, "num_cpus": 0.4})    # per rank, with 0.1 for the replica
+    args["pools"]["prefill"].update({"replicas": 1, "num_cpus": 0.5})
+    args["pools"]["router"] = {"replicas": 1, "num_cpus": 0}
+    args["slo"] = {"ttft_ms": 60000, "itl_ms": 60000}
+    return args
+
+
+@pytest.fixture(scope="module")
+def app():
+    with local_ray(num_cpus=2, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(pd_ep_app_args()), name="tandem", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_answering(url, MODEL, "ready?")
+        try:
+            yield url
+        finally:
+            serve.shutdown()
+
+
+def test_pd_with_an_ep_decode_pool_answers_as_one_process(app, default_llm):
+    [group] = created_groups()      # the decode replica's own: bundle 0 and one per rank
+    assert group["bundles"] == {0: {"CPU": 0.1}, 1: {"CPU": 0.4}, 2: {"CPU": 0.4}}
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    want = [o.outputs[0].text for o in default_llm.generate(PROMPTS, params)]
+    c = openai.OpenAI(base_url=f"{app}/v1", api_key="none", max_retries=0, timeout=120)
+    for prompt, text in zip(PROMPTS, want):
+        r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+        assert r.choices[0].text == text, prompt
+    streamed = c.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == want[1]
+
+    def counted():
+        moved = metric_lines(app, "tandem_kv_transfer_bytes_total")
+        decode = [v for labels, v in moved if 'pool="decode"' in labels]
+        failed = [v for labels, v in metric_lines(app, "tandem_kv_transfer_failures_total") if v > 0]
+        return bool(decode) and decode[0] > 0 and not failed, f"{moved} {failed}"
+    wait_until(counted, "the decode ranks' KV transfers in /metrics", 30)
+    assert httpx.get(f"{app}/health", timeout=30).status_code == 200
