@@ -140,6 +140,28 @@ def test_eplb_series_reach_metrics_after_load_and_a_forced_rebalance(app, want):
                for labels, _ in metric_lines(app, "tandem_eplb_balancedness"))
 
 
+def test_dashboard_draws_the_eplb_panel_in_a_browser(app, tmp_path):
+    """The router's /dashboard in headless Chromium (tests/deploy/test_dashboard_browser.py's
+    way) draws the EPLB panel from the replica's series, after the load above."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+    from live_support import system_tool
+    from test_dashboard_browser import PanelParser, chromium
+
+    browser = system_tool("chromium", "chromium", ("/usr/bin/chromium",))
+
+    def sampled():
+        panels = {p["id"]: p for p in httpx.get(f"{app}/dashboard/data", timeout=30).json()["panels"]}
+        return panels["eplb"]["points"] >= 6, str(panels["eplb"])
+    wait_until(sampled, "the dashboard to sample the EPLB series", 30)
+    page = PanelParser()
+    page.feed(chromium(browser, tmp_path, f"{app}/dashboard", "--dump-dom").stdout)
+    eplb = page.panels["eplb"]
+    assert eplb["data-state"] == "data" and int(eplb["data-points"]) >= 6, eplb
+    assert eplb["lines"] == int(eplb["data-series"]) == 2 and eplb["longest"] >= 1, eplb
+
+
 class SteadyStream:
     """Requests one after another from two threads until stopped; every answer kept."""
 
@@ -161,7 +183,7 @@ class SteadyStream:
             try:
                 text = self.c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
                 self.results.append((prompt, text.choices[0].text))
-            except Exception as e:      # kept: the test fails on it below
+            except Exception as e:  # noqa: BLE001  (kept: the test fails on it below)
                 self.results.append((prompt, e))
             self.spans.append((start, time.monotonic()))
 

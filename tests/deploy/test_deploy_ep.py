@@ -9,8 +9,15 @@ from dataclasses import fields
 
 import pytest
 import yaml
-
-from deploy_support import CHART, helm, one, render, render_objects, serve_config, validate_rayservice
+from deploy_support import (
+    CHART,
+    helm,
+    one,
+    render,
+    render_objects,
+    serve_config,
+    validate_rayservice,
+)
 
 EP_DECODE = {"data_parallel_size": 2, "enable_expert_parallel": True, "enable_eplb": True,
              "placement_strategy": "STRICT_PACK"}
