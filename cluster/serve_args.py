@@ -135,6 +135,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster to join, e.g. HEAD:6379 or auto (default: $RAY_ADDRESS, else a new "
                         "local Ray instance that stops with this command)")
     add_parallel_arguments(p, args)
+    add_autoscaling_arguments(p)
     e = p.add_argument_group("engine (vLLM's flag names)")
     for flag in ENGINE_FLAGS:
         text = f"{flag.help} (default: {_shown_default(flag, engine)})"
@@ -196,6 +197,43 @@ def parallel_settings(ns: argparse.Namespace, args: dict) -> dict:
     return args
 
 
+AUTOSCALING_FLAGS = (("--autoscaling-config", None), ("--prefill-autoscaling-config", "prefill"),
+                     ("--decode-autoscaling-config", "decode"))
+
+
+def add_autoscaling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "autoscaling (Ray Serve's autoscaling_config, SLO policy)",
+        'JSON of pools.<pool>.autoscaling, e.g. {"min_replicas": 1, "max_replicas": 8, "upscale_delay_s": 30, '
+        '"downscale_delay_s": 600}: the pool sizes itself from the SLOs within the bounds; without it the '
+        "pool keeps its replicas (README: Autoscaling lists every key).")
+    for flag, pool in AUTOSCALING_FLAGS:
+        which = f"the {pool} pool" if pool else "every engine pool of the mode (colocated, or prefill and decode)"
+        g.add_argument(flag, default=None, metavar="JSON",
+                       help=f"autoscaling of {which}{', over --autoscaling-config' if pool else ''} "
+                            "(default: config.yaml's, none there)")
+
+
+def autoscaling_settings(ns: argparse.Namespace, args: dict) -> dict:
+    """args with the autoscaling flags applied to their pools' `autoscaling`."""
+    mode = args.get("mode", "pd")
+    for flag, pool in AUTOSCALING_FLAGS:
+        text = getattr(ns, flag.lstrip("-").replace("-", "_"))
+        if not text:
+            continue
+        try:
+            block = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{flag} is not JSON: {e}") from None
+        if not isinstance(block, dict):
+            raise SystemExit(f"{flag} must be a JSON object")
+        pools = args.setdefault("pools", {})
+        for name in [pool] if pool else (["prefill", "decode"] if mode == "pd" else ["colocated"]):
+            target = pools.setdefault(name, {})
+            target["autoscaling"] = {**(target.get("autoscaling") or {}), **block}
+    return args
+
+
 def kv_transfer_settings(text: str) -> tuple[dict, dict]:
     """(app kv_transfer settings, engine settings) from --kv-transfer-config's JSON."""
     from cluster.settings import KV_TRANSFER_KEYS
@@ -242,6 +280,7 @@ def app_args(ns: argparse.Namespace) -> dict:
         engine.update(kv_engine)
     args["engine"] = engine
     args = parallel_settings(ns, args)
+    args = autoscaling_settings(ns, args)
     if str(engine.get("device", "cpu")).startswith("cuda"):
         args["pools"] = gpu_pools(args.get("pools") or {})
     return args

@@ -220,3 +220,25 @@ def test_settings_without_autoscaling_keep_replicas_fixed():
     assert settings.pool("decode").autoscaling.max_replicas == 3 and settings.pool("decode").max_num_replicas == 3
     with pytest.raises(ValueError, match="not to the router"):
         parse_settings({"pools": {"router": {"autoscaling": {"max_replicas": 2}}}})
+
+
+def test_tandem_serve_autoscaling_flags_set_the_pools():
+    from cluster.cli import parser
+    from cluster.serve_args import app_args
+
+    def args(*argv):
+        return app_args(parser().parse_args(["serve", *argv]))
+
+    pools = args("--autoscaling-config", '{"min_replicas": 1, "max_replicas": 4}',
+                 "--decode-autoscaling-config", '{"max_replicas": 8, "downscale_delay_s": 60}')["pools"]
+    assert pools["prefill"]["autoscaling"] == {"min_replicas": 1, "max_replicas": 4}
+    assert pools["decode"]["autoscaling"] == {"min_replicas": 1, "max_replicas": 8, "downscale_delay_s": 60}
+    assert "autoscaling" not in pools["colocated"]
+    colocated = args("--mode", "colocated", "--autoscaling-config", '{"max_replicas": 3}')["pools"]
+    assert colocated["colocated"]["autoscaling"] == {"max_replicas": 3} and "autoscaling" not in colocated["decode"]
+    settings = parse_settings(args("--prefill-autoscaling-config", '{"max_replicas": 2}'))
+    assert settings.pool("prefill").autoscaling.max_replicas == 2 and settings.pool("decode").autoscaling is None
+    with pytest.raises(SystemExit, match="--decode-autoscaling-config is not JSON"):
+        args("--decode-autoscaling-config", "{max: 2}")
+    with pytest.raises(ValueError, match="unknown autoscaling settings: max"):
+        parse_settings(args("--autoscaling-config", '{"max": 2}'))

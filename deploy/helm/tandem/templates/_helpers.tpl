@@ -188,6 +188,67 @@ Pools the app's mode uses, as a list of pool names.
 {{- end -}}
 
 {{/*
+"true" when a pool the app's mode uses has `autoscaling` (Serve sizes it; the chart then
+turns on KubeRay's autoscaler so the worker groups follow).
+*/}}
+{{- define "tandem.poolsAutoscale" -}}
+{{- $scaled := false -}}
+{{- range $pool := include "tandem.activePools" . | fromJsonArray -}}
+{{- if (get $.Values.serveConfig.application.args.pools $pool | default dict).autoscaling -}}
+{{- $scaled = true -}}
+{{- end -}}
+{{- end -}}
+{{- $scaled -}}
+{{- end -}}
+
+{{/*
+Pods of a worker group that `n` replicas of a pool fill (tandem.poolNeed's GPUs and
+CPUs): by GPUs when the replicas ask for GPUs, else by the CPUs a pod advertises to
+Ray; "" when neither says. Call with dict "pool" POOL "group" GROUP "n" N.
+*/}}
+{{- define "tandem.podsFor" -}}
+{{- $need := include "tandem.poolNeed" (merge (dict "replicas" .n) (deepCopy .pool)) | fromJson -}}
+{{- $cpus := include "tandem.rayCpus" (dict "params" (.group.rayStartParams | default dict) "resources" .group.resources) -}}
+{{- if gt (float64 $need.gpus) 0.0 -}}
+{{- if gt (int (.group.gpus | default 0)) 0 -}}
+{{- ceil (divf $need.gpus (float64 .group.gpus)) | int -}}
+{{- end -}}
+{{- else if and (ne $cpus "") (gt (float64 $need.cpus) 0.0) (gt (float64 $cpus) 0.0) -}}
+{{- ceil (divf $need.cpus (float64 $cpus)) | int -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A worker group's pods as JSON {"min", "replicas", "max"}: its own minReplicas and
+maxReplicas (null: `replicas`), except that for the group of an autoscaled pool of the
+same name, null bounds come from the pool's min_replicas and max_replicas times what
+each replica asks for, and `replicas` is kept within them.
+Call with dict "root" $ "name" NAME "group" GROUP.
+*/}}
+{{- define "tandem.groupBounds" -}}
+{{- $group := .group -}}
+{{- $replicas := int $group.replicas -}}
+{{- $min := int (ternary $group.replicas $group.minReplicas (kindIs "invalid" $group.minReplicas)) -}}
+{{- $max := int (ternary $group.replicas $group.maxReplicas (kindIs "invalid" $group.maxReplicas)) -}}
+{{- $p := get .root.Values.serveConfig.application.args.pools .name | default dict -}}
+{{- if and $p.autoscaling (has .name (include "tandem.activePools" .root | fromJsonArray)) -}}
+{{- $a := $p.autoscaling -}}
+{{- if kindIs "invalid" $group.minReplicas -}}
+{{- with include "tandem.podsFor" (dict "pool" $p "group" $group "n" ($a.min_replicas | default 1)) -}}
+{{- $min = int . -}}
+{{- end -}}
+{{- end -}}
+{{- if kindIs "invalid" $group.maxReplicas -}}
+{{- with include "tandem.podsFor" (dict "pool" $p "group" $group "n" ($a.max_replicas | default 1)) -}}
+{{- $max = int . -}}
+{{- end -}}
+{{- end -}}
+{{- $replicas = max $min (min $max $replicas) -}}
+{{- end -}}
+{{- toJson (dict "min" $min "replicas" $replicas "max" $max) -}}
+{{- end -}}
+
+{{/*
 "true" when worker group .name is rendered: `enabled` true/false, or auto (the
 default), which follows the app's mode (pd: prefill and decode; colocated: colocated).
 Call with dict "root" $ "name" NAME "group" GROUP.
