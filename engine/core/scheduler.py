@@ -237,8 +237,11 @@ class Scheduler:
             req = self.loading.pop(rid, None)
             if req is None:
                 continue
-            # The prompt's KV is here; the producer's first token is computed next.
-            req.num_computed_tokens = req.num_prompt_tokens
+            # The prompt's KV is here; the producer's first token is computed next. With
+            # speculation the last prompt position is computed again with it: its taps
+            # give the draft head the row of the first token (the head's KV is not
+            # handed off), and that first step verifies no drafts (none exist yet).
+            req.num_computed_tokens = req.num_prompt_tokens - (1 if self.config.num_speculative_tokens else 0)
             self.kv.cache_full_blocks(req, req.num_computed_tokens)
             req.status = RequestStatus.RUNNING
             req.runner_block_counts = []

@@ -1,4 +1,5 @@
-"""One step with P-EAGLE speculative decoding (eager, synchronous scheduling).
+"""One step with P-EAGLE speculative decoding (eager, or captured in a CUDA graph for
+decode batches that verify K drafts per request; sync or async scheduling).
 
 Per step, on the device and without reading a value back:
 1. the target runs the scheduled tokens; a decoding request with drafts has the query
@@ -17,6 +18,18 @@ Per step, on the device and without reading a value back:
    causal attention, so the row count stays known to the host.
 The head has its own KV cache, addressed by the target's block table (the scheduler
 allocates K-1 look-ahead slots for the mask rows).
+
+Async scheduling: the host sizes a step from counts that assume every draft of the step
+in flight was accepted (the scheduler takes the rejected ones back when that output
+arrives); positions, tokens and lengths come from the device's table, which is exact.
+
+After a KV hand-off (decode pool of the pd topology) the request arrives with the
+prompt's target KV but no head KV and no drafts: its first step computes the last
+prompt position again together with the producer's first token (the scheduler sets its
+computed count one short), verifying nothing; those two rows give the head the taps of
+the last prompt position and of the first token, and the step drafts as any other. The
+head's KV of the earlier prompt positions is not handed off: those slots hold whatever
+they held, which costs acceptance on long prompts, never correctness.
 """
 
 from __future__ import annotations
