@@ -74,6 +74,20 @@ PANELS: tuple[Panel, ...] = (
     Panel("spec_decode", "Speculative decoding: mean acceptance length", "short", (
         Line("ratio", "tandem_spec_decode_num_accepted_tokens_total", "{pool}",
              over="tandem_spec_decode_num_drafts_total", offset=1.0),)),
+    Panel("autoscaling", "Autoscaling: replicas per pool", "short", (
+        Line("gauge", "tandem_autoscaling_current_replicas", "current {pool}", agg="max"),
+        Line("gauge", "tandem_autoscaling_target_replicas", "target {pool}", agg="max", dashed=True),
+        Line("gauge", "tandem_autoscaling_desired_replicas", "desired {pool}", agg="max", dashed=True))),
+    Panel("autoscaling_slo", "Autoscaling: TTFT and ITL against the SLO", "s", (
+        Line("gauge", "tandem_autoscaling_ttft_estimate_seconds", "backlog drain {pool}", agg="max"),
+        Line("gauge", "tandem_autoscaling_ttft_target_seconds", "TTFT target {pool}", agg="max", dashed=True),
+        Line("gauge", "tandem_autoscaling_itl_seconds", "ITL {pool}", agg="max"),
+        Line("gauge", "tandem_autoscaling_itl_target_seconds", "ITL target {pool}", agg="max", dashed=True))),
+    Panel("autoscaling_backlog", "Autoscaling: prefill backlog", "short", (
+        Line("gauge", "tandem_autoscaling_prefill_backlog_tokens", "tokens waiting {pool}", agg="max"),
+        Line("gauge", "tandem_autoscaling_prefill_tokens_per_second", "tokens/s per replica {pool}", agg="max",
+             dashed=True),
+        Line("gauge", "tandem_autoscaling_kv_cache_usage_perc", "KV usage {pool}", agg="max"))),
     Panel("eplb", "EPLB balancedness per layer", "ratio", (
         Line("gauge", "tandem_eplb_balancedness", "worst layer {pool}", agg="min"),
         Line("gauge", "tandem_eplb_balancedness", "mean {pool}", agg="mean"))),

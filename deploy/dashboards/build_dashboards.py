@@ -331,6 +331,56 @@ def panels() -> list[dict]:
         8,
     )
 
+    layout.row("Autoscaling (pools with `autoscaling`)")
+
+    def gauge(name: str, legend: str) -> tuple[str, str]:
+        return f"max by (pool) ({metric(name)}{{{SEL}}})", legend
+
+    layout.add(
+        timeseries(
+            "Autoscaling: replicas per pool",
+            "Running replicas of each autoscaled pool, the target Serve is moving it to, and "
+            "what the SLO policy asks for before Serve's delays and bounds.",
+            [
+                gauge("tandem_autoscaling_current_replicas", "current {{pool}}"),
+                gauge("tandem_autoscaling_target_replicas", "target {{pool}}"),
+                gauge("tandem_autoscaling_desired_replicas", "desired {{pool}}"),
+            ],
+            "short",
+        ),
+        8,
+    )
+    layout.add(
+        timeseries(
+            "Autoscaling: TTFT and ITL against the SLO",
+            "The policy's inputs: time the prefill backlog takes to drain on the current "
+            "replicas against its share of the TTFT SLO, and the replicas' mean ITL against "
+            "its share of the ITL SLO.",
+            [
+                gauge("tandem_autoscaling_ttft_estimate_seconds", "backlog drain {{pool}}"),
+                gauge("tandem_autoscaling_ttft_target_seconds", "TTFT target {{pool}}"),
+                gauge("tandem_autoscaling_itl_seconds", "ITL {{pool}}"),
+                gauge("tandem_autoscaling_itl_target_seconds", "ITL target {{pool}}"),
+            ],
+            "s",
+        ),
+        8,
+    )
+    layout.add(
+        timeseries(
+            "Autoscaling: prefill backlog",
+            "Prompt tokens waiting for their first token, the measured prefill rate of one "
+            "busy replica (tokens/s), and the pool's mean KV-cache usage (0-1).",
+            [
+                gauge("tandem_autoscaling_prefill_backlog_tokens", "tokens waiting {{pool}}"),
+                gauge("tandem_autoscaling_prefill_tokens_per_second", "tokens/s per replica {{pool}}"),
+                gauge("tandem_autoscaling_kv_cache_usage_perc", "KV usage {{pool}}"),
+            ],
+            "short",
+        ),
+        8,
+    )
+
     layout.row("Expert load balance (EPLB)")
     layout.add(
         timeseries(

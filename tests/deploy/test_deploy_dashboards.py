@@ -34,6 +34,16 @@ GAUGES = {
     "tandem_num_requests_waiting",
     "tandem_kv_cache_usage_perc",
     "tandem_eplb_balancedness",
+    "tandem_autoscaling_current_replicas",
+    "tandem_autoscaling_target_replicas",
+    "tandem_autoscaling_desired_replicas",
+    "tandem_autoscaling_ttft_estimate_seconds",
+    "tandem_autoscaling_ttft_target_seconds",
+    "tandem_autoscaling_itl_seconds",
+    "tandem_autoscaling_itl_target_seconds",
+    "tandem_autoscaling_prefill_backlog_tokens",
+    "tandem_autoscaling_prefill_tokens_per_second",
+    "tandem_autoscaling_kv_cache_usage_perc",
 }
 METRICS = COUNTERS | HISTOGRAMS | GAUGES
 PREFIXES = ("ray_", "")
