@@ -1,8 +1,9 @@
 """The disaggregated topology with an expert-parallel decode pool, on a real local Ray
 through the router with the official `openai` client: `tandem serve --mode pd
 --data-parallel-size 2 --enable-expert-parallel`'s settings (pools.decode.parallel) give
-the one-process (dp=1) greedy text. The decode replica's two ranks each pull the KV with
-their own NIXL agent; their transfers reach the replica's /metrics."""
+the one-process (dp=1) greedy text, on the embedded default model and a tiny Qwen3-MoE.
+The decode replica's two ranks each pull the KV with their own NIXL agent; their
+transfers reach the replica's /metrics. One Ray instance for the module."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from ray import serve
 from cluster.app import build_app
 from cluster.cli import parser
 from cluster.serve_args import app_args
-from engine import SamplingParams
+from engine import LLM, SamplingParams
+from tests.engine.tiny_models import build
 from tests.cluster.test_ep_serving import created_groups, metric_lines, wait_answering
 from tests.ray_cluster import free_port, local_ray, wait_until
 
@@ -24,8 +26,8 @@ MODEL = "tandem-default"
 PROMPTS = ["Experts, spread out.", "a second, somewhat longer prompt for the other rank", "third", "4"]
 
 
-def pd_ep_app_args() -> dict:
-    args = app_args(parser().parse_args(["serve", "--mode", "pd", "--data-parallel-size", "2",
+def pd_ep_app_args(*extra: str) -> dict:
+    args = app_args(parser().parse_args(["serve", *extra, "--mode", "pd", "--data-parallel-size", "2",
                                          "--enable-expert-parallel"]))
     args["engine"].update({"max_model_len": 256, "max_num_seqs": 4, "kv_cache_memory_gb": 0.05})
     assert args["pools"]["decode"]["parallel"]["data_parallel_size"] == 2
@@ -38,7 +40,7 @@ def pd_ep_app_args() -> dict:
 
 @pytest.fixture(scope="module")
 def app():
-    with local_ray(num_cpus=2, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
+    with local_ray(num_cpus=3, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(pd_ep_app_args()), name="tandem", route_prefix="/", blocking=False)
@@ -69,3 +71,21 @@ def test_pd_with_an_ep_decode_pool_answers_as_one_process(app, default_llm):
         return bool(decode) and decode[0] > 0 and not failed, f"{moved} {failed}"
     wait_until(counted, "the decode ranks' KV transfers in /metrics", 30)
     assert httpx.get(f"{app}/health", timeout=30).status_code == 200
+
+
+def test_pd_with_an_ep_decode_pool_answers_as_one_process_on_a_tiny_qwen3_moe(app, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3-moe")
+    build("qwen3_moe", folder)
+    prompts = [[5, 17, 42, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    offline = LLM(str(folder), max_model_len=256)
+    want = [o.outputs[0].token_ids for o in offline.generate(prompts, SamplingParams(max_tokens=6, temperature=0))]
+    serve.run(build_app(pd_ep_app_args(str(folder))), name="qwen", route_prefix="/qwen", blocking=False)
+    try:
+        url = f"{app}/qwen"
+        wait_answering(url, folder.name, prompts[0])
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        for prompt, tokens in zip(prompts, want):
+            r = c.completions.create(model=folder.name, prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
+            assert [int(t) for t in r.choices[0].logprobs.tokens] == tokens
+    finally:
+        serve.delete("qwen")

@@ -553,6 +553,14 @@ def test_values_schema_knows_every_app_setting():
     assert set(args["properties"]["slo"]["properties"]) == {f.name for f in fields(SLO)}
 
 
+def test_values_schema_knows_the_kv_transfer_settings_and_connectors():
+    from cluster.settings import KV_TRANSFER_KEYS
+    from disagg.connector import CONNECTORS
+
+    kv = _args_schema()["properties"]["kv_transfer"]["properties"]
+    assert set(kv) == set(KV_TRANSFER_KEYS) and kv["kv_connector"]["enum"] == sorted(CONNECTORS)
+
+
 @pytest.mark.parametrize("name", list(VALUES_FILES))
 def test_app_accepts_the_rendered_settings(name):
     """cluster.settings.parse_settings (what build_app runs) takes the deployed args."""

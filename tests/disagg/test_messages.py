@@ -1,7 +1,12 @@
 """The hand-off's messages (kv_transfer_params, the prefill request and its result): one
-plain-dict encoding each, which survives msgpack, and bad maps refused with the field."""
+plain-dict encoding each, which survives msgpack, and bad maps refused with the field.
+The orchestration and the ZeroMQ prefill service import no transport package."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -47,3 +52,9 @@ def test_bad_prefill_request_is_a_value_error():
         PrefillRequest.from_dict({"request_id": "r", "prompt_token_ids": [1]})
     with pytest.raises(ValueError, match="unknown sampling fields in the prefill request: temp"):
         PrefillRequest.from_dict({"request_id": "r", "prompt_token_ids": [1], "sampling": {"temp": 1}})
+
+
+def test_orchestration_and_prefill_service_import_no_transport():
+    code = ("import sys, disagg.prefill_decode, disagg.prefill_service, disagg.connector; "
+            "assert not [m for m in sys.modules if m.startswith('nixl') or m == 'disagg.nixl_connector']")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
