@@ -45,7 +45,7 @@ def test_spec_decode_after_handoff_equals_colocated(engines, n):
         execute(so)
     first, params = prefill(p, f"r-{n}", prompt)
     try:
-        tokens, out = decode(d, p, f"r-{n}", prompt, first, params["handle"], 12)
+        tokens, out = decode(d, p, f"r-{n}", prompt, first, params.handle, 12)
     finally:
         d.runner.execute = execute
     assert out.error is None, out.error
