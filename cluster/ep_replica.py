@@ -16,6 +16,8 @@ from ray.util import get_node_ip_address
 
 from cluster.ep_ranks import NotEnoughResources, RayRankLauncher
 from cluster.settings import AppSettings
+from disagg.prefill_decode import PrefillDecodeEngine
+from engine.async_engine import AsyncEngine
 from engine.engine_client import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,16 @@ def replica_parallel(settings: AppSettings, pool: str) -> ParallelConfig:
     return parallel
 
 
-def forward_eplb_metrics(client, metrics) -> None:
+def loop_engine(engine: AsyncEngine | PrefillDecodeEngine) -> AsyncEngine:
+    """The AsyncEngine whose loop drives a replica's engine client (a decode replica's
+    PrefillDecodeEngine wraps one)."""
+    return engine.decode if isinstance(engine, PrefillDecodeEngine) else engine
+
+
+def forward_eplb_metrics(engine: AsyncEngine | PrefillDecodeEngine, metrics) -> None:
     """The EPLB controller's numbers (tandem_eplb_*) into the replica's metrics, hence
     its /metrics snapshot and Ray's pipeline."""
-    stats = getattr(client, "stats", None)
+    stats = getattr(loop_engine(engine).core, "stats", None)
     if stats is not None and hasattr(stats, "forward_to"):
         stats.forward_to(metrics)
 
@@ -57,19 +65,15 @@ def _answer(status: int, message: str, **extra) -> dict:
 class ElasticEP:
     """Methods of an engine replica (mixed into cluster.pools.EngineReplica) that change
     its EP engine while it serves; the engine runs them on its loop thread between steps."""
-    engine: object
+    engine: AsyncEngine | PrefillDecodeEngine
     _ep_busy: str | None = None     # "scale" or "rebalance" while one runs
 
     def _elastic_client(self):
-        core = getattr(self.engine, "core", None)
+        core = loop_engine(self.engine).core
         return core if hasattr(core, "scale_to") else None
 
     def is_scaling_elastic_ep(self) -> bool:
         return self._ep_busy == "scale"
-
-    def data_parallel_size(self) -> int:
-        core = getattr(self.engine, "core", None)
-        return getattr(core, "world_size", 1)
 
     async def scale_elastic_ep(self, new_data_parallel_size: int) -> dict:
         client = self._elastic_client()
@@ -95,7 +99,7 @@ class ElasticEP:
                     return _answer(400, f"cannot scale to {n} ranks: {e}")
             before = client.world_size
             try:
-                await self.engine.run_in_loop(lambda c: c.scale_to(n))
+                await loop_engine(self.engine).run_in_loop(lambda c: c.scale_to(n))
             except ValueError as e:
                 return _answer(400, str(e))
             except RuntimeError as e:
@@ -119,7 +123,7 @@ class ElasticEP:
         self._ep_busy = "rebalance"
         try:
             try:
-                moved = await self.engine.run_in_loop(_rebalance_now)
+                moved = await loop_engine(self.engine).run_in_loop(_rebalance_now)
             except RuntimeError as e:
                 return _answer(409, str(e))
             balancedness = list(client.stats.balancedness)

@@ -44,7 +44,7 @@ class EngineReplica(ElasticEP):
         self.metrics = Metrics(settings.model_name, pool, ray_metrics=ray_metrics)
         self.load = PoolLoad()
         self.engine = engine_factory(settings, self.metrics)
-        forward_eplb_metrics(getattr(self.engine, "core", None), self.metrics)
+        forward_eplb_metrics(self.engine, self.metrics)
         ctx = serve.get_replica_context()
         self.publisher = MetricsPublisher(ctx.app_name, ctx.replica_id.unique_id, self.metrics.registry,
                                           before=lambda: self.metrics.record_stats(self.engine.stats()))

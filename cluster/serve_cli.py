@@ -54,6 +54,25 @@ def quiet_ray_logs() -> None:
         _DropNotice("Token authentication is enabled for this Ray cluster"))
 
 
+def failed_deployments(app: str) -> dict[str, str]:
+    """Deployment name -> Serve's report (a replica constructor's traceback) for each
+    deployment of `app` that failed to deploy."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return {}
+    return {name: d.message for name, d in status.deployments.items()
+            if str(d.status).endswith("DEPLOY_FAILED") and d.message}
+
+
+def last_line(report: str) -> str:
+    """The error a traceback ends with (Serve appends the actor's frames after it)."""
+    lines = [line for line in report.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if not line.startswith(" ") and ": " in line and "Error" in line.split(": ")[0]]
+    return errors[-1] if errors else (lines[-1] if lines else "")
+
+
 def serve_main(ns: argparse.Namespace) -> int:
     args = app_args(ns)
     from cluster.settings import parse_settings
@@ -78,7 +97,11 @@ def serve_main(ns: argparse.Namespace) -> int:
     try:
         serve.run(build_app(args), name="tandem", route_prefix="/", blocking=False)
     except RuntimeError as e:              # a replica's constructor failed: say why, leave nothing behind
-        print(f"tandem serve: the application did not start:\n{e}", file=sys.stderr, flush=True)
+        reports = failed_deployments("tandem")
+        for name, report in reports.items():
+            print(f"--- {name}: what Serve reported ---\n{report}", file=sys.stderr)
+        summary = "\n".join(f"  {name}: {last_line(report)}" for name, report in reports.items()) or f"  {e}"
+        print(f"tandem serve: the application did not start:\n{summary}", file=sys.stderr, flush=True)
         serve.delete("tandem")
         ray.shutdown()
         return 1

@@ -113,6 +113,22 @@ def test_ep_pool_answers_as_one_process_on_a_tiny_qwen3_moe(app, tmp_path_factor
         serve.delete("qwen")
 
 
+def test_an_ep_replica_that_cannot_start_says_why(app):
+    """What `tandem serve` prints when a replica's constructor fails (here a rank's KV
+    cache too small for max_model_len): Serve's report per deployment and its last error."""
+    from cluster.serve_cli import failed_deployments, last_line
+
+    args = ep_app_args(num_kv_blocks=1)
+    with pytest.raises(RuntimeError):
+        serve.run(build_app(args), name="bad", route_prefix="/bad", blocking=False)
+    try:
+        reports = failed_deployments("bad")
+        assert list(reports) == ["Colocated"], reports
+        assert last_line(reports["Colocated"]).startswith("ValueError: the KV cache holds 1 blocks"), reports
+    finally:
+        serve.delete("bad")
+
+
 def metric_lines(url: str, name: str) -> list[tuple[str, float]]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return [(line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
@@ -202,7 +218,7 @@ def scale(url: str, n, timeout: float = 300) -> httpx.Response:
     return httpx.post(f"{url}/scale_elastic_ep", json={"new_data_parallel_size": n}, timeout=timeout)
 
 
-def test_scale_2_to_4_to_2_under_a_steady_stream(app, want):
+def test_scale_2_to_4_to_2_and_a_forced_rebalance_under_a_steady_stream(app, want):
     stream = SteadyStream(app)
     scales = []
     try:
@@ -215,6 +231,8 @@ def test_scale_2_to_4_to_2_under_a_steady_stream(app, want):
                             ""), "the scale to start", 60)
         busy = scale(app, 3)
         assert busy.status_code == 409 and busy.json()["error"]["code"] == 409, busy.text
+        busy = httpx.post(f"{app}/rebalance_experts", timeout=60)
+        assert busy.status_code == 409 and busy.json()["error"]["type"] == "conflict_error", busy.text
         grow.join(timeout=300)
         scales.append((t0, time.monotonic()))
         assert holder["r"].status_code == 200, holder["r"].text
