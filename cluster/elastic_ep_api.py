@@ -8,6 +8,8 @@ replica of a pool, and replicas of one pool at different sizes would be a differ
 deployment, so a pool of several replicas is refused (400; scale it by replicas instead). The replica refuses a
 second scale or rebalance while one runs (409) and checks that Ray can place the new
 ranks before it touches the group (400). With an API key set, these routes need it too.
+The routes are always there (a pool that cannot scale answers why), but the API schema
+lists them only where they can work.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ def elastic_ep_router(pool, settings: AppSettings) -> APIRouter:
     pool_settings = settings.pool(name)
     router = APIRouter()
 
+    parallel = pool_settings.parallel
+    elastic = (parallel.enable_expert_parallel and parallel.enable_eplb and pool_settings.replicas == 1
+               and pool_settings.autoscaling is None)
+
     def check(authorization: str | None) -> None:
         if settings.api_key and authorization != f"Bearer {settings.api_key}":
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            "authentication_error")
-        parallel = pool_settings.parallel
         if not (parallel.enable_expert_parallel and parallel.enable_eplb):
             raise APIError(400, f"pool {name} is not elastic expert-parallel: set pools.{name}.parallel."
                                 "enable_expert_parallel and enable_eplb (tandem serve --enable-expert-parallel "
@@ -59,18 +64,18 @@ def elastic_ep_router(pool, settings: AppSettings) -> APIRouter:
                                   "invalid_request_error" if status < 500 else "server_error")
         return JSONResponse(result)
 
-    @router.post("/scale_elastic_ep", responses=RESPONSES)
+    @router.post("/scale_elastic_ep", responses=RESPONSES, include_in_schema=elastic)
     async def scale_elastic_ep(body: ScaleElasticEPRequest, authorization: str | None = Header(None)):
         """Grow or shrink the pool's EP engine to `new_data_parallel_size` ranks while it serves."""
         check(authorization)
         return answer(await pool.scale_elastic_ep.remote(body.new_data_parallel_size))
 
-    @router.get("/is_scaling_elastic_ep", responses=RESPONSES)
+    @router.get("/is_scaling_elastic_ep", responses=RESPONSES, include_in_schema=elastic)
     async def is_scaling_elastic_ep(authorization: str | None = Header(None)):
         check(authorization)
         return {"is_scaling_elastic_ep": await pool.is_scaling_elastic_ep.remote()}
 
-    @router.post("/rebalance_experts", responses=RESPONSES)
+    @router.post("/rebalance_experts", responses=RESPONSES, include_in_schema=elastic)
     async def rebalance_experts(authorization: str | None = Header(None)):
         """Rebalance the experts now, for the last measured load (EPLB otherwise does it
         every eplb.step_interval steps when the gain is worth it)."""

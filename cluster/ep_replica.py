@@ -54,7 +54,8 @@ def forward_eplb_metrics(engine: AsyncEngine | PrefillDecodeEngine, metrics) -> 
 def _rebalance_now(client) -> bool:
     """Finish an automatic rebalance still moving (an idle engine takes no steps to
     finish it), then move to the placement balanced for the last load window."""
-    client._finish_migration()
+    controller = getattr(client, "eplb_controller", None)     # the EPLB controller, where it is its own part
+    (controller.finish_migration if controller is not None else client._finish_migration)()
     return client.rebalance(force=True, wait=True)
 
 

@@ -118,3 +118,13 @@ def test_scale_routes_refuse_pools_they_cannot_scale_before_asking_them(pools, s
         assert r.status_code == status and says in r.json()["error"]["message"], r.text
     r = client.post("/scale_elastic_ep", json={"new_data_parallel_size": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "new_data_parallel_size"
+    assert "/scale_elastic_ep" not in client.get("/openapi.json").json()["paths"]   # listed only where it works
+
+
+def test_the_schema_lists_the_scale_routes_of_an_elastic_pool():
+    app = FastAPI()
+    app.include_router(elastic_ep_router(None, parse_settings(
+        {"mode": "colocated", "pools": {"colocated": {"parallel": ep(data_parallel_size=2, enable_eplb=True)}}})))
+    paths = TestClient(app).get("/openapi.json").json()["paths"]
+    assert {"/scale_elastic_ep", "/is_scaling_elastic_ep", "/rebalance_experts"} <= set(paths)
+    assert {"400", "409"} <= set(paths["/scale_elastic_ep"]["post"]["responses"])
