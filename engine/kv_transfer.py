@@ -136,5 +136,13 @@ def is_consumer(req: Request) -> bool:
     return req.kv_transfer_params is not None and req.kv_transfer_params.do_remote_prefill
 
 
+def check_consumer(req: Request, vocab_size: int) -> None:
+    """Raise ValueError unless a remote-prefill request carries the producer's first token."""
+    first = req.kv_transfer_params.first_token_ids
+    if (not isinstance(first, list) or len(first) != 1 or not isinstance(first[0], int)
+            or not 0 <= first[0] < vocab_size):
+        raise ValueError("a remote-prefill request needs kv_transfer_params.first_token_ids = [token id]")
+
+
 def is_producer(req: Request) -> bool:
     return req.kv_transfer_params is not None and req.kv_transfer_params.do_remote_decode

@@ -13,7 +13,7 @@ from engine.core.scheduler import Scheduler, SchedulerConfig
 from engine.engine_stats import EngineStats
 from engine.kv_cache import KVCacheManager, PagedCacheSpec
 from engine.kv_cache.state_layout import state_slots_for
-from engine.kv_transfer import KVConnectorSpec, KVTransferHook, TransferObserver, is_consumer
+from engine.kv_transfer import KVConnectorSpec, KVTransferHook, TransferObserver, check_consumer, is_consumer
 from engine.kv_transfer_params import KVTransferParams
 from engine.models.loader import load_model
 from engine.request import Request, RequestStatus
@@ -137,11 +137,8 @@ class EngineCore:
         self.validate(req)
         if is_consumer(req):
             # The producer sampled the first token; this engine continues after it.
-            first = req.kv_transfer_params.first_token_ids
-            if (not isinstance(first, list) or len(first) != 1 or not isinstance(first[0], int)
-                    or not 0 <= first[0] < self.model.config.vocab_size):
-                raise ValueError("a remote-prefill request needs kv_transfer_params.first_token_ids = [token id]")
-            req.output_token_ids = list(first)
+            check_consumer(req, self.model.config.vocab_size)
+            req.output_token_ids = list(req.kv_transfer_params.first_token_ids)
         req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self._rng.getrandbits(63)
         self.scheduler.add_request(req)
         if req.sampling_params.prompt_logprobs is not None and not is_consumer(req):

@@ -36,7 +36,8 @@ from engine.distributed.launcher import RankLauncher, SpawnLauncher
 from engine.distributed.protocol import config_to_wire, pack, params_to_wire, unpack
 from engine.engine_client import ModelFiles, Prompt, pair_prompts, routed_experts
 from engine.engine_stats import EngineStats
-from engine.kv_transfer import KVConnectorSpec, RecordedTransfers, TransferObserver, is_producer
+from engine.kv_transfer import (KVConnectorSpec, RecordedTransfers, TransferObserver, check_consumer, is_consumer,
+                                is_producer)
 from engine.kv_transfer_params import KVTransferParams
 from engine.output_processor import apply_output, new_output
 from engine.outputs import RequestOutput
@@ -228,6 +229,8 @@ class EPEngine:
         self.validate(req)
         if req.kv_transfer_params and self.kv_connector is None:
             raise ValueError("this engine has no KV-transfer connector; send the request without kv_transfer_params")
+        if is_consumer(req):
+            check_consumer(req, self.limits.vocab_size)
         params = req.sampling_params
         if params.seed is None:
             params = replace(params, seed=self._rng.getrandbits(63))

@@ -4,7 +4,7 @@ the same greedy tokens as one single-process engine, on a tiny Qwen3-MoE (prefil
 single-process engine) and on the embedded DeepSeek-V3-shaped default (prefill on a
 2-rank EPEngine too, whose handles name each rank's own agent); no block leaks on
 either side; a failed transfer is recomputed on its rank, counted by the coordinator's
-observer, with the same tokens."""
+observer, with the same tokens (under the fail policy it fails that request alone)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.distributed import EPEngine
 from engine.engine_client import ParallelConfig
+from engine.kv_transfer import KVTransferFailed
+from engine.kv_transfer_params import KVTransferParams
 from engine.sampling_params import SamplingParams
 from tests.engine.tiny_models import build
 
@@ -46,14 +48,17 @@ class Observer:
         self.failures["prefill"] += 1
 
 
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("qwen3_moe")
+    build("qwen3_moe", folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="module", params=[("qwen3_moe", None), ("default", EP2)], ids=["qwen3_moe", "default-ep-prefill"])
-def setup(request, tmp_path_factory) -> tuple[str, ParallelConfig | None]:
+def setup(request) -> tuple[str, ParallelConfig | None]:
     family, prefill_parallel = request.param
-    if family == "default":
-        return "default", prefill_parallel
-    folder = tmp_path_factory.mktemp(family)
-    build(family, folder)
-    return str(folder), prefill_parallel
+    return request.getfixturevalue(family) if family != "default" else family, prefill_parallel
 
 
 async def tokens(front, prompt: list[int], rid: str) -> list[int]:
@@ -115,6 +120,39 @@ def test_pd_into_two_ep_ranks_equals_one_engine(setup):
 
             # No leak: the prefill side freed every held block once read (or refused),
             # and every decode rank's pool is full again.
+            assert pools_full(prefill) and pools_full(decode)
+        finally:
+            for e in (prefill, decode):
+                e.shutdown()
+    asyncio.run(run())
+
+
+def test_under_the_fail_policy_a_failed_load_fails_that_request_alone(qwen3_moe):
+    config = EngineConfig(model=qwen3_moe, max_model_len=256, max_num_seqs=4, kv_load_failure_policy="fail")
+
+    async def run():
+        prefill = AsyncEngine(config, kv_transfer=connector_spec())
+        observer = Observer()
+        decode = AsyncEngine(config, kv_transfer=connector_spec(), kv_observer=observer, parallel=EP2)
+
+        async def call_prefill(request: dict) -> dict:
+            answer = await prefill_request(prefill, request)
+            if request["request_id"] == "bad":
+                answer["kv_transfer_params"]["handle"]["layout_hash"] = "0" * 16
+            return answer
+
+        pd = PrefillDecodeEngine(decode, call_prefill, observer)
+        try:
+            with pytest.raises(KVTransferFailed, match="layout"):
+                await tokens(pd, PROMPTS[1], "bad")
+            assert observer.failures == Counter(layout=1)
+            # A malformed hand-off is refused before it reaches a rank, as one engine refuses it.
+            bad_first = KVTransferParams(do_remote_prefill=True, handle={}, first_token_ids=[10**6])
+            with pytest.raises(ValueError, match="first_token_ids"):
+                async for _ in decode.generate(PROMPTS[0], PARAMS, "bad-first", bad_first):
+                    pass
+            assert len(await tokens(pd, PROMPTS[1], "good")) == PARAMS.max_tokens     # the engine goes on
+            assert observer.transfers == 1
             assert pools_full(prefill) and pools_full(decode)
         finally:
             for e in (prefill, decode):
