@@ -17,12 +17,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from cluster.api_errors import ERROR_RESPONSES, APIError, error_response
 from cluster.api_models import ErrorResponse
 from cluster.settings import AppSettings
 
-RESPONSES = {**{c: ERROR_RESPONSES[c] for c in (400, 401, 500)},
+RESPONSES = {**{c: ERROR_RESPONSES[c] for c in (400, 401, 500, 503)},
              409: {"model": ErrorResponse, "description": "Another scale or rebalance of the pool is running"}}
 
 
@@ -57,6 +59,15 @@ def elastic_ep_router(pool, settings: AppSettings) -> APIRouter:
                                 f"pools.{name}.replicas: 1 without autoscaling (scale a pool of several replicas "
                                 "by its replica count)")
 
+    async def ask(call) -> dict:
+        """The replica's answer; 503 when Serve cannot hand it the call now (its replica is
+        full of requests, or being replaced)."""
+        try:
+            return await call
+        except (BackPressureError, RayActorError) as e:
+            raise APIError(503, f"the pool's replica cannot take the call now ({type(e).__name__}); retry",
+                           "server_overloaded") from None
+
     def answer(result: dict) -> JSONResponse:
         status = result.pop("status")
         if status != 200:
@@ -68,18 +79,18 @@ def elastic_ep_router(pool, settings: AppSettings) -> APIRouter:
     async def scale_elastic_ep(body: ScaleElasticEPRequest, authorization: str | None = Header(None)):
         """Grow or shrink the pool's EP engine to `new_data_parallel_size` ranks while it serves."""
         check(authorization)
-        return answer(await pool.scale_elastic_ep.remote(body.new_data_parallel_size))
+        return answer(await ask(pool.scale_elastic_ep.remote(body.new_data_parallel_size)))
 
     @router.get("/is_scaling_elastic_ep", responses=RESPONSES, include_in_schema=elastic)
     async def is_scaling_elastic_ep(authorization: str | None = Header(None)):
         check(authorization)
-        return {"is_scaling_elastic_ep": await pool.is_scaling_elastic_ep.remote()}
+        return {"is_scaling_elastic_ep": await ask(pool.is_scaling_elastic_ep.remote())}
 
     @router.post("/rebalance_experts", responses=RESPONSES, include_in_schema=elastic)
     async def rebalance_experts(authorization: str | None = Header(None)):
         """Rebalance the experts now, for the last measured load (EPLB otherwise does it
         every eplb.step_interval steps when the gain is worth it)."""
         check(authorization)
-        return answer(await pool.rebalance_experts.remote())
+        return answer(await ask(pool.rebalance_experts.remote()))
 
     return router
