@@ -196,32 +196,36 @@ def train_head(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor, logits
 
 @torch.no_grad()
 def acceptance_length(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor,
-                      num_spec: int, first_anchor: int = 0) -> tuple[float, torch.Tensor]:
+                      num_spec: int, first_anchor: int = 0, chunk: int = 4) -> tuple[float, torch.Tensor]:
     """Greedy speculation on sequences the target generated greedily from index
     first_anchor + 2 on: for each anchor j the head drafts K tokens (its dense view
     equals inference's), the rejection sampler verifies them against the target's
-    logits at j+1..j+K+1. -> (mean acceptance length, accepted-per-position rates [K])."""
+    logits at j+1..j+K+1. -> (mean acceptance length, accepted-per-position rates [K]).
+    `chunk` sequences at a time (the dense mask grows with the square of the rows)."""
     cfg = TrainConfig(depths=num_spec)
-    B, N = tokens.shape
-    rows = build_rows(tokens, aux, logits, head.mask_token_id, cfg, None, ratio=1.0)
-    pred = head.to_target_ids(head_logits(head, rows).argmax(-1))
-    n_anchor = N - 1
+    N = tokens.shape[1]
     dev = tokens.device
-    per_seq = [n_anchor - d for d in range(num_spec)]          # rows per depth in one sequence
+    per_seq = [N - 1 - d for d in range(num_spec)]          # rows per depth in one sequence
     offsets = torch.tensor([0] + per_seq).cumsum(0).tolist()
     anchors = torch.arange(first_anchor, N - 1 - num_spec, device=dev)
-    drafts, targets = [], []
-    for b in range(B):
-        base = b * offsets[-1]
-        drafts.append(torch.stack([pred[base + offsets[d] + anchors] for d in range(num_spec)], 1))
-        targets.append(logits[b, anchors[:, None] + 1 + torch.arange(num_spec + 1, device=dev)])
-    drafts = torch.cat(drafts)
-    target_rows = torch.cat(targets).reshape(-1, logits.shape[-1])
-    n = drafts.shape[0]
-    zeros = torch.zeros(n, dtype=torch.int64, device=dev)
-    out = rejection_sample(target_rows, drafts, torch.full((n,), num_spec, device=dev), torch.zeros(n, device=dev),
-                           zeros, zeros)
-    accepted = out.num_accepted
+    accepted = []
+    for at in range(0, tokens.shape[0], chunk):
+        tok, ax, lg = tokens[at:at + chunk], aux[at:at + chunk], logits[at:at + chunk]
+        rows = build_rows(tok, ax, lg, head.mask_token_id, cfg, None, ratio=1.0)
+        pred = head.to_target_ids(head_logits(head, rows).argmax(-1))
+        drafts, targets = [], []
+        for b in range(tok.shape[0]):
+            base = b * offsets[-1]
+            drafts.append(torch.stack([pred[base + offsets[d] + anchors] for d in range(num_spec)], 1))
+            targets.append(lg[b, anchors[:, None] + 1 + torch.arange(num_spec + 1, device=dev)])
+        drafts = torch.cat(drafts)
+        target_rows = torch.cat(targets).reshape(-1, lg.shape[-1])
+        n = drafts.shape[0]
+        zeros = torch.zeros(n, dtype=torch.int64, device=dev)
+        out = rejection_sample(target_rows, drafts, torch.full((n,), num_spec, device=dev),
+                               torch.zeros(n, device=dev), zeros, zeros)
+        accepted.append(out.num_accepted)
+    accepted = torch.cat(accepted)
     per_position = torch.stack([(accepted > k).float().mean() for k in range(num_spec)])
     return 1.0 + float(accepted.float().mean()), per_position
 
