@@ -2,8 +2,8 @@
 # One device call (nvidia-h200): checks first, then timings; each phase its own process
 # with its own time limit, so a failure leaves the other phases' results.
 #   bash benchmarks/h200_engine_run.sh "tests engine:qwen3-30b-a3b:280 idle:qwen3-30b-a3b:1,64"
-# saved:MODEL:SECONDS runs the engine phase on a seeded random checkpoint saved under /tmp
-# (written first if absent); tune:MODELS tunes the MoE tiles into engine/kernels/configs
+# saved:MODEL:SECONDS[/BATCHES] runs the engine phase on a seeded random checkpoint saved
+# under /tmp (written first if absent; removed after, the disk holds one); tune:MODELS tunes the MoE tiles into engine/kernels/configs
 # (later phases of the same call read them; copies come back in $OUT); attn times the
 # prefill attention kernels; tests:SECONDS[:PATHS] runs the gpu tests (of tests/engine, or of
 # the comma-separated PATHS under it).
@@ -20,9 +20,13 @@ for job in $1; do
   case $phase in
     tests)  timeout "${model:-170}" python3 -m pytest -q -m gpu $(tr , '\n' <<<"${arg:-.}" | sed 's|^|tests/engine/|') -p no:cacheprovider \
               2>&1 | tail -25 | tee "$OUT/gpu_tests.log" ;;
-    saved)  timeout $((arg + 200)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
-              --checkpoint "/tmp/ckpt-$model" --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
-    tune)   timeout 400 python3 benchmarks/tune_moe.py --model "$model" 2>&1 | tee -a "$OUT/tune.log" | grep -v "^  " \
+    saved)  IFS=/ read -r budget batches <<<"$arg"
+            timeout $((budget + 150)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$budget" \
+              --batches "${batches:-1,8,64,256}" --checkpoint "/tmp/ckpt-$model" --out "$OUT/engine.jsonl" 2>&1 \
+              | grep -v Warning | tail -12
+            rm -rf "/tmp/ckpt-$model" ;;
+    tune)   timeout 300 python3 benchmarks/tune_moe.py --model "$model" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} 2>&1 \
+              | tee -a "$OUT/tune.log" | grep -v "^  " \
               | cut -c1-200; cp engine/kernels/configs/*.json "$OUT/" ;;
     attn)   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attn.jsonl" 2>&1 | cut -c1-300 | tail -14 ;;
     engine) timeout $((arg + 60)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
