@@ -4,7 +4,9 @@ group's rendered rayStartParams as `ray start --key=value` flags through `bash -
 `serve deploy` of the chart's serveConfigV2 must then run the app with each pool's engine
 replica holding one unit of the resource that only its own group's node advertises.
 
-The chart's default mode, pd: a prefill node and a decode node, one engine each. The
+The chart's default mode, pd: a prefill node and a decode node, one engine each, the
+decode engine expert-parallel (2 ranks with EPLB in the replica's placement group, whose
+every bundle asks for the pool resource, so the ranks stay on the decode node too). The
 cluster is the test's own (tests/ray_cluster.py): temp dir, free ports (the chart's
 per-pod ports are replaced, these nodes share one machine), token authentication."""
 
@@ -20,6 +22,9 @@ from deploy_support import one, pod_groups, render_file
 from tests.ray_cluster import BIN, NODE_PORT_FLAGS, RayHead, free_port, node_port_flags, wait_until
 
 MODE, POOLS = "pd", ("prefill", "decode")
+# 0.1 CPU for the replica and 0.4 per rank: all of it fits the decode node's one CPU.
+EP_DECODE = {"num_cpus": 0.4, "parallel": {"data_parallel_size": 2, "enable_expert_parallel": True,
+                                           "enable_eplb": True}}
 
 
 def without_port_flags(params: dict[str, str]) -> dict[str, str]:
@@ -37,7 +42,8 @@ def ray_start_command(params: dict[str, str], address: str) -> str:
 @pytest.fixture(scope="module")
 def cluster():
     """(head, rayservice): a head and one node per pool's group."""
-    rayservice = one(render_file("default"), "RayService")
+    rayservice = one(render_file("default", {"serveConfig": {"application": {"args": {"pools": {
+        "decode": EP_DECODE}}}}}), "RayService")
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]["mode"] == MODE
     groups = pod_groups(rayservice)
     assert sorted(groups) == sorted(["head", *POOLS])
@@ -77,11 +83,12 @@ def test_serve_deploy_places_the_pool_on_its_group(cluster, tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2)
         r = client.completions.create(model=name, prompt="pinned", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4
-        # Each pool's engine replica holds one unit of the resource only its node has,
-        # and each node's one CPU is taken by its own pool's engine.
+        # The prefill replica holds one unit of the resource only its node has; the EP
+        # decode replica's placement group holds three (its bundle and one per rank), and
+        # each node's CPU is taken by its own pool's engine.
         status = head.ray("ray", "status", f"--address={head.address}")
-        for pool in POOLS:
-            assert f"1.0/1000.0 tandem_pool_{pool}" in status, status
-        assert f"{len(POOLS)}.0/{len(POOLS)}.0 CPU" in status, status
+        assert "1.0/1000.0 tandem_pool_prefill" in status, status
+        assert "tandem_pool_decode (1.0 used of 3.0 reserved in placement groups)" in status, status
+        assert "1.9/2.0 CPU (0.9 used of 0.9 reserved in placement groups)" in status, status
     finally:
         head.ray("serve", "shutdown", "-a", head.dashboard, "-y", check=False)
