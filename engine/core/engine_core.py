@@ -149,10 +149,9 @@ class EngineCore:
         Reads only settings, so any thread may call it."""
         self.limits.check(req.prompt_token_ids, req.sampling_params)
         sp = req.sampling_params
-        if self.config.speculative_config is not None and (sp.uses_penalties or sp.logprobs is not None
-                                                           or sp.prompt_logprobs is not None):
-            raise ValueError("logprobs, prompt_logprobs, logit_bias and penalties are not supported with "
-                             "speculative decoding yet; leave them unset or serve without speculative_config")
+        if self.config.speculative_config is not None and sp.uses_penalties:
+            raise ValueError("logit_bias and penalties are not supported with speculative decoding yet; leave them "
+                             "unset or serve without speculative_config")
         if req.output_token_ids:    # a resumed request's tokens so far
             self.limits.check_output_prefix(req.output_token_ids, req.sampling_params)
 
@@ -226,8 +225,10 @@ class EngineCore:
         changed = self.scheduler.update_from_output(result.sampled, result.spec_tokens, drafted)
         for req in changed:
             rid = req.request_id
-            lps = [result.logprobs[rid]] if rid in result.logprobs else []
-            new = req.output_token_ids[-self.scheduler.num_new_tokens.get(rid, 1):]
+            num_new = self.scheduler.num_new_tokens.get(rid, 1)
+            lps = result.spec_logprobs.get(rid, [])[:num_new] or ([result.logprobs[rid]] if rid in result.logprobs
+                                                                  else [])
+            new = req.output_token_ids[-num_new:]
             outputs.append(EngineCoreOutput(rid, new, req.finish_reason(), lps,
                                             req.num_cached_tokens, req.kv_transfer_params if rid in self.scheduler.held
                                             else None, prompt_logprobs=self._prompt_lps.pop(rid, None)))

@@ -110,17 +110,26 @@ class ModelRunner:
         ndraft = np.array([out.spec_token_counts.get(r, 0) for r in req_ids], dtype=np.int64)
         seq_lens = t.num_computed_cpu[rows] + nsched
         samples = seq_lens >= t.num_tokens_cpu[rows]
+        want = np.array([-1 if t.logprobs_cpu[r] is None else t.logprobs_cpu[r] for r in rows], dtype=np.int64)
+        prompt = prompt_positions(rows, nsched, seq_lens, t.num_prompt_cpu[rows], t.prompt_logprobs_cpu[rows])
         # Decode steps verifying K drafts each replay a graph (verification + drafting).
         size = (self.graphs.size_for(batch) if self.graphs is not None and (ndraft == K).all() and samples.all()
-                else None)
+                and want.max() < 0 and prompt is None else None)
+        lp = plp = None
         if size is not None:
             tokens, _, host = self.graphs.replay(rows, samples, size, seq_lens)
             tokens = tokens[:batch]
         else:
             host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
             dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-            tokens, _ = self._spec_forward(dev[0], dev[1], dev[2].bool(), dev[3], int(nsched.sum()), nsched.tolist(),
-                                           seq_lens, int(batch + ndraft.sum()), nsched + K - 1)
+            tokens, _, logits, hidden = self._spec_forward(
+                dev[0], dev[1], dev[2].bool(), dev[3], int(nsched.sum()), nsched.tolist(), seq_lens,
+                int(batch + ndraft.sum()), nsched + K - 1)
+            lp = self._spec_logprobs(tokens, logits, ndraft, want[samples])
+            if prompt is not None:
+                host = (host, prompt[1])
+                extra = torch.from_numpy(prompt[1]).to(self.device, non_blocking=True)
+                plp = self._prompt_logprobs(rows, prompt, extra, self.model.compute_logits(hidden[extra[0]]))
         # Host mirrors are optimistic (every draft accepted) until the output arrives.
         t.num_computed_cpu[rows] = seq_lens
         t.num_tokens_cpu[rows] += samples + ndraft * samples
@@ -134,14 +143,38 @@ class ModelRunner:
                     t.num_computed_cpu[rows[i]] -= rejected
                     t.num_tokens_cpu[rows[i]] -= rejected
 
-        want = np.full(batch, -1, dtype=np.int64)
-        return PendingOutput(req_ids, samples, want, tokens, keep_alive=host, on_result=reconcile)
+        first_row = np.cumsum(ndraft + 1) - (ndraft + 1)    # each request's first logits row
+        return PendingOutput(req_ids, samples, want, tokens, lp, keep_alive=host, on_result=reconcile,
+                             prompt_logprobs=plp, logprob_rows=first_row)
+
+    def _spec_logprobs(self, tokens: torch.Tensor, logits: torch.Tensor, ndraft: np.ndarray, wanted: np.ndarray):
+        """Logprobs (raw target distribution) of every token a verification may emit: row
+        j of a request scores its j-th emitted token. None when no request wants them."""
+        if not wanted.size or wanted.max() < 0:
+            return None
+        n = ndraft + 1
+        req = np.repeat(np.arange(n.shape[0]), n)
+        j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        idx = torch.from_numpy(np.stack([req, j])).to(self.device, non_blocking=True)
+        return topn_logprobs(logits, tokens[idx[0], idx[1]].clamp(min=0), int(wanted.max()))
+
+    def _prompt_logprobs(self, rows: np.ndarray, prompt: tuple[np.ndarray, np.ndarray], idx: torch.Tensor,
+                         logits: torch.Tensor):
+        """(batch entry, prompt position, top-n, device tensors) of the prompt tokens this
+        step scores; idx: prompt_positions' [3, N] on the device, logits: at idx[0]."""
+        t = self.table
+        entry, host_idx = prompt
+        targets = t.token_ids[idx[1], idx[2]].long()   # the prompt token after each position
+        n = t.prompt_logprobs_cpu[rows[entry]]
+        return entry, host_idx[2], n, (targets, *topn_logprobs(logits, targets, int(n.max())))
 
     def _spec_forward(self, rows: torch.Tensor, nsched: torch.Tensor, samples: torch.Tensor, ndraft: torch.Tensor,
                       num_tokens: int, query_lens_cpu: list[int], seq_lens_host: np.ndarray, num_logits: int,
-                      head_rows_cpu: np.ndarray, num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      head_rows_cpu: np.ndarray, num_splits: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Target forward, verification and drafting of one step (engine/runner/spec_step.py)
-        -> (tokens [B, K+1], emitted [B]). Every size argument is host-known."""
+        -> (tokens [B, K+1], emitted [B], verified logits, target hidden states). Every
+        size argument is host-known."""
         t, spec = self.table, self.spec
         inp = prepare_inputs(t, rows, nsched, num_tokens, self.block_size)
         start = t.num_computed[rows].clone()
@@ -151,11 +184,11 @@ class ModelRunner:
                                  seq_lens_cpu=spec.exact_lengths(inp.seq_lens, seq_lens_host), num_splits=num_splits)
         with counting_tokens(inp.query_start_loc[-1:]):     # padding is no expert load
             hidden = self.model(inp.input_ids, inp.positions, meta)
-        tokens, emitted = spec.verify(t, rows, nsched, ndraft, samples, inp.seq_lens,
-                                      inp.query_start_loc[1:].long(), hidden, self.model, num_logits)
+        tokens, emitted, logits = spec.verify(t, rows, nsched, ndraft, samples, inp.seq_lens,
+                                              inp.query_start_loc[1:].long(), hidden, self.model, num_logits)
         spec.propose(t, rows, nsched, head_rows_cpu, ndraft, samples, emitted, start, inp.query_start_loc,
                      self.model.aux_hidden)
-        return tokens, emitted
+        return tokens, emitted, logits, hidden
 
     def _spec_graph_step(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,
                          size: int, seq_lens_cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +198,7 @@ class ModelRunner:
         lens = np.full(size, self.max_model_len) if seq_lens_cpu is None else np.asarray(seq_lens_cpu)
         query_lens = [K + 1] * size if seq_lens_cpu is None else [K + 1 if n > 0 else 0 for n in seq_lens_cpu]
         return self._spec_forward(rows, nsched, mask.bool(), torch.full_like(nsched, K), num_tokens, query_lens,
-                                  lens, size * (K + 1), np.full(size, 2 * K), num_splits=self._graph_splits(size))
+                                  lens, size * (K + 1), np.full(size, 2 * K), num_splits=self._graph_splits(size))[:2]
 
     # -- CUDA graphs ------------------------------------------------------------------
     def capture_cuda_graphs(self, sizes: list[int] | None = None, eager: bool = False) -> None:
@@ -302,12 +335,7 @@ class ModelRunner:
         wanted = want[samples]
         if wanted.size and wanted.max() >= 0:
             lp = topn_logprobs(logits, sampled, int(wanted.max()))
-        plp = None
-        if prompt is not None:
-            entry, idx = prompt
-            targets = t.token_ids[extra[1], extra[2]].long()   # the prompt token after each position
-            n = t.prompt_logprobs_cpu[rows[entry]]
-            plp = (entry, idx[2], n, (targets, *topn_logprobs(prompt_logits, targets, int(n.max()))))
+        plp = None if prompt is None else self._prompt_logprobs(rows, prompt, extra, prompt_logits)
         pending = PendingOutput(req_ids, samples, want, sampled, lp, keep_alive=host, prompt_logprobs=plp)
         if events is not None:
             events[1].record()

@@ -70,9 +70,10 @@ class SpecDecoder:
     # -- 2. verify and commit ----------------------------------------------------------
     def verify(self, table, rows: torch.Tensor, nsched: torch.Tensor, ndraft: torch.Tensor, samples: torch.Tensor,
                seq_lens: torch.Tensor, query_end: torch.Tensor, hidden: torch.Tensor, model, num_logits: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (tokens [B, K+1], -1 after the last; emitted count [B], 0 for rows that do
-        not sample). Commits them to the table."""
+        not sample; the target's logits of each request's last ndraft + 1 tokens, packed).
+        Commits the tokens to the table."""
         t, K, L = table, self.k, self.max_model_len
         B = rows.shape[0]
         n_logits = ndraft.long() + 1
@@ -92,7 +93,7 @@ class SpecDecoder:
         self._write_tokens(t, rows, pos, out.token_ids, torch.arange(K + 1, device=rows.device) < emitted[:, None])
         t.num_tokens[rows] += emitted.to(t.num_tokens.dtype)
         t.num_computed[rows] += torch.where(samples, nsched - ndraft + emitted - 1, nsched).to(t.num_computed.dtype)
-        return out.token_ids, emitted
+        return out.token_ids, emitted, logits
 
     def _write_tokens(self, t, rows: torch.Tensor, pos: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
         """token_ids[row, pos] = value where valid (and pos < max_model_len), without

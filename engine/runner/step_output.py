@@ -21,8 +21,10 @@ class RunnerOutput:
     # Prompt logprobs computed this step: request -> (position of the prompt token, its entry).
     prompt_logprobs: dict[str, list[tuple[int, dict[int, float]]]] = field(default_factory=dict)
     # Speculative decoding: every token a request got this step (accepted drafts, then
-    # the correction or bonus token); `sampled` holds the first of them.
+    # the correction or bonus token); `sampled` holds the first of them, and
+    # `spec_logprobs` one entry per token for requests that want logprobs.
     spec_tokens: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
@@ -36,9 +38,10 @@ class PendingOutput:
                  logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  keep_alive: object = None,
                  prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray, tuple[torch.Tensor, ...]] | None = None,
-                 on_result=None) -> None:
+                 on_result=None, logprob_rows: np.ndarray | None = None) -> None:
         """`sampled` is [B], or [B, K+1] with -1 after each row's last token (speculative
-        decoding); `on_result(output)` runs once the output is built."""
+        decoding: then `logprobs` has a row per token a request may emit, its first at
+        `logprob_rows`); `on_result(output)` runs once the output is built."""
         self.req_ids = req_ids or []
         self.samples = samples
         self.want = want_logprobs
@@ -57,6 +60,7 @@ class PendingOutput:
             self._event.record()
         self._result: RunnerOutput | None = None
         self._on_result = on_result
+        self._logprob_rows = logprob_rows
 
     def result(self) -> RunnerOutput:
         """Wait for the copy (a no-op when it is done) and build the per-request output."""
@@ -71,16 +75,22 @@ class PendingOutput:
                 lp, top_ids, top_lps = (x.tolist() for x in self._logprobs)
             for i in np.flatnonzero(self.samples).tolist():
                 rid = self.req_ids[i]
+                n = int(self.want[i])
+
+                def entry(row: int, token: int) -> dict[int, float]:
+                    d = dict(zip(top_ids[row][:n], top_lps[row][:n]))
+                    d[token] = lp[row]
+                    return d
                 if isinstance(tokens[i], list):
-                    out.spec_tokens[rid] = [x for x in tokens[i] if x >= 0]
-                    out.sampled[rid] = tokens[i][0]
+                    got = out.spec_tokens[rid] = [x for x in tokens[i] if x >= 0]
+                    out.sampled[rid] = got[0]
+                    if n >= 0:
+                        first = int(self._logprob_rows[i])
+                        out.spec_logprobs[rid] = [entry(first + j, x) for j, x in enumerate(got)]
                     continue
                 out.sampled[rid] = tokens[i]
-                n = int(self.want[i])
                 if n >= 0:
-                    entry = dict(zip(top_ids[i][:n], top_lps[i][:n]))
-                    entry[tokens[i]] = lp[i]
-                    out.logprobs[rid] = entry
+                    out.logprobs[rid] = entry(i, tokens[i])
         if self._prompt is not None:
             if self._event is not None:
                 self._event.synchronize()

@@ -144,7 +144,7 @@ def test_bad_speculative_configs_are_refused(target, heads):
     llm = LLM(str(folder), block_size=4, speculative_config={"method": "peagle", "model": str(heads[0]),
                                                              "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="speculative decoding"):
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, logprobs=1))
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, presence_penalty=0.5))
 
 
 def test_engine_drafts_equal_the_heads_dense_drafts(target, heads):
@@ -242,3 +242,31 @@ def test_chain_drafting_gives_the_parallel_drafts(target, heads):
         runs.append((outs, st.num_drafts, st.num_accepted_tokens, st.accepted_per_position))
     assert runs[0] == runs[1]
     assert runs[0][2] > 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_logprobs_with_speculation_equal_logprobs_without(target, heads, async_scheduling):
+    """Every emitted token, accepted draft or not, gets the target's logprob at its
+    position (and the top-n there), and prompt logprobs come from the same forward: the
+    same entries as without speculation (float32, within 1e-4)."""
+    folder, _ = target
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2,
+                             prompt_logprobs=1 if i == 1 else None) for i, n in enumerate((6, 11, 9))]
+    outs = []
+    for head in (None, heads[1]):
+        spec = None if head is None else {"method": "peagle", "model": str(head), "num_speculative_tokens": 3}
+        llm = LLM(str(folder), block_size=4, max_num_batched_tokens=16, speculative_config=spec,
+                  async_scheduling=async_scheduling)
+        outs.append(llm.generate(PROMPTS[:3], params))
+    assert llm.engine.spec_stats.num_accepted_tokens > 0
+    assert outs[1][1].prompt_logprobs is not None and len(outs[1][1].prompt_logprobs) == len(PROMPTS[1])
+    for plain, spec in zip(*outs):
+        a, b = plain.outputs[0], spec.outputs[0]
+        assert a.token_ids == b.token_ids and len(b.logprobs) == len(b.token_ids)
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys()
+            assert all(abs(la[k] - lb[k]) < 1e-4 for k in la)
+        assert (plain.prompt_logprobs is None) == (spec.prompt_logprobs is None)
+        for la, lb in zip(plain.prompt_logprobs or [], spec.prompt_logprobs or []):
+            assert (la is None) == (lb is None)
+            assert la is None or (la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-4 for k in la))
