@@ -201,7 +201,7 @@ class ElasticEPEngine(EPEngine):
                                   self.phy2log, self.eplb.num_groups)
         self._enqueue(target)
         self._finish_migration()
-        while any(self.num_unfinished_on(n) for n in leaving):
+        while any(self.num_unfinished_on(n) or self.holds_kv_on(n) for n in leaving):   # held KV: until read
             self._step_internal()
         self._check_no_loss()
         keep = self.ranks[:num_ranks]

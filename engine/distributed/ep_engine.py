@@ -162,7 +162,7 @@ class EPEngine:
         # KV hand-off (disaggregated prefill/decode): each rank runs its own connector.
         self.kv_connector: KVConnectorSpec | None = None
         self.kv_observer: TransferObserver | None = None
-        self._kv_held = False       # some rank holds a finished prefill's blocks for a reader
+        self._kv_held: dict[str, int] = {}   # per rank: finished prefills whose blocks wait for a reader
 
         # Knowing the expert count up front lets each rank build and load only its own
         # slots; random weights are drawn for the whole model so every rank agrees.
@@ -291,18 +291,22 @@ class EPEngine:
         # steps taken on the engine's own (scaling, a rebalance) go out with the next step.
         # Held prefill blocks are polled (by stepping) for their reader's notice.
         return (self.has_unfinished() or any(r.pending_abort for r in self.ranks) or bool(self._undelivered)
-                or self._kv_held)
+                or self.has_held_blocks)
 
     @property
     def has_held_blocks(self) -> bool:
         """Some rank holds finished prefills' blocks for a reader (as of the last step)."""
-        return self._kv_held
+        return any(self._kv_held.values())
+
+    def holds_kv_on(self, name: str) -> bool:
+        """Rank `name` holds blocks for a reader (a shrink waits for them to be read)."""
+        return bool(self._kv_held.get(name))
 
     def poll_interval(self) -> float | None:
         """None while there are requests to step; else how long a loop may wait."""
         if self.has_unfinished() or any(r.pending_abort for r in self.ranks) or self._undelivered:
             return None
-        return 0.02 if self._kv_held else 0.5
+        return 0.02 if self.has_held_blocks else 0.5
 
     def engine_stats(self) -> EngineStats:
         """Summed over the ranks as of the last step (KV usage: their mean)."""
@@ -373,7 +377,7 @@ class EPEngine:
         self._stats = _stats_of(answers.values())
         for a in answers.values():
             RecordedTransfers.replay(a.get("kv_calls", []), self.kv_observer)
-        self._kv_held = any(a.get("kv_held") for a in answers.values())
+        self._kv_held = {n: a.get("kv_held", 0) for n, a in answers.items()}
         self._on_step_answers(self.step_index, answers)
         return answers
 

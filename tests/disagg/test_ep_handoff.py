@@ -158,3 +158,53 @@ def test_under_the_fail_policy_a_failed_load_fails_that_request_alone(qwen3_moe)
             for e in (prefill, decode):
                 e.shutdown()
     asyncio.run(run())
+
+
+def test_ranks_that_join_run_their_own_connector_and_leaving_ranks_wait_for_their_readers(qwen3_moe):
+    """Elastic EP on both sides (EPLB's scale_to): a decode rank that joins later gets the
+    connector in its init message and takes hand-offs; a prefill rank that leaves while
+    it holds a prefill's KV is retired only once the reader has it (no recompute)."""
+    from eplb.elastic import ElasticEPEngine
+
+    config = EngineConfig(model=qwen3_moe, max_model_len=256, max_num_seqs=4)
+
+    async def run():
+        single = AsyncEngine(config)
+        want = [await tokens(single, p, f"ref-{i}") for i, p in enumerate(PROMPTS)]
+        single.shutdown()
+        observer = Observer()
+        # 8 experts + 4 redundant slots: 4 slots per rank, so 3 prefill ranks can shrink to 2.
+        prefill = AsyncEngine(engine_client=ElasticEPEngine(config, 3, num_redundant_experts=4),
+                              kv_transfer=connector_spec())
+        decode = AsyncEngine(engine_client=ElasticEPEngine(config, 1), kv_transfer=connector_spec(),
+                             kv_observer=observer)
+        shrinking = []
+
+        async def prefill_then_shrink(request: dict) -> dict:
+            answer = await prefill_request(prefill, request)
+            if not shrinking:       # the handle names the last rank, which leaves now
+                shrinking.append(asyncio.ensure_future(prefill.run_in_loop(lambda c: c.scale_to(2))))
+            return answer
+
+        def only_the_last_rank(c):
+            c.accepting = {c.ranks[-1].name}
+
+        def every_rank(c):
+            c.accepting = {r.name for r in c.ranks}
+        pd = PrefillDecodeEngine(decode, prefill_then_shrink, observer)
+        try:
+            await decode.run_in_loop(lambda c: c.scale_to(2))
+            await decode.run_in_loop(only_the_last_rank)
+            await prefill.run_in_loop(only_the_last_rank)
+            assert await tokens(pd, PROMPTS[1], "while-shrinking") == want[1]
+            await shrinking[0]
+            await prefill.run_in_loop(every_rank)
+            assert prefill.core.world_size == decode.core.world_size == 2
+            assert observer.transfers == 1 and not observer.failures
+            assert await asyncio.gather(*(tokens(pd, p, f"pd-{i}") for i, p in enumerate(PROMPTS))) == want
+            assert observer.transfers == 1 + len(PROMPTS) and not observer.failures
+            assert pools_full(prefill) and pools_full(decode)
+        finally:
+            for e in (prefill, decode):
+                e.shutdown()
+    asyncio.run(run())
