@@ -14,7 +14,13 @@ from ray.serve._private.common import DeploymentID, TimeStampedValue
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from cluster.autoscaling import AutoscalingSettings, PoolSignals, decide, parse_autoscaling, serve_autoscaling_config
+from cluster.autoscaling import (
+    AutoscalingSettings,
+    PoolSignals,
+    decide,
+    parse_autoscaling,
+    serve_autoscaling_config,
+)
 from cluster.pool_load import PoolLoad
 from cluster.settings import parse_settings
 

@@ -9,8 +9,16 @@ import json
 from dataclasses import fields
 
 import pytest
-
-from deploy_support import CHART, helm, one, pod_groups, render, render_file, serve_config, validate_rayservice
+from deploy_support import (
+    CHART,
+    helm,
+    one,
+    pod_groups,
+    render,
+    render_file,
+    serve_config,
+    validate_rayservice,
+)
 
 
 def scaled(pools: dict, extra: dict | None = None) -> dict:
