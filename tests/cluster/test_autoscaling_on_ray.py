@@ -127,11 +127,13 @@ def test_a_ramp_scales_the_prefill_pool_up_and_idle_scales_it_down(app):
     # The removed replica held its KV until the decode side read it: no hand-off fell back.
     assert sum(samples(url, "tandem_kv_transfer_bytes_total")) > 0
     assert sum(samples(url, "tandem_kv_transfer_failures_total") + samples(url, "tandem_kv_transfer_recomputed_total")) == 0
-    # The router's dashboard plots the pool's replicas over the ramp.
-    panels = httpx.get(f"{url}/dashboard/data", params={"seconds": 300}, timeout=30).json()["panels"]
-    replicas = next(p for p in panels if p["id"] == "autoscaling")["series"]
-    current = next(s["values"] for s in replicas if s["name"] == "current prefill")
-    assert max(v for v in current if v is not None) == 2 and current[-1] == 1
+    # The router's dashboard (sampled every second) plots the pool's replicas over the ramp.
+    def plotted_down() -> list[float] | None:
+        panels = httpx.get(f"{url}/dashboard/data", params={"seconds": 300}, timeout=30).json()["panels"]
+        series = next(p for p in panels if p["id"] == "autoscaling")["series"]
+        values = [v for v in next(s["values"] for s in series if s["name"] == "current prefill") if v is not None]
+        return values if values and values[-1] == 1 else None
+    assert max(wait_for(plotted_down, "the dashboard to plot the scale-down", 30)) == 2
     r = httpx.post(f"{url}/v1/completions", json={"model": "tandem-default", "prompt": [1, 2, 3], "max_tokens": 3},
                    timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
