@@ -1,6 +1,7 @@
 """Train a small target and its P-EAGLE head on one GPU, then measure speculative decoding.
 
-    python benchmarks/train_peagle.py [--dir /tmp/peagle] [--target-s 120] [--head-s 90] [--out FILE] [--smoke]
+    python benchmarks/train_peagle.py [--dir /tmp/peagle] [--target-s 120] [--head-s 90] [--measure-s 600]
+                                      [--out FILE] [--smoke]
 
 Nothing can be downloaded, so the pair is trained here, on text every machine has: the
 Python standard library's source, byte-level (token = byte, vocabulary 320, the mask
@@ -168,7 +169,8 @@ def idle_fraction(events) -> dict:
     return dict(idle_fraction=round(sum(gaps) / span, 4), step_ms=round(span / len(events), 3), steps=len(events))
 
 
-def measure(target_dir: Path, head_dir: Path, held_out: torch.Tensor, smoke: bool) -> None:
+def measure(target_dir: Path, head_dir: Path, held_out: torch.Tensor, smoke: bool, budget_s: float) -> None:
+    """Runs in order of interest until budget_s is spent (what ran is emitted)."""
     from engine import LLM, SamplingParams
     dev = "cpu" if smoke else "cuda"
     batches, ks, new = ([1, 4], [1, 3], 16) if smoke else ([1, 8, 64], [1, 3, 5, 7], 128)
@@ -178,7 +180,11 @@ def measure(target_dir: Path, head_dir: Path, held_out: torch.Tensor, smoke: boo
     base: dict[int, tuple[list, float]] = {}
     # The most telling first (a run cut short by its time limit keeps them).
     runs = [(None, True)] + [(k, True) for k in reversed(ks)] + [(k, False) for k in reversed(ks[-2:])]
+    t_start = time.perf_counter()
     for k, parallel in runs:
+        if time.perf_counter() - t_start > budget_s:
+            emit(phase="skipped", k=k, parallel_drafting=parallel, reason=f"measure budget {budget_s} s spent")
+            continue
         spec = None if k is None else {"method": "peagle", "model": str(head_dir), "num_speculative_tokens": k,
                                        "parallel_drafting": parallel}
         args = dict(device=dev, max_num_seqs=max(batches), max_model_len=512, block_size=16,
@@ -230,6 +236,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/peagle")
     ap.add_argument("--target-s", type=float, default=120.0)
     ap.add_argument("--head-s", type=float, default=90.0)
+    ap.add_argument("--measure-s", type=float, default=600.0, help="stop starting new engine runs after this")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
@@ -254,7 +261,7 @@ def main() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    measure(target_dir, head_dir, held_out, a.smoke)
+    measure(target_dir, head_dir, held_out, a.smoke, a.measure_s)
 
 
 if __name__ == "__main__":
