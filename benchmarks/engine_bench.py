@@ -305,9 +305,10 @@ CHECKPOINT: Path | None = None    # --checkpoint: a saved random checkpoint inst
 
 def make_llm(model: str, batches: list[int], smoke: bool):
     from engine import LLM
-    if CHECKPOINT is not None and not smoke:
+    if CHECKPOINT is not None:
         from benchmarks.random_checkpoint import write
-        emit(phase="checkpoint", **write(model, CHECKPOINT))
+        tiny = dict(config=config_dir(model, smoke) / "config.json", device="cpu") if smoke else {}
+        emit(phase="checkpoint", **write(model, CHECKPOINT, **tiny))
         source, load_format = CHECKPOINT, "auto"
     else:
         source, load_format = config_dir(model, smoke), "random"

@@ -27,17 +27,18 @@ def exists(folder: Path) -> bool:
     return (folder / "config.json").exists() and any(folder.glob("*.safetensors*"))
 
 
-def write(model: str, folder: Path, seed: int = 2026) -> dict:
+def write(model: str, folder: Path, seed: int = 2026, config: Path | None = None, device: str = "cuda") -> dict:
+    """config: a config.json other than the shape's (tiny widths for a CPU smoke run)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if exists(folder):
         return dict(model=model, dir=str(folder), written=False)
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(SHAPES / f"{model}.json", folder / "config.json")
+    shutil.copy(config or SHAPES / f"{model}.json", folder / "config.json")
     cfg = AutoConfig.from_pretrained(str(folder))
-    with torch.device("cuda"):
+    with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     n = 0
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -48,7 +49,8 @@ def write(model: str, folder: Path, seed: int = 2026) -> dict:
             n += p.numel()
     hf.save_pretrained(str(folder), max_shard_size="8GB")
     del hf
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     size = sum(f.stat().st_size for f in folder.iterdir())
     return dict(model=model, dir=str(folder), written=True, params=n, gb=size / 1e9, seconds=time.perf_counter() - t0)
 
