@@ -12,9 +12,9 @@ What each pool needs:
 - prefill: enough replicas that the prompt tokens waiting drain within a share of the
   TTFT SLO at the measured prefill rate per replica (backlog / (rate * target)), and no
   fewer than keep each replica busy at most `target_prefill_utilization` of the time.
-- decode: the inter-token latency against a share of the ITL SLO and the KV usage
-  against a target, each scaling the current count (ITL and KV use fall as a pool's
-  requests spread over more replicas).
+- decode: the inter-token latency against a share of the ITL SLO (where replicas batch
+  requests) and the KV usage against a target, each scaling the current count (ITL and
+  KV use fall as a pool's requests spread over more replicas).
 - colocated: the larger of both.
 The result moves at most `max_upscale_step` replicas up or `max_downscale_step` down per
 decision. The policy's inputs and decisions are published for /metrics.
@@ -113,6 +113,7 @@ class PoolSignals:
     prefill_tokens_per_s: float = 0.0    # per busy replica; 0: nothing prefilled in the window
     itl_s: float = 0.0                   # mean gap between tokens; 0: no tokens in the window
     kv_cache_usage: float = 0.0          # latest, mean over replicas
+    running: float = 0.0                 # latest requests running per replica, mean
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,10 @@ def prefill_need(s: PoolSignals, ttft_target_s: float, utilization: float) -> tu
 
 
 def decode_need(s: PoolSignals, itl_target_s: float, target_kv: float) -> float:
-    ratio = max(s.itl_s / itl_target_s, s.kv_cache_usage / target_kv)
-    return s.replicas * ratio
+    # ITL falls with more replicas only where requests share steps: a replica running one
+    # request at a time is at the engine's floor, which more replicas cannot lower.
+    itl = s.itl_s / itl_target_s if s.running > 1 else 0.0
+    return s.replicas * max(itl, s.kv_cache_usage / target_kv)
 
 
 def decide(kind: str, s: PoolSignals, target: int, ttft_ms: float, itl_ms: float,
@@ -184,10 +187,11 @@ def signals_from(raw: dict, replicas: int, min_span_s: float = 0.0) -> PoolSigna
     for replica, series in per_replica(pl.ITL_SUM_S).items():
         itl_sum += _delta(series)[0]
         itl_n += _delta(per_replica(pl.ITL_COUNT).get(replica))[0]
-    kv = latest(pl.KV_CACHE_USAGE)
+    kv, running = latest(pl.KV_CACHE_USAGE), latest(pl.REQUESTS_RUNNING)
     return PoolSignals(replicas=replicas, prompt_tokens_waiting=sum(latest(pl.PROMPT_TOKENS_WAITING)),
                        busy_replicas=sum(shares) / len(shares) * replicas if shares else None, prefill_tokens_per_s=prefilled / busy_s if busy_s > 0 else 0.0,
-                       itl_s=itl_sum / itl_n if itl_n > 0 else 0.0, kv_cache_usage=sum(kv) / len(kv) if kv else 0.0)
+                       itl_s=itl_sum / itl_n if itl_n > 0 else 0.0, kv_cache_usage=sum(kv) / len(kv) if kv else 0.0,
+                       running=sum(running) / len(running) if running else 0.0)
 
 
 # -- the policy Serve's controller runs ---------------------------------------------------

@@ -5,7 +5,7 @@ hands the series to the pool's policy (cluster/autoscaling.py). Counters are cum
 so the policy reads rates as differences over its window whatever the call interval:
 prompt tokens admitted and prefilled, seconds spent with prompt work in flight (busy),
 and the sum and count of gaps between a request's tokens (ITL). The prompt tokens still
-waiting for their first token and the KV usage are gauges. Measured here, at the
+waiting for their first token, the KV usage and the running batch are gauges. Measured here, at the
 replica, from the requests it streams: no engine internals, any engine client.
 """
 
@@ -21,6 +21,7 @@ PREFILL_BUSY_S = "prefill_busy_seconds"
 ITL_SUM_S = "itl_seconds_sum"
 ITL_COUNT = "itl_count"
 KV_CACHE_USAGE = "kv_cache_usage_perc"
+REQUESTS_RUNNING = "num_requests_running"
 
 
 class PoolLoad:
@@ -75,8 +76,8 @@ class PoolLoad:
         self._prefill_done(request_id, counted=False)
         self.last_token.pop(request_id, None)
 
-    def stats(self, kv_cache_usage: float) -> dict[str, float]:
-        return {PROMPT_TOKENS_WAITING: float(sum(self.waiting.values())),
+    def stats(self, kv_cache_usage: float, running: int) -> dict[str, float]:
+        return {PROMPT_TOKENS_WAITING: float(sum(self.waiting.values())), REQUESTS_RUNNING: float(running),
                 PROMPT_TOKENS_ADMITTED: float(self.admitted), PROMPT_TOKENS_PREFILLED: float(self.prefilled),
                 PREFILL_BUSY_S: self._busy_time(self.clock()),
                 ITL_SUM_S: self.itl_sum_s, ITL_COUNT: float(self.itl_count), KV_CACHE_USAGE: kv_cache_usage}

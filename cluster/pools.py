@@ -70,7 +70,8 @@ class EngineReplica(ElasticEP):
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler calls this; the pool's policy reads the series (cluster/autoscaling.py)."""
-        return self.load.stats(self.engine.stats()["kv_cache_usage_perc"])
+        stats = self.engine.stats()
+        return self.load.stats(stats["kv_cache_usage_perc"], int(stats["num_requests_running"]))
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica for replacement."""

@@ -66,7 +66,7 @@ class SimReplica:
 
     def report(self, now: float) -> None:
         kv = min(1.0, self.kv_per_request * len(self.decoding))
-        for name, value in self.load.stats(kv).items():
+        for name, value in self.load.stats(kv, len(self.decoding)).items():
             points = self.series.setdefault(name, [])
             points.append(TimeStampedValue(now, value))
             while points and points[0].timestamp < now - LOOK_BACK_S:   # the replica prunes its window
@@ -174,6 +174,9 @@ def test_decode_scales_on_itl_and_on_kv_usage():
     fast = Pool("decode", replicas=2, min_replicas=1, max_replicas=3, itl_s=0.02)
     fast.run(8, prompts_per_s=2, prompt=20, output=40)            # ITL far under, KV use low
     assert fast.history[-1] == 1, fast.history
+    alone = Pool("decode", replicas=1, min_replicas=1, max_replicas=3, itl_s=0.2)   # one request at a time
+    alone.run(8, prompts_per_s=0.1, prompt=20, output=40)
+    assert set(alone.history) == {1}, alone.history          # more replicas cannot lower its ITL
     full = PoolSignals(replicas=2, kv_cache_usage=0.95)
     assert decide("decode", full, 2, TTFT_MS, ITL_MS, AutoscalingSettings(max_replicas=8)).desired == 3
 
@@ -183,7 +186,7 @@ def test_colocated_scales_on_either_signal():
     backlog = PoolSignals(replicas=2, prompt_tokens_waiting=4000, busy_replicas=2, prefill_tokens_per_s=1000)
     assert decide("colocated", backlog, 2, TTFT_MS, ITL_MS, s).desired == 8        # 4000 / (1000 * 0.5)
     assert decide("decode", backlog, 2, TTFT_MS, ITL_MS, s).desired == 1
-    slow = PoolSignals(replicas=2, itl_s=0.12)
+    slow = PoolSignals(replicas=2, itl_s=0.12, running=8)
     assert decide("colocated", slow, 2, TTFT_MS, ITL_MS, s).desired == 3           # 2 * 0.12 / 0.08
     assert decide("prefill", slow, 2, TTFT_MS, ITL_MS, s).desired == 1
 
@@ -193,7 +196,7 @@ def test_pool_load_counts_prefill_and_gaps():
     load = PoolLoad(clock=lambda: now[0])
     load.admit("a", 100)
     load.admit("b", 50)
-    assert load.stats(0.0)["prompt_tokens_waiting"] == 150
+    assert load.stats(0.0, 0)["prompt_tokens_waiting"] == 150
     now[0] = 1.0
     load.tokens("a", 1)
     now[0] = 1.5
@@ -202,10 +205,11 @@ def test_pool_load_counts_prefill_and_gaps():
     load.tokens("a", 2)
     load.finish("a")
     load.finish("b")
-    stats = load.stats(0.25)
+    stats = load.stats(0.25, 3)
     assert stats["prompt_tokens_prefilled"] == 150 and stats["prefill_busy_seconds"] == 1.5
     assert stats["itl_seconds_sum"] == 1.0 and stats["itl_count"] == 2
     assert stats["prompt_tokens_waiting"] == 0 and stats["kv_cache_usage_perc"] == 0.25
+    assert stats["num_requests_running"] == 3
 
 
 @pytest.mark.parametrize("block, message", [
