@@ -60,9 +60,18 @@ METRICS: dict[str, Spec] = {
     "tandem_spec_decode_num_accepted_tokens_per_pos_total": Spec("counter", "Rounds that accepted the draft at "
                                                                             "each position (0: the first)", (),
                                                                  ("position",)),
-    "tandem_eplb_balancedness": Spec("gauge", "Mean / max GPU expert load per MoE layer", (), ("layer",)),
+    "tandem_eplb_balancedness": Spec("gauge", "Mean / max EP-rank expert load, worst layer of each group of "
+                                              "consecutive MoE layers (layer=\"8-15\"; one layer each up to 8)", (),
+                                     ("layer",)),
+    "tandem_eplb_rebalances_total": Spec("counter", "EPLB rebalances finished"),
     "tandem_eplb_rebalance_seconds": Spec("histogram", "Duration of one EPLB rebalance", E2E_BUCKETS),
     "tandem_eplb_bytes_moved_total": Spec("counter", "Expert weight bytes moved by EPLB"),
+    "tandem_eplb_step_hiccup_seconds": Spec("histogram", "Step time over the usual step while EPLB migrates "
+                                                         "weights", ITL_BUCKETS),
+    "tandem_eplb_rank_load": Spec("gauge", "Token-expert pairs each EP rank's slots served in the last load "
+                                           "window, mean per MoE layer", (), ("rank",)),
+    "tandem_eplb_rank_load_ratio": Spec("gauge", "EP rank load / mean rank load in the last load window "
+                                                 "(1 = even)", (), ("rank",)),
     # Published by each autoscaled pool's policy (cluster/autoscaling.py) from Serve's controller.
     "tandem_autoscaling_current_replicas": Spec("gauge", "Running replicas of the pool"),
     "tandem_autoscaling_target_replicas": Spec("gauge", "Replicas Serve is moving the pool to"),

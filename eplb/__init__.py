@@ -2,11 +2,12 @@
 
 The placement policy: `rebalance` turns per-expert load into expert maps,
 `balancedness` scores a placement against a load, `contiguous_placement` is the
-load-oblivious baseline. Serving: `eplb.elastic.ElasticEPEngine`, an EP engine that
-aggregates load statistics (`load_stats`), plans and migrates expert weights layer by
-layer (`planner`, `transfer_plan`, `migration`, in the ranks through
-`worker_extension`) and grows or shrinks its world; `eplb.metrics.EplbStats` holds
-its metrics. Importing eplb registers `eplb.engine_factory` with the engine, so
+load-oblivious baseline. Serving: `eplb.controller.EplbController`, a plug-in of the
+EP engine that aggregates load statistics (`load_stats`), plans and migrates expert
+weights layer by layer (`planner`, `transfer_plan`, `migration`, in the ranks through
+`worker_extension`; its messages in `messages`); `eplb.elastic` grows or shrinks the
+world (`ElasticEPEngine`: the engine with both); `eplb.metrics.EplbStats` holds the
+metrics. Importing eplb registers `eplb.engine_factory` with the engine, so
 `LLM(..., enable_eplb=True)` builds that engine.
 """
 

@@ -8,7 +8,8 @@ from dataclasses import fields
 
 from engine.config import EngineConfig
 from engine.engine_client import ModelFiles, ParallelConfig, register_client_factory
-from eplb.elastic import ElasticEPEngine, EplbConfig
+from eplb.controller import EplbConfig
+from eplb.elastic import ElasticEPEngine
 
 
 def eplb_settings(options: dict) -> tuple[EplbConfig, int]:

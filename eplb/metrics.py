@@ -7,22 +7,40 @@ cluster.metrics.Metrics: `stats.forward_to(metrics)` does that.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 Subscriber = Callable[[str, str, float, dict[str, str]], None]
 
 BALANCEDNESS = "tandem_eplb_balancedness"
+REBALANCES = "tandem_eplb_rebalances_total"
 REBALANCE_SECONDS = "tandem_eplb_rebalance_seconds"
 BYTES_MOVED = "tandem_eplb_bytes_moved_total"
+STEP_HICCUP = "tandem_eplb_step_hiccup_seconds"
+RANK_LOAD = "tandem_eplb_rank_load"
+RANK_LOAD_RATIO = "tandem_eplb_rank_load_ratio"
+
+MAX_LAYER_GROUPS = 8      # balancedness series per engine: deep models' layers are grouped
+
+
+def layer_groups(num_layers: int, max_groups: int = MAX_LAYER_GROUPS) -> list[range]:
+    """Consecutive MoE layers in at most max_groups groups of (nearly) equal size."""
+    n = min(num_layers, max_groups)
+    bounds = [round(i * num_layers / n) for i in range(n + 1)] if n else [0]
+    return [range(a, b) for a, b in pairwise(bounds)]
 
 
 @dataclass
 class EplbStats:
     balancedness: list[float] = field(default_factory=list)     # per MoE layer, last measured
+    rank_load: list[float] = field(default_factory=list)        # per rank, last window (pairs per layer)
     rebalance_seconds: list[float] = field(default_factory=list)  # one entry per finished rebalance
+    step_hiccups: list[float] = field(default_factory=list)     # per migrating step: seconds over the usual step
     bytes_moved_total: int = 0
     num_rebalances: int = 0
+    _usual_steps: deque = field(default_factory=lambda: deque(maxlen=32), repr=False)
     _subscribers: list[Subscriber] = field(default_factory=list, repr=False)
 
     def subscribe(self, fn: Subscriber) -> None:
@@ -37,10 +55,30 @@ class EplbStats:
         for fn in self._subscribers:
             fn(kind, name, value, labels)
 
-    def set_balancedness(self, per_layer: list[float]) -> None:
-        self.balancedness = list(per_layer)
-        for layer, value in enumerate(per_layer):
-            self._emit("set", BALANCEDNESS, value, layer=str(layer))
+    def set_load(self, per_layer: list[float], per_rank: list[float]) -> None:
+        """The last aggregated window: balancedness per MoE layer (emitted per layer
+        group, the group's worst layer, labelled "3" or "8-15") and the load each rank's
+        slots carried."""
+        self.balancedness, self.rank_load = list(per_layer), list(per_rank)
+        for group in layer_groups(len(per_layer)):
+            label = str(group.start) if len(group) == 1 else f"{group.start}-{group.stop - 1}"
+            self._emit("set", BALANCEDNESS, min(per_layer[group.start:group.stop]), layer=label)
+        mean = sum(per_rank) / len(per_rank) if per_rank else 0.0
+        for rank, load in enumerate(per_rank):
+            self._emit("set", RANK_LOAD, load, rank=str(rank))
+            self._emit("set", RANK_LOAD_RATIO, load / mean if mean > 0 else 1.0, rank=str(rank))
+
+    def record_step(self, seconds: float, migrating: bool) -> None:
+        """A step's duration: a migrating step's excess over the recent usual steps is
+        its hiccup."""
+        if not migrating:
+            self._usual_steps.append(seconds)
+            return
+        if self._usual_steps:
+            usual = sorted(self._usual_steps)[len(self._usual_steps) // 2]
+            hiccup = max(seconds - usual, 0.0)
+            self.step_hiccups.append(hiccup)
+            self._emit("observe", STEP_HICCUP, hiccup)
 
     def add_bytes_moved(self, n: int) -> None:
         if n > 0:
@@ -50,4 +88,5 @@ class EplbStats:
     def add_rebalance(self, seconds: float) -> None:
         self.rebalance_seconds.append(seconds)
         self.num_rebalances += 1
+        self._emit("inc", REBALANCES, 1.0)
         self._emit("observe", REBALANCE_SECONDS, seconds)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.layers.expert_map import ExpertMap
 from eplb.transfer_plan import Transfer
-from engine.layers.ep_dispatch import expert_maps
 
 
 def _rows(moe: nn.Module, slots: list[int]) -> torch.Tensor:
@@ -75,5 +75,5 @@ class LayerMigration:
             idx = torch.tensor(slots, dtype=torch.long, device=w13.device)
             w13.index_copy_(0, idx, buf[:, :n13].view(len(slots), *w13.shape[1:]))
             w2.index_copy_(0, idx, buf[:, n13:].view(len(slots), *w2.shape[1:]))
-        self.moe.set_placement(*expert_maps(torch.tensor(self.new_row), self.moe.num_experts))
+        self.moe.set_expert_map(ExpertMap.from_phy2log([self.new_row], self.moe.num_experts))
         self._works, self._staged = [], []

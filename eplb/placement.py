@@ -1,66 +1,20 @@
 """Expert placements: the maps one rebalance produces, and how to score them.
 
 A placement assigns every physical expert slot of every MoE layer a logical expert.
-Slot ``s`` lives on GPU ``s // (num_replicas // num_gpus)``, so the GPU of a slot is
+Slot ``s`` lives on GPU ``s // (num_slots // num_gpus)``, so the GPU of a slot is
 implicit and every GPU holds the same number of slots.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from engine.layers.expert_map import ExpertMap
 
-@dataclass(frozen=True, eq=False)
-class Placement:
-    """Expert maps for all MoE layers (int64, on the CPU).
-
-    phy2log: [layers, num_replicas], logical expert held by each physical slot.
-    log2phy: [layers, num_logical, max_copies], physical slots of each logical expert
-        in increasing slot order, padded with -1; max_copies is the largest replica
-        count in this placement (an engine with fixed-width maps pads further).
-    logcnt: [layers, num_logical], number of replicas of each logical expert.
-    """
-
-    phy2log: Tensor
-    log2phy: Tensor
-    logcnt: Tensor
-
-    @property
-    def num_layers(self) -> int:
-        return self.phy2log.shape[0]
-
-    @property
-    def num_replicas(self) -> int:
-        return self.phy2log.shape[1]
-
-    @property
-    def num_logical(self) -> int:
-        return self.logcnt.shape[1]
-
-    @classmethod
-    def from_phy2log(cls, phy2log: Tensor, num_logical: int) -> Placement:
-        """Derive log2phy and logcnt from phy2log, so the three maps cannot disagree."""
-        if phy2log.dim() != 2:
-            raise ValueError(f"phy2log must be 2-D [layers, replicas], got shape {tuple(phy2log.shape)}")
-        phy2log = phy2log.to(device="cpu", dtype=torch.int64).contiguous()
-        layers, replicas = phy2log.shape
-        if replicas and (phy2log.min() < 0 or phy2log.max() >= num_logical):
-            raise ValueError(f"phy2log holds ids outside [0, {num_logical})")
-        logcnt = torch.zeros(layers, num_logical, dtype=torch.int64)
-        logcnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-        # A stable sort groups each expert's slots together in slot order; a slot's
-        # position inside its group is its replica index.
-        sorted_log, slots = phy2log.sort(dim=1, stable=True)
-        starts = logcnt.cumsum(1) - logcnt
-        replica = torch.arange(replicas).expand(layers, -1) - starts.gather(1, sorted_log)
-        width = max(int(logcnt.max()), 1) if logcnt.numel() else 1
-        log2phy = torch.full((layers, num_logical, width), -1, dtype=torch.int64)
-        rows = torch.arange(layers).unsqueeze(1).expand(-1, replicas)
-        log2phy[rows, sorted_log, replica] = slots
-        return cls(phy2log=phy2log, log2phy=log2phy, logcnt=logcnt)
+# A placement is the engine's expert map (phy2log / log2phy / logcnt, derived once
+# there); the policy's maps have no empty slots.
+Placement = ExpertMap
 
 
 def gpu_loads(load: Tensor, placement: Placement, num_gpus: int) -> Tensor:
@@ -74,8 +28,10 @@ def gpu_loads(load: Tensor, placement: Placement, num_gpus: int) -> Tensor:
             f"load has shape {tuple(load.shape)} but the placement is for "
             f"{tuple(placement.logcnt.shape)} [layers, logical experts]"
         )
-    if num_gpus <= 0 or placement.num_replicas % num_gpus:
-        raise ValueError(f"{placement.num_replicas} slots do not split evenly over {num_gpus} GPUs")
+    if bool((placement.phy2log < 0).any()):
+        raise ValueError("the placement has empty slots (-1); score only complete placements")
+    if num_gpus <= 0 or placement.num_slots % num_gpus:
+        raise ValueError(f"{placement.num_slots} slots do not split evenly over {num_gpus} GPUs")
     load = load.detach().to(device="cpu", dtype=torch.float64)
     per_copy = load / placement.logcnt.clamp(min=1)
     per_slot = per_copy.gather(1, placement.phy2log)

@@ -29,7 +29,7 @@ def target_placement(load: Tensor, num_ranks: int, slots_per_rank: int, current:
         raise ValueError(f"{num_ranks} ranks of {slots_per_rank} slots do not fit a map of {width} slots")
     placement = rebalance(load, num_ranks * slots_per_rank, num_groups, 1, num_ranks, hierarchical=False)
     rows = torch.full((load.shape[0], width), -1, dtype=torch.long)
-    rows[:, :placement.num_replicas] = placement.phy2log
+    rows[:, :placement.num_slots] = placement.phy2log
     return torch.tensor([preserve_slots(old, new, slots_per_rank)
                          for old, new in zip(current.tolist(), rows.tolist())], dtype=torch.long)
 
@@ -47,3 +47,9 @@ def measured_balancedness(physical: Tensor, num_ranks: int) -> list[float]:
     peak = per_rank.amax(1)
     ratio = per_rank.mean(1) / peak.clamp(min=1e-12)
     return torch.where(peak > 0, ratio, torch.ones_like(ratio)).tolist()
+
+
+def rank_loads(physical: Tensor, num_ranks: int) -> list[float]:
+    """Token-expert pairs each rank's slots served, per MoE layer on average, from per-slot
+    counts [layers, slots] (the load per rank a dashboard draws)."""
+    return physical.double().view(physical.shape[0], num_ranks, -1).sum(-1).mean(0).tolist()

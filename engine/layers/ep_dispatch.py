@@ -23,7 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.layers.ep_low_latency import LowLatencyBuffers, low_latency_moe, sum_pairs_in_logical_order
+from engine.layers.ep_low_latency import (
+    LowLatencyBuffers,
+    low_latency_moe,
+    sum_pairs_in_logical_order,
+)
+from engine.layers.expert_map import ExpertMap
 from engine.ops.moe import fused_moe
 
 
@@ -101,24 +106,24 @@ def combine_in_logical_order(back: torch.Tensor, order: torch.Tensor, logical_id
 
 
 @torch.no_grad()
-def attach_expert_parallel(layers: list[nn.Module], ep: ExpertParallel, phy2log: torch.Tensor | None,
+def attach_expert_parallel(layers: list[nn.Module], ep: ExpertParallel, expert_map: ExpertMap | None,
                            weights_from_model: bool = True) -> None:
     """Turn the MoE layers (a model's, in forward order) into their EP shards.
 
-    phy2log [moe layers, ep.num_physical]: the expert of each global slot (-1 for a
-    slot with no expert yet); None keeps the layers' current maps. With
+    expert_map: [moe layers, ep.num_physical] slots over the group (-1 for a slot with
+    no expert yet); None keeps the layers' current maps. With
     weights_from_model the layers' loaded weights serve this rank's slots: either the
     layers loaded only this rank's slots (FusedMoE(slot_experts=...), which must match
     phy2log), or they hold every logical expert once (identity map) and the rank keeps
     copies of its slots' experts. Otherwise the slots' weights arrive by migration (until
     then the map sends them no tokens).
     """
-    if phy2log is not None and tuple(phy2log.shape) != (len(layers), ep.num_physical):
-        raise ValueError(f"phy2log has shape {tuple(phy2log.shape)}, expected "
+    if expert_map is not None and (expert_map.num_layers, expert_map.num_slots) != (len(layers), ep.num_physical):
+        raise ValueError(f"the expert map has shape {tuple(expert_map.phy2log.shape)}, expected "
                          f"({len(layers)}, {ep.num_physical}) for {len(layers)} MoE layers")
     lo, hi = ep.first_slot, ep.first_slot + ep.slots_per_rank
     for i, moe in enumerate(layers):
-        local = phy2log[i, lo:hi] if phy2log is not None else torch.arange(lo, hi)
+        local = expert_map.phy2log[i, lo:hi] if expert_map is not None else torch.arange(lo, hi)
         holds_all = moe.w13.shape[0] == moe.num_experts and torch.equal(moe.phy2log.cpu(),
                                                                           torch.arange(moe.num_experts))
         if weights_from_model and holds_all:
@@ -138,10 +143,10 @@ def attach_expert_parallel(layers: list[nn.Module], ep: ExpertParallel, phy2log:
             w2 = moe.w2.data.new_zeros(ep.slots_per_rank, *moe.w2.shape[1:])
         moe.w13 = nn.Parameter(w13, requires_grad=False)
         moe.w2 = nn.Parameter(w2, requires_grad=False)
-        regroup_layer(moe, ep, phy2log[i] if phy2log is not None else None)
+        regroup_layer(moe, ep, expert_map.layer(i) if expert_map is not None else None)
 
 
-def regroup_layer(moe: nn.Module, ep: ExpertParallel, phy2log_row: torch.Tensor | None) -> None:
+def regroup_layer(moe: nn.Module, ep: ExpertParallel, layer_map: ExpertMap | None) -> None:
     """Point a sharded MoE layer at a (new) EP group: global slot count, load counter,
     expert map. The local weights stay: slots per rank never change."""
     if moe.w13.shape[0] != ep.slots_per_rank:
@@ -149,28 +154,8 @@ def regroup_layer(moe: nn.Module, ep: ExpertParallel, phy2log_row: torch.Tensor 
     moe.ep = ep
     moe.num_physical = ep.num_physical
     moe.expert_load = torch.zeros(ep.num_physical, dtype=torch.long, device=moe.expert_load.device)
-    if phy2log_row is not None:
-        moe.set_placement(*expert_maps(phy2log_row, moe.num_experts))
-
-
-def expert_maps(phy2log_row: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(phy2log, log2phy, logcnt) of one layer; slots marked -1 hold no expert and are
-    never routed to. Every logical expert must have a slot."""
-    row = torch.as_tensor(phy2log_row, dtype=torch.long).cpu()
-    held = row >= 0
-    if bool((row >= num_logical).any()):
-        raise ValueError(f"phy2log names experts outside [0, {num_logical})")
-    logcnt = torch.bincount(row[held], minlength=num_logical)
-    if bool((logcnt == 0).any()):
-        missing = (logcnt == 0).nonzero().flatten().tolist()
-        raise ValueError(f"experts {missing} have no slot in this placement")
-    log2phy = torch.full((num_logical, int(logcnt.max())), -1, dtype=torch.long)
-    seen = [0] * num_logical
-    for slot, e in enumerate(row.tolist()):
-        if e >= 0:
-            log2phy[e, seen[e]] = slot
-            seen[e] += 1
-    return row, log2phy, logcnt
+    if layer_map is not None:
+        moe.set_expert_map(layer_map)
 
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:

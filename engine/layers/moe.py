@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.layers.expert_map import ExpertMap
 from engine.layers.params import param
 from engine.ops.moe import fused_moe
 from engine.ops.router import to_physical
@@ -41,16 +42,22 @@ class FusedMoE(nn.Module):
         # this rank's slots and forward dispatches tokens to the slots' owners.
         self.ep = None
 
-    def set_placement(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
-        """Swap in a new expert map (weights must already sit in their new slots).
-        While the slot count stays, the maps are written in place: a captured CUDA graph
-        reads them at fixed addresses. log2phy keeps room for the most copies one
-        expert can have (every spare slot), padded with -1 (never read: replica
-        indices stay below logcnt)."""
+    def set_expert_map(self, m: ExpertMap) -> None:
+        """Swap in this layer's map (a one-layer ExpertMap; the weights must already sit
+        in their new slots). While the slot count stays, the maps are written in place:
+        a captured CUDA graph reads them at fixed addresses. log2phy keeps room for the
+        most copies one expert can have (every spare slot), padded with -1 (never read:
+        replica indices stay below logcnt)."""
+        if m.num_layers != 1 or m.num_logical != self.num_experts:
+            raise ValueError(f"expected the map of one layer of {self.num_experts} experts, got "
+                             f"{m.num_layers} layers of {m.num_logical}")
+        m.check_routable()
+        phy2log, log2phy, logcnt = m.phy2log[0], m.log2phy[0], m.logcnt[0]
         device = self.log2phy.device
         width = self.num_physical - self.num_experts + 1
-        if log2phy.shape[1] > width:
-            raise ValueError(f"an expert has {log2phy.shape[1]} copies in {self.num_physical} slots")
+        if int(logcnt.max()) > width:
+            raise ValueError(f"an expert has {int(logcnt.max())} copies in {self.num_physical} slots")
+        log2phy = log2phy[:, :width]
         if self.phy2log.shape != phy2log.shape or self.log2phy.shape[1] != width:
             self.phy2log = torch.empty_like(phy2log, device=device)
             self.log2phy = torch.empty(self.num_experts, width, dtype=log2phy.dtype, device=device)
@@ -60,9 +67,9 @@ class FusedMoE(nn.Module):
         self.log2phy[:, :log2phy.shape[1]].copy_(log2phy)
         self.logcnt.copy_(logcnt)
 
-    def to_physical(self, ids: torch.Tensor) -> torch.Tensor:
-        replica = torch.arange(ids.numel(), device=ids.device).view_as(ids) % self.logcnt[ids]
-        return self.log2phy[ids, replica]
+    def expert_map(self) -> ExpertMap:
+        """This layer's current map (one layer)."""
+        return ExpertMap.from_phy2log(self.phy2log.cpu()[None], self.num_experts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor) -> torch.Tensor:
         # The map and the load count in one launch on the device (engine/ops/router.py).

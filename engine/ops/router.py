@@ -1,6 +1,6 @@
 """MoE routing ops: softmax top-k, and the logical-to-physical expert map with the
 per-slot load count. One launch each on the device; the torch references are the
-plain formulas (engine/layers/router.py, FusedMoE.to_physical)."""
+plain formulas (engine/layers/router.py, to_physical_ref)."""
 
 from __future__ import annotations
 

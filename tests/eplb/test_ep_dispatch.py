@@ -12,8 +12,13 @@ import torch.multiprocessing as mp
 
 from engine.distributed.peer_memory import allocate_peer_memory
 from engine.kernels import interpreting, kernel_backend
-from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, combine_in_logical_order, expert_maps
+from engine.layers.ep_dispatch import (
+    ExpertParallel,
+    attach_expert_parallel,
+    combine_in_logical_order,
+)
 from engine.layers.ep_low_latency import LowLatencyBuffers
+from engine.layers.expert_map import ExpertMap
 from engine.layers.moe import FusedMoE
 
 E, H, I, K = 8, 32, 16, 3
@@ -45,7 +50,7 @@ def _run(rank: int, world: int, port: int, phy2log: list[int], dispatch: str, ac
         assert moe.w13.shape[1] == (2 * I if activation == "silu" else I)
         slots = len(phy2log) // world
         ep = ExpertParallel(rank, world, slots)
-        attach_expert_parallel([moe], ep, torch.tensor([phy2log]))
+        attach_expert_parallel([moe], ep, ExpertMap.from_phy2log([phy2log], moe.num_experts))
         assert moe.w13.shape[0] == slots, "a rank holds only its own slots"
         if dispatch != "normal":
             shape = (world, CAPACITY, H, K, torch.float32)
@@ -110,11 +115,3 @@ def test_combine_sums_in_logical_order_whatever_the_dispatch_order() -> None:
     # dispatch order (-1e8 + 1e8 + 1) would give 1.
     assert out.item() == 0.0
     assert ((back[0] + back[1]) + back[2]).item() == 1.0
-
-
-def test_expert_maps_skip_empty_slots_and_need_every_expert() -> None:
-    phy2log, log2phy, logcnt = expert_maps(torch.tensor([2, -1, 0, 1, 2, -1]), 3)
-    assert logcnt.tolist() == [1, 1, 2]
-    assert log2phy.tolist() == [[2, -1], [3, -1], [0, 4]]
-    with pytest.raises(ValueError, match=r"experts \[1\] have no slot"):
-        expert_maps(torch.tensor([0, 2, -1]), 3)

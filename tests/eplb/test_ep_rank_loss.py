@@ -81,8 +81,8 @@ class FailOnStep:
     def __init__(self, worker) -> None:
         self.worker = worker
 
-    def before_step(self, msg: dict) -> None:
-        if msg["step"] == 3 and self.worker.ep.rank == 1:
+    def before_step(self, msg, payload) -> None:
+        if msg.step == 3 and self.worker.ep.rank == 1:
             raise RuntimeError("injected failure")
 
 
@@ -98,13 +98,15 @@ def test_a_rank_failing_a_step_stops_the_engine_with_a_clear_error(qwen3_moe) ->
 
 
 class DieWhenMigrating:
-    """A worker extension: rank 3 exits abruptly when its first weight migration starts."""
+    """A worker extension: rank 3 exits abruptly when its first weight migration starts
+    (it reads EPLB's commands: same name)."""
+    name = "eplb"
 
     def __init__(self, worker) -> None:
         self.worker = worker
 
-    def before_step(self, msg: dict) -> None:
-        if self.worker.ep.rank == 3 and "migrate" in (msg.get("eplb") or {}):
+    def before_step(self, msg, payload) -> None:
+        if self.worker.ep.rank == 3 and (payload or {}).get("migrate_layer") is not None:
             os._exit(1)
 
 

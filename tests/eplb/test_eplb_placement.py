@@ -15,7 +15,7 @@ def test_from_phy2log_derives_consistent_maps() -> None:
         [[0, 5, -1], [1, 4, -1], [2, -1, -1], [3, -1, -1]],
     ]
     assert p.phy2log.dtype == p.log2phy.dtype == p.logcnt.dtype == torch.int64
-    assert (p.num_layers, p.num_replicas, p.num_logical) == (2, 6, 4)
+    assert (p.num_layers, p.num_slots, p.num_logical) == (2, 6, 4)
 
 
 def test_from_phy2log_rejects_unknown_experts() -> None:
@@ -117,7 +117,7 @@ def test_global_packing_is_near_its_lower_bound(zipf_load, seed: int, exponent: 
     # load, nor the heaviest copy plus the k-1 lightest other copies.
     load = zipf_load(layers=6, experts=64, exponent=exponent, seed=seed).double()
     p = rebalance(load, 64 + redundant, 1, 1, 8)
-    k = p.num_replicas // 8
+    k = p.num_slots // 8
     copies = (load / p.logcnt).gather(1, p.phy2log).sort(1).values
     bound = torch.maximum(load.sum(1) / 8, copies[:, -1] + copies[:, : k - 1].sum(1))
     assert (gpu_loads(load, p, 8).amax(1) <= bound * 1.006).all()

@@ -43,7 +43,7 @@ def assert_valid(p: Placement, load: Tensor, num_replicas: int) -> None:
 
 def assert_groups_stay_on_nodes(p: Placement, num_groups: int, num_nodes: int) -> None:
     layers, experts = p.logcnt.shape
-    node_of_slot = torch.arange(p.num_replicas) // (p.num_replicas // num_nodes)
+    node_of_slot = torch.arange(p.num_slots) // (p.num_slots // num_nodes)
     group_of_slot = p.phy2log // (experts // num_groups)
     for layer in range(layers):
         pairs = {(int(g), int(n)) for g, n in zip(group_of_slot[layer], node_of_slot)}
