@@ -121,8 +121,6 @@ class Decision:
     need: float                          # replicas the signals ask for
     desired: int                         # after the step caps
     ttft_estimate_s: float = 0.0         # the backlog's drain time with the current replicas
-    prefill_need: float = 0.0
-    decode_need: float = 0.0
 
 
 def prefill_need(s: PoolSignals, ttft_target_s: float, utilization: float) -> tuple[float, float]:
@@ -147,7 +145,7 @@ def decode_need(s: PoolSignals, itl_target_s: float, target_kv: float) -> float:
 def decide(kind: str, s: PoolSignals, target: int, ttft_ms: float, itl_ms: float,
            t: AutoscalingSettings) -> Decision:
     """The replicas a pool of `kind` wants, moved from Serve's current `target` by at most
-    the step caps (Serve applies the delays and the min/max bounds afterwards)."""
+    the step caps and kept within the bounds (Serve then applies the delays)."""
     p_need, drain_s, d_need = 0.0, 0.0, 0.0
     if kind in ("prefill", "colocated"):
         p_need, drain_s = prefill_need(s, ttft_ms / 1000 * t.ttft_slo_fraction, t.target_prefill_utilization)
@@ -156,7 +154,7 @@ def decide(kind: str, s: PoolSignals, target: int, ttft_ms: float, itl_ms: float
     need = max(p_need, d_need)
     desired = min(max(math.ceil(need - 1e-9), target - t.max_downscale_step), target + t.max_upscale_step)
     desired = min(max(desired, t.min_replicas), t.max_replicas)
-    return Decision(need, desired, drain_s, p_need, d_need)
+    return Decision(need, desired, drain_s)
 
 
 def _delta(series) -> tuple[float, float]:
