@@ -252,3 +252,24 @@ def test_tandem_serve_autoscaling_flags_set_the_pools():
         args("--decode-autoscaling-config", "{max: 2}")
     with pytest.raises(ValueError, match="unknown autoscaling settings: max"):
         parse_settings(args("--autoscaling-config", '{"max": 2}'))
+
+
+def test_bench_serve_ramps_the_request_rate_as_vllm_does():
+    import argparse
+
+    from cluster import bench_serve
+
+    parser = argparse.ArgumentParser()
+    bench_serve.add_arguments(parser)
+
+    def rates(*argv):
+        ns = parser.parse_args(["--num-prompts", "5", *argv])
+        bench_serve.settings(ns)
+        return [round(bench_serve.request_rate(ns, i, 5), 3) for i in range(5)]
+
+    assert rates("--request-rate", "3") == [3] * 5
+    assert rates("--ramp-up-strategy", "linear", "--ramp-up-start-rps", "1", "--ramp-up-end-rps", "9") == [1, 3, 5, 7, 9]
+    assert rates("--ramp-up-strategy", "exponential", "--ramp-up-start-rps", "1",
+                 "--ramp-up-end-rps", "16") == [1, 2, 4, 8, 16]
+    with pytest.raises(SystemExit, match="--ramp-up-start-rps and --ramp-up-end-rps"):
+        rates("--ramp-up-strategy", "linear", "--ramp-up-end-rps", "9")
