@@ -19,6 +19,7 @@ from cluster.settings import AppSettings
 from disagg.prefill_decode import PrefillDecodeEngine
 from engine.async_engine import AsyncEngine
 from engine.engine_client import ParallelConfig
+from eplb.elastic import RebalanceInProgress, ScaleInProgress
 
 log = logging.getLogger(__name__)
 RESERVE_TIMEOUT_S = 30.0    # how long a scale-up waits for Ray to place the new ranks
@@ -54,8 +55,7 @@ def forward_eplb_metrics(engine: AsyncEngine | PrefillDecodeEngine, metrics) -> 
 def _rebalance_now(client) -> bool:
     """Finish an automatic rebalance still moving (an idle engine takes no steps to
     finish it), then move to the placement balanced for the last load window."""
-    controller = getattr(client, "eplb_controller", None)     # the EPLB controller, where it is its own part
-    (controller.finish_migration if controller is not None else client._finish_migration)()
+    client.eplb_controller.finish_migration()
     return client.rebalance(force=True, wait=True)
 
 
@@ -82,14 +82,12 @@ class ElasticEP:
             return _answer(400, "this pool's engines are not elastic: set parallel.enable_expert_parallel and "
                                 "parallel.enable_eplb on the pool")
         n = new_data_parallel_size
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            return _answer(400, f"new_data_parallel_size must be an integer >= 1, got {n!r}")
         if self._ep_busy is not None:
             return _answer(409, f"a {self._ep_busy} of this engine is in progress; retry when it is done")
-        if n * client.slots_per_rank < client.num_experts:
-            return _answer(400, f"{n} ranks of {client.slots_per_rank} expert slots cannot hold the model's "
-                                f"{client.num_experts} experts; use at least "
-                                f"{-(-client.num_experts // client.slots_per_rank)}")
+        try:
+            client.scaler.check_size(n)         # a size < 1, or too few slots for the experts
+        except ValueError as e:
+            return _answer(400, str(e))
         self._ep_busy = "scale"
         launcher = client.launcher
         try:
@@ -103,9 +101,9 @@ class ElasticEP:
                 await loop_engine(self.engine).run_in_loop(lambda c: c.scale_to(n))
             except ValueError as e:
                 return _answer(400, str(e))
+            except ScaleInProgress as e:
+                return _answer(409, str(e))
             except RuntimeError as e:
-                if type(e).__name__ == "ScaleInProgress":
-                    return _answer(409, str(e))
                 log.exception("scaling the EP engine from %d to %d ranks failed", before, n)
                 return _answer(500, f"scaling failed: {e}; the engine serves on {client.world_size} ranks")
             return _answer(200, f"Scaled to {client.world_size} data parallel engines",
@@ -125,7 +123,7 @@ class ElasticEP:
         try:
             try:
                 moved = await loop_engine(self.engine).run_in_loop(_rebalance_now)
-            except RuntimeError as e:
+            except (ScaleInProgress, RebalanceInProgress) as e:
                 return _answer(409, str(e))
             balancedness = list(client.stats.balancedness)
             return _answer(200, "rebalanced" if moved else "the placement is already balanced for the last load",
