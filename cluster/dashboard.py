@@ -91,6 +91,8 @@ PANELS: tuple[Panel, ...] = (
     Panel("eplb", "EPLB balancedness per layer", "ratio", (
         Line("gauge", "tandem_eplb_balancedness", "worst layer {pool}", agg="min"),
         Line("gauge", "tandem_eplb_balancedness", "mean {pool}", agg="mean"))),
+    Panel("eplb_ranks", "EPLB load per rank", "short", (
+        Line("gauge", "tandem_eplb_rank_load_ratio", "rank {rank} {pool}", by=("pool", "rank"), agg="max"),)),
 )
 
 _AGG = {"sum": sum, "max": max, "min": min, "mean": statistics.fmean}

@@ -416,6 +416,21 @@ def panels() -> list[dict]:
         ),
         8,
     )
+    layout.add(
+        timeseries(
+            "EPLB load per rank",
+            "Token-expert pairs each EP rank's expert slots served in the last load window, "
+            "over the mean rank's (1 = even; the highest rank sets every step's pace).",
+            [
+                (
+                    f"max by (pool, rank) ({metric('tandem_eplb_rank_load_ratio')}{{{SEL}}})",
+                    "{{pool}} rank {{rank}}",
+                )
+            ],
+            "short",
+        ),
+        24,
+    )
     layout.row("Speculative decoding (P-EAGLE)")
     accepted, drafts = (f"sum by (pool) (rate({metric(n)}{{{SEL}}}{RATE}))" for n in (
         "tandem_spec_decode_num_accepted_tokens_total", "tandem_spec_decode_num_drafts_total"))

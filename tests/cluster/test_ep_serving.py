@@ -158,7 +158,8 @@ def test_eplb_series_reach_metrics_after_load_and_a_forced_rebalance(app, want):
 
 def test_dashboard_draws_the_eplb_panel_in_a_browser(app, tmp_path):
     """The router's /dashboard in headless Chromium (tests/deploy/test_dashboard_browser.py's
-    way) draws the EPLB panel from the replica's series, after the load above."""
+    way) draws the EPLB panels (balancedness, load per rank) from the replica's series, after
+    the load above."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
@@ -169,13 +170,14 @@ def test_dashboard_draws_the_eplb_panel_in_a_browser(app, tmp_path):
 
     def sampled():
         panels = {p["id"]: p for p in httpx.get(f"{app}/dashboard/data", timeout=30).json()["panels"]}
-        return panels["eplb"]["points"] >= 6, str(panels["eplb"])
+        return panels["eplb"]["points"] >= 6 and panels["eplb_ranks"]["points"] >= 4, str(panels["eplb"])
     wait_until(sampled, "the dashboard to sample the EPLB series", 30)
     page = PanelParser()
     page.feed(chromium(browser, tmp_path, f"{app}/dashboard", "--dump-dom").stdout)
-    eplb = page.panels["eplb"]
+    eplb, ranks = page.panels["eplb"], page.panels["eplb_ranks"]
     assert eplb["data-state"] == "data" and int(eplb["data-points"]) >= 6, eplb
     assert eplb["lines"] == int(eplb["data-series"]) == 2 and eplb["longest"] >= 1, eplb
+    assert ranks["data-state"] == "data" and ranks["lines"] == int(ranks["data-series"]) == 2, ranks   # 2 ranks
 
 
 class SteadyStream:

@@ -21,7 +21,7 @@ import pytest
 from live_support import send_load, system_tool, tandem_server
 
 HEADLINE = ("goodput", "ttft", "itl", "tokens", "requests", "kv_cache")
-NOT_YET_EXPORTED = ("kv_bandwidth", "kv_failures", "eplb", "spec_decode",   # no series until pd, EPLB, P-EAGLE,
+NOT_YET_EXPORTED = ("kv_bandwidth", "kv_failures", "eplb", "eplb_ranks", "spec_decode",   # no series until pd, EPLB, P-EAGLE,
                     "autoscaling", "autoscaling_slo", "autoscaling_backlog")   # autoscaling run
 WINDOW = (1400, 900)
 # Headless flags that work in a closed network and as root.

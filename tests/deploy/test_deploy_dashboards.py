@@ -34,6 +34,7 @@ GAUGES = {
     "tandem_num_requests_waiting",
     "tandem_kv_cache_usage_perc",
     "tandem_eplb_balancedness",
+    "tandem_eplb_rank_load_ratio",
     "tandem_autoscaling_current_replicas",
     "tandem_autoscaling_target_replicas",
     "tandem_autoscaling_desired_replicas",
