@@ -11,10 +11,7 @@ request_tracker.py; components riding along (EPLB): ep_plugin.py.
 Generations: a change of the rank set (start, grow, shrink, a lost rank) forms a new
 torch.distributed group. The primitives for that (`spawn_ranks`, `regroup`,
 `retire`, `move_requests`) are here; policies that use them (elastic scaling, EPLB)
-live in eplb/. A lost rank is handled here: the survivors drop their requests, regroup
-with the expert slots they hold, and every unfinished request restarts from its
-prompt plus the tokens it already produced; if some expert had all its replicas on the
-lost rank, the engine says so (RankLostError) and refuses further work.
+live in eplb/. A lost rank is handled here (rank_loss.py).
 """
 
 from __future__ import annotations
@@ -25,31 +22,13 @@ from engine.config import EngineConfig
 from engine.core.engine_core import EngineCoreOutput
 from engine.distributed.ep_plugin import EPPlugin
 from engine.distributed.launcher import RankLauncher
-from engine.distributed.protocol import (
-    Error,
-    Init,
-    SetKVConnector,
-    Shutdown,
-    Step,
-    StepAnswer,
-)
-from engine.distributed.rank_group import (
-    EPEngineError,
-    Rank,
-    RankFailed,
-    RankGroup,
-    RanksDied,
-)
+from engine.distributed.protocol import Error, Init, SetKVConnector, Step, StepAnswer
+from engine.distributed.rank_group import EPEngineError, Rank, RankFailed, RankGroup, RanksDied
+from engine.distributed.rank_loss import RankLostError, recover
 from engine.distributed.request_tracker import RequestTracker, stats_of
 from engine.engine_client import ModelFiles, Prompt, pair_prompts, routed_experts
 from engine.engine_stats import EngineStats
-from engine.kv_transfer import (
-    KVConnectorSpec,
-    RecordedTransfers,
-    TransferObserver,
-    check_consumer,
-    is_consumer,
-)
+from engine.kv_transfer import KVConnectorSpec, RecordedTransfers, TransferObserver, check_consumer, is_consumer
 from engine.layers.expert_map import ExpertMap
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -57,10 +36,6 @@ from engine.request_limits import RequestLimits
 from engine.sampling_params import SamplingParams
 
 __all__ = ["EPEngine", "EPEngineError", "RankLostError"]
-
-
-class RankLostError(EPEngineError):
-    """A rank died and the survivors cannot serve without it."""
 
 
 class EPEngine:
@@ -283,7 +258,7 @@ class EPEngine:
         try:
             self._step_once()
         except RanksDied as e:
-            self._recover(e.names)
+            recover(self, e.names)
             return
         except EPEngineError as e:
             self.failed = self.failed or e
@@ -341,8 +316,7 @@ class EPEngine:
             return Init({}, str(self.path), sorted(self.eos_token_ids), self.group.host, self.group.store.port,
                         self.timeout_s, list(self.extensions), slots[k] if self._load_own_slots else None,
                         self.kv_connector.to_wire() if self.kv_connector else None)
-        ranks, ready = self.group.spawn(count, init_for, self._step_while_waiting if keep_serving else None,
-                                        self.dispatch)
+        ranks, ready = self.group.spawn(count, init_for, self._step_while_waiting if keep_serving else None)
         for r, own in zip(ranks, slots):
             r.slot_experts = own
         return ranks, ready
@@ -384,30 +358,6 @@ class EPEngine:
         if not ranks:
             raise EPEngineError("no rank accepts requests")
         return ranks
-
-    # -- lost ranks ---------------------------------------------------------------------
-    def _recover(self, lost: list[str]) -> None:
-        self.events.append(f"lost {lost} at step {self.step_index}")
-        survivors, held = self.group.drop_lost(lost)
-        expert_map = ExpertMap.concat(held, self.num_experts) if held else self.expert_map.resized(0)
-        missing = [f"MoE layer {layer}: experts {gone}" for layer, gone in expert_map.missing().items()]
-        if missing or not survivors:
-            self.failed = RankLostError(
-                f"rank(s) {lost} died and held the only copies of " + "; ".join(missing or ["everything"]) +
-                ". The survivors cannot serve these experts: restart the engine (or give the placement "
-                "redundant replicas on different ranks so it survives a lost rank).")
-            self.events.append(str(self.failed))
-            for r in survivors:
-                self.group.send(r.name, Shutdown())
-            raise self.failed
-        self.accepting = {n for n in self.accepting if n not in lost} or {r.name for r in survivors}
-        self.regroup(survivors, expert_map)
-        self.num_recoveries += 1
-        for p in self.plugins:
-            p.on_group_changed()
-        for t in self.tracker.unfinished():
-            self.tracker.restart(t, self._accepting_ranks())
-        self.events.append(f"recovered on {[r.name for r in survivors]}; unfinished requests restarted")
 
     # -- plumbing -----------------------------------------------------------------------
     def _check_usable(self) -> None:

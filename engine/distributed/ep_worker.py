@@ -25,37 +25,11 @@ import zmq
 
 from engine.core.engine_core import EngineCore
 from engine.distributed.peer_memory import allocate_peer_memory
-from engine.distributed.process_group import (
-    EPGroups,
-    backend_for,
-    join_generation,
-    leave_group,
-)
-from engine.distributed.protocol import (
-    Done,
-    Error,
-    Hello,
-    Init,
-    RankOutput,
-    Ready,
-    Regroup,
-    RegroupDone,
-    Reset,
-    ResetAnswer,
-    SetKVConnector,
-    Shutdown,
-    Step,
-    StepAnswer,
-    pack,
-    unpack,
-)
+from engine.distributed.process_group import EPGroups, backend_for, join_generation, leave_group
+from engine.distributed.protocol import (Done, Error, Hello, Init, RankOutput, Ready, Regroup, RegroupDone, Reset,
+                                         ResetAnswer, SetKVConnector, Shutdown, Step, StepAnswer, pack, unpack)
 from engine.distributed.rank_kv_transfer import RankKVTransfer
-from engine.layers.ep_dispatch import (
-    ExpertParallel,
-    attach_expert_parallel,
-    dummy_moe_pass,
-    regroup_layer,
-)
+from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, dummy_moe_pass, regroup_layer
 from engine.layers.ep_low_latency import LowLatencyBuffers
 from engine.layers.expert_map import ExpertMap
 from engine.models.loader import load_config
@@ -148,7 +122,7 @@ class EPWorker:
         capacity = max(c.max_num_batched_tokens, c.max_num_seqs)    # the largest step, graphs included
         w2 = self.moe_layers[0].w2
         shape = (self.ep.world_size, capacity, w2.shape[1], self.top_k, w2.dtype)
-        memory = allocate_peer_memory(LowLatencyBuffers.nbytes(*shape), w2.device, self.groups.dispatch,
+        memory = allocate_peer_memory(LowLatencyBuffers.nbytes(*shape), w2.device, self.groups.peer,
                                       self.timeout_s)
         return LowLatencyBuffers(memory, *shape[1:])
 

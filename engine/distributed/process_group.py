@@ -5,7 +5,8 @@ ranks leave the old default group and form a new one through the coordinator's
 TCPStore under a per-generation key prefix, so stale keys never mix. Two groups per
 generation: the default group carries the MoE dispatch/combine collectives and the
 load all-reduce; a second one carries expert-weight migration, whose point-to-point
-transfers run while forwards issue their own collectives.
+transfers run while forwards issue their own collectives. A third, under a name no
+earlier generation used, maps the low-latency dispatch's peer memory (see peer_group).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class EPGroups:
     world_size: int
     dispatch: object        # ProcessGroup (the default group)
     migration: object       # ProcessGroup
+    peer: object            # ProcessGroup with a generation-unique name (peer memory)
 
 
 def backend_for(device: str) -> str:
@@ -45,7 +47,24 @@ def join_generation(host: str, port: int, generation: int, rank: int, world_size
         probe = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(probe, group=migration)
         torch.cuda.current_stream().synchronize()
-    return EPGroups(generation, rank, world_size, dist.group.WORLD, migration)
+    return EPGroups(generation, rank, world_size, dist.group.WORLD, migration,
+                    peer_group(generation, backend, timeout))
+
+
+# Group names count from 0 again in every generation (destroy_process_group resets the
+# count), but PyTorch's symmetric memory numbers its rendezvous per group name inside
+# each process: a rank started for generation g would count from 0 where the running
+# ranks count on from their earlier rendezvous under the same name, and never meet them.
+# A name no earlier generation used gives every rank a fresh count.
+_NAMES_PER_GENERATION = 1000
+
+
+def peer_group(generation: int, backend: str, timeout: timedelta):
+    """A group over the whole generation under a name unique to `generation` (the same on
+    every rank: every rank creates its groups in the same order)."""
+    c10d = dist.distributed_c10d
+    c10d._world.group_count = max(c10d._world.group_count, _NAMES_PER_GENERATION * (generation + 1))
+    return dist.new_group(backend=backend, timeout=timeout)
 
 
 def leave_group() -> None:

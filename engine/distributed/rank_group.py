@@ -23,19 +23,8 @@ import zmq
 
 from engine.config import EngineConfig
 from engine.distributed.launcher import RankLauncher, SpawnLauncher
-from engine.distributed.protocol import (
-    AddRequest,
-    Error,
-    Init,
-    Message,
-    Ready,
-    Regroup,
-    RegroupDone,
-    Reset,
-    Shutdown,
-    pack,
-    unpack,
-)
+from engine.distributed.protocol import (AddRequest, Error, Init, Message, Ready, Regroup, RegroupDone, Reset, Shutdown,
+                                         pack, unpack)
 from engine.layers.expert_map import ExpertMap
 
 
@@ -147,17 +136,11 @@ class RankGroup:
             raise RanksDied(dead)
 
     # -- rank processes and generations ------------------------------------------------------
-    def spawn(self, count: int, init_for: Callable[[int], Init], while_waiting: Callable[[], bool] | None,
-              dispatch: str = "normal") -> tuple[list[Rank], Ready]:
+    def spawn(self, count: int, init_for: Callable[[int], Init], while_waiting: Callable[[], bool] | None
+              ) -> tuple[list[Rank], Ready]:
         """Start `count` rank processes; init_for(k) is the k-th one's Init. Waits until
         each has loaded the model (calling while_waiting meanwhile). On failure the new
         ranks are stopped and EPEngineError raised; the current group is untouched."""
-        if self.ranks and dispatch == "low_latency" and self.config.device.startswith("cuda"):
-            # Seen on two H200s (torch 2.11): symmetric memory numbers its rendezvous per
-            # process group name, so a rank started now never meets the running ones.
-            raise EPEngineError("adding ranks to a running group is not supported with the low-latency dispatch "
-                                "on GPUs (its symmetric memory cannot re-form with newly started ranks); "
-                                "use dispatch='normal' for pools that grow, or restart with the new size")
         names = [next(self._names) for _ in range(count)]
         try:
             procs = self.launcher.launch(names, self.address, self.worker_threads)

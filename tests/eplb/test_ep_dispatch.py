@@ -12,11 +12,7 @@ import torch.multiprocessing as mp
 
 from engine.distributed.peer_memory import allocate_peer_memory
 from engine.kernels import interpreting, kernel_backend
-from engine.layers.ep_dispatch import (
-    ExpertParallel,
-    attach_expert_parallel,
-    combine_in_logical_order,
-)
+from engine.layers.ep_dispatch import ExpertParallel, attach_expert_parallel, combine_in_logical_order
 from engine.layers.ep_low_latency import LowLatencyBuffers
 from engine.layers.expert_map import ExpertMap
 from engine.layers.moe import FusedMoE

@@ -1,6 +1,7 @@
 """The EP engine on two GPUs: greedy tokens stay the same through a live rebalance
 whose weight migration runs while requests decode; with the normal dispatch (NCCL)
-and with the low-latency one (symmetric memory, decode steps as CUDA graphs)."""
+and with the low-latency one (symmetric memory, decode steps as CUDA graphs), and
+through a low-latency group's growth from one GPU to two."""
 
 from __future__ import annotations
 
@@ -62,4 +63,27 @@ def test_low_latency_dispatch_under_cuda_graphs_through_a_live_rebalance(tmp_pat
         # The graphs read the maps in place, so the swapped maps (and the moved weights)
         # are what the replays use: same tokens through and after the rebalance.
         assert decode_through_a_live_rebalance(eng, PROMPTS[:3]) == before[:3]
+        assert [o.token_ids for o in eng.generate(PROMPTS, PARAMS)] == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_low_latency_group_grows_from_one_gpu_to_two(tmp_path) -> None:
+    """A rank started later meets the running one: every generation maps its symmetric
+    memory under a process group whose name no earlier generation used. Requests in
+    flight across the growth and after it keep their greedy tokens."""
+    build("qwen3_moe", tmp_path)
+    config = EngineConfig(model=str(tmp_path), device="cuda", max_num_seqs=8, max_num_batched_tokens=32)
+    with ElasticEPEngine(config, 1, eplb=EplbConfig(auto_rebalance=False), dispatch="low_latency") as eng:
+        before = [o.token_ids for o in eng.generate(PROMPTS, PARAMS)]
+        rids = [eng.add_request(p, PARAMS) for p in PROMPTS]
+        for _ in range(3):
+            eng.step()
+        eng.scale_to(2, serve_while_loading=False)      # keep them in flight across the regroup
+        assert eng.world_size == 2 and bool((eng.phy2log >= 0).all())
+        assert all(sizes and max(sizes) == 8 for sizes in eng.graph_sizes.values()), eng.graph_sizes
+        while eng.has_unfinished():
+            eng.step()
+        results = {o.request_id: o.token_ids for o in eng.pop_finished()}
+        assert [results[r] for r in rids] == before
         assert [o.token_ids for o in eng.generate(PROMPTS, PARAMS)] == before
