@@ -113,6 +113,8 @@ class AsyncEngine:
             except BaseException:
                 self.core.shutdown()
                 raise
+        if hasattr(self.core, "output_sink"):    # an EP engine's own steps (a scale) stream at once
+            self.core.output_sink = self._deliver
         self.max_model_len = self.core.limits.max_model_len
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

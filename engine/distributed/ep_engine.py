@@ -16,6 +16,8 @@ live in eplb/. A lost rank is handled here (rank_loss.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.config import EngineConfig
@@ -47,15 +49,12 @@ class EPEngine:
     plugins: components riding along with the steps (ep_plugin.EPPlugin; eplb's controller).
     extensions: more worker extensions ('module:Class') loaded in every rank.
     worker_threads: torch threads per rank process (0 leaves torch's default).
-    timeout_s: how long a collective or a rank's answer may take before it counts as lost.
-    start_timeout_s: how long a new rank may take to start and load the model.
-    host: the address ranks reach the coordinator (pyzmq) and its TCPStore at.
-    dispatch: how MoE layers exchange tokens. "normal": all-to-alls sized per step (any
-        step size; the counts come back to the host, so no CUDA graphs). "low_latency":
-        writes into peer-mapped buffers for up to max(max_num_batched_tokens,
-        max_num_seqs) tokens per rank and step, no host sync, and decode steps replay
-        CUDA graphs when the config has them on. DeepEP's split: normal for prefill
-        pools, low-latency for decode pools (keep max_num_batched_tokens small there).
+    timeout_s / start_timeout_s: how long a rank's answer (a collective) / a new rank's
+        start may take before it counts as lost; host: where ranks reach the coordinator.
+    dispatch: "normal" (all-to-alls sized per step, counts read on the host) or
+        "low_latency" (peer-mapped buffers of max(max_num_batched_tokens, max_num_seqs)
+        tokens per rank, no host sync, decode steps as CUDA graphs when enabled): DeepEP's
+        split, normal for prefill pools, low-latency for decode pools.
     """
 
     def __init__(self, config: EngineConfig, ep_size: int, *, num_redundant_experts: int = 0,
@@ -80,7 +79,14 @@ class EPEngine:
         self.num_redundant_experts = num_redundant_experts
         self.group = RankGroup(config, host=host, launcher=launcher, timeout_s=timeout_s,
                                start_timeout_s=start_timeout_s, worker_threads=worker_threads)
+        # The group's own lists (updated in place): the current ranks in rank order, what
+        # happened to them in words, per rank the decode batch sizes it replays as graphs.
+        self.ranks, self.events, self.graph_sizes = self.group.ranks, self.group.events, self.group.graph_sizes
+        self.launcher = self.group.launcher
         self.tracker = RequestTracker(config.seed)
+        # Where updates of steps taken outside step() go at once (AsyncEngine sets it, so
+        # tokens reach their streams while a scale runs on its loop).
+        self.output_sink: Callable[[EngineCoreOutput], None] | None = None
         self.requests = self.tracker.requests            # user id -> request, until popped
         self.accepting: set[str] = set()      # ranks that take new requests
         self.step_index = 0
@@ -249,11 +255,19 @@ class EPEngine:
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         """One forward on every rank; returns the updates of user requests (with any
-        produced by steps the engine took on its own, e.g. while scaling)."""
-        self.step_internal()
+        produced by steps the engine took on its own and not yet handed out)."""
+        self._advance()
         return self.tracker.take_outputs()
 
     def step_internal(self) -> None:
+        """A step the engine or a plug-in takes on its own (while scaling, migrating):
+        its updates go to output_sink at once when one is set, else with the next step()."""
+        self._advance()
+        if self.output_sink is not None:
+            for out in self.tracker.take_outputs():
+                self.output_sink(out)
+
+    def _advance(self) -> None:
         self._check_usable()
         try:
             self._step_once()
@@ -372,22 +386,6 @@ class EPEngine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-    @property
-    def ranks(self) -> list[Rank]:
-        return self.group.ranks
-
-    @property
-    def launcher(self) -> RankLauncher:
-        return self.group.launcher
-
-    @property
-    def events(self) -> list[str]:
-        return self.group.events
-
-    @property
-    def graph_sizes(self) -> dict[str, list[int]]:
-        return self.group.graph_sizes
 
     @property
     def world_size(self) -> int:

@@ -188,8 +188,9 @@ class RankGroup:
             self.send(r.name, Regroup(self.generation, i, len(ranks), slots_per_rank, phy2log,
                                       (weights or {}).get(r.name, "keep"), dispatch, cuda_graphs, dict(ext or {})))
         answers = self.gather([r.name for r in ranks])
-        self.graph_sizes = {n: a.graph_sizes for n, a in answers.items() if isinstance(a, RegroupDone)}
-        self.ranks = list(ranks)
+        self.graph_sizes.clear()
+        self.graph_sizes.update({n: a.graph_sizes for n, a in answers.items() if isinstance(a, RegroupDone)})
+        self.ranks[:] = ranks
         self.events.append(f"generation {self.generation}: {len(ranks)} ranks")
 
     def retire(self, names: list[str]) -> None:
@@ -230,7 +231,8 @@ class RankGroup:
             r.process.join(10)
             if r.process.is_alive():
                 r.process.kill()
-        self.known, self.ranks = {}, []
+        self.known = {}
+        self.ranks.clear()
         self.launcher.close()
         self._sock.close()
         self._ctx.term()

@@ -87,6 +87,8 @@ def test_scale_and_rebalance_under_a_steady_stream(qwen3_moe) -> None:
             release.wait(60)
             return original(*args)
         eng.scaler._grow = slow_grow
+        sunk: list = []
+        eng.output_sink = sunk.append        # as AsyncEngine sets it: the scale's own steps stream at once
         worker = threading.Thread(target=eng.scale_to, args=(4,), kwargs={"serve_while_loading": False})
         worker.start()
         assert entered.wait(60)
@@ -97,7 +99,11 @@ def test_scale_and_rebalance_under_a_steady_stream(qwen3_moe) -> None:
         release.set()
         worker.join(300)
         eng.scaler._grow = original
+        eng.output_sink = None
         assert eng.world_size == 4 and bool((eng.phy2log >= 0).all())
+        assert sunk and {o.request_id for o in sunk} <= set(rids), "the migration's steps made tokens, handed out"
+        later = eng.step()
+        assert not {id(o) for o in later} & {id(o) for o in sunk}, "handed out once"
 
         for _ in range(3):
             eng.step()
