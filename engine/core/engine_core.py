@@ -148,10 +148,6 @@ class EngineCore:
         """Raise ValueError, saying what to change, for a request this engine cannot run.
         Reads only settings, so any thread may call it."""
         self.limits.check(req.prompt_token_ids, req.sampling_params)
-        sp = req.sampling_params
-        if self.config.speculative_config is not None and sp.uses_penalties:
-            raise ValueError("logit_bias and penalties are not supported with speculative decoding yet; leave them "
-                             "unset or serve without speculative_config")
         if req.output_token_ids:    # a resumed request's tokens so far
             self.limits.check_output_prefix(req.output_token_ids, req.sampling_params)
 

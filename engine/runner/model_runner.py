@@ -113,8 +113,9 @@ class ModelRunner:
         want = np.array([-1 if t.logprobs_cpu[r] is None else t.logprobs_cpu[r] for r in rows], dtype=np.int64)
         prompt = prompt_positions(rows, nsched, seq_lens, t.num_prompt_cpu[rows], t.prompt_logprobs_cpu[rows])
         # Decode steps verifying K drafts each replay a graph (verification + drafting).
+        penalties = bool(t.penalized_cpu[rows].any())
         size = (self.graphs.size_for(batch) if self.graphs is not None and (ndraft == K).all() and samples.all()
-                and want.max() < 0 and prompt is None else None)
+                and want.max() < 0 and prompt is None and not penalties else None)
         lp = plp = None
         if size is not None:
             tokens, _, host = self.graphs.replay(rows, samples, size, seq_lens)
@@ -124,7 +125,7 @@ class ModelRunner:
             dev = torch.from_numpy(host).to(self.device, non_blocking=True)
             tokens, _, logits, hidden = self._spec_forward(
                 dev[0], dev[1], dev[2].bool(), dev[3], int(nsched.sum()), nsched.tolist(), seq_lens,
-                int(batch + ndraft.sum()), nsched + K - 1)
+                int(batch + ndraft.sum()), nsched + K - 1, penalties=penalties)
             lp = self._spec_logprobs(tokens, logits, ndraft, want[samples])
             if prompt is not None:
                 host = (host, prompt[1])
@@ -170,7 +171,7 @@ class ModelRunner:
 
     def _spec_forward(self, rows: torch.Tensor, nsched: torch.Tensor, samples: torch.Tensor, ndraft: torch.Tensor,
                       num_tokens: int, query_lens_cpu: list[int], seq_lens_host: np.ndarray, num_logits: int,
-                      head_rows_cpu: np.ndarray, num_splits: int | None = None
+                      head_rows_cpu: np.ndarray, num_splits: int | None = None, penalties: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Target forward, verification and drafting of one step (engine/runner/spec_step.py)
         -> (tokens [B, K+1], emitted [B], verified logits, target hidden states). Every
@@ -185,7 +186,8 @@ class ModelRunner:
         with counting_tokens(inp.query_start_loc[-1:]):     # padding is no expert load
             hidden = self.model(inp.input_ids, inp.positions, meta)
         tokens, emitted, logits = spec.verify(t, rows, nsched, ndraft, samples, inp.seq_lens,
-                                              inp.query_start_loc[1:].long(), hidden, self.model, num_logits)
+                                              inp.query_start_loc[1:].long(), hidden, self.model, num_logits,
+                                              penalties)
         spec.propose(t, rows, nsched, head_rows_cpu, ndraft, samples, emitted, start, inp.query_start_loc,
                      self.model.aux_hidden)
         return tokens, emitted, logits, hidden

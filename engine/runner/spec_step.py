@@ -34,12 +34,13 @@ they held, which costs acceptance on long prompts, never correctness.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from engine.ops.attention import AttentionMetadata
+from engine.ops.penalties import PenaltyTables, apply_penalties, count_sampled
 from engine.spec.head import PEagleHead
 from engine.spec.rejection import rejection_sample
 
@@ -69,11 +70,12 @@ class SpecDecoder:
 
     # -- 2. verify and commit ----------------------------------------------------------
     def verify(self, table, rows: torch.Tensor, nsched: torch.Tensor, ndraft: torch.Tensor, samples: torch.Tensor,
-               seq_lens: torch.Tensor, query_end: torch.Tensor, hidden: torch.Tensor, model, num_logits: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               seq_lens: torch.Tensor, query_end: torch.Tensor, hidden: torch.Tensor, model, num_logits: int,
+               penalties: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (tokens [B, K+1], -1 after the last; emitted count [B], 0 for rows that do
-        not sample; the target's logits of each request's last ndraft + 1 tokens, packed).
-        Commits the tokens to the table."""
+        not sample; the target's logits of each request's last ndraft + 1 tokens, packed,
+        with bias and penalties applied when `penalties`: some row uses them). Commits
+        the tokens to the table (and to the penalty counts)."""
         t, K, L = table, self.k, self.max_model_len
         B = rows.shape[0]
         n_logits = ndraft.long() + 1
@@ -85,6 +87,8 @@ class SpecDecoder:
         computed = t.num_computed[rows].long()
         draft_pos = (computed[:, None] + 1 + torch.arange(K, device=rows.device)).clamp(max=L - 1)
         drafts = t.token_ids[rows[:, None], draft_pos].long()
+        if penalties:
+            self._penalize(t, rows, logits, cu, ndraft.long(), drafts)
         out = rejection_sample(logits, drafts, ndraft.long(), t.temperature[rows], t.seeds[rows],
                                seq_lens.long() - ndraft.long(), cu_num_logits=cu, top_k=t.top_k[rows],
                                top_p=t.top_p[rows], min_p=t.min_p[rows])
@@ -93,7 +97,30 @@ class SpecDecoder:
         self._write_tokens(t, rows, pos, out.token_ids, torch.arange(K + 1, device=rows.device) < emitted[:, None])
         t.num_tokens[rows] += emitted.to(t.num_tokens.dtype)
         t.num_computed[rows] += torch.where(samples, nsched - ndraft + emitted - 1, nsched).to(t.num_computed.dtype)
+        if penalties:
+            for j in range(K + 1):
+                count_sampled(rows, out.token_ids[:, j].clamp(min=0), j < emitted, t.penalties)
         return out.token_ids, emitted, logits
+
+    def _penalize(self, t, rows: torch.Tensor, logits: torch.Tensor, cu: torch.Tensor, ndraft: torch.Tensor,
+                  drafts: torch.Tensor) -> None:
+        """Bias and penalties on the verified logits, in place. Row j of a request must see
+        its generated tokens plus d_1..d_j (its token is used only when those drafts were
+        accepted, i.e. generated): the drafts are counted, one position at a time, in a
+        copy of the batch's rows of the tables (plus the pad row, flag 0, for requests
+        with fewer rows); the table itself counts the emitted tokens after verification."""
+        p = t.penalties
+        B = rows.shape[0]
+        r = torch.cat([rows.long(), rows.new_full((1,), t.pad_row).long()])
+        scratch = PenaltyTables(*(getattr(p, f.name)[r] for f in fields(PenaltyTables)))
+        local = torch.arange(B, device=rows.device)
+        for j in range(self.k + 1):
+            at = cu + ndraft.clamp(max=j)
+            sub = logits[at]
+            apply_penalties(sub, torch.where(ndraft >= j, local, B), scratch)
+            logits[at] = sub
+            if j < self.k:
+                count_sampled(local, drafts[:, j], ndraft > j, scratch)
 
     def _write_tokens(self, t, rows: torch.Tensor, pos: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
         """token_ids[row, pos] = value where valid (and pos < max_model_len), without

@@ -141,10 +141,6 @@ def test_bad_speculative_configs_are_refused(target, heads):
     # The head was trained for 4 drafts; asking for more is refused at start-up.
     with pytest.raises(ValueError, match="trained to draft 4"):
         LLM(str(folder), speculative_config={"method": "peagle", "model": str(heads[0]), "num_speculative_tokens": 6})
-    llm = LLM(str(folder), block_size=4, speculative_config={"method": "peagle", "model": str(heads[0]),
-                                                             "num_speculative_tokens": 2})
-    with pytest.raises(ValueError, match="speculative decoding"):
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, presence_penalty=0.5))
 
 
 def test_engine_drafts_equal_the_heads_dense_drafts(target, heads):
@@ -270,3 +266,45 @@ def test_logprobs_with_speculation_equal_logprobs_without(target, heads, async_s
         for la, lb in zip(plain.prompt_logprobs or [], spec.prompt_logprobs or []):
             assert (la is None) == (lb is None)
             assert la is None or (la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-4 for k in la))
+
+
+def _oracle_drafts(llm, sequences: list[list[int]], k: int) -> None:
+    """Make the runner's drafter propose each request's true next tokens (from a run
+    without speculation), so every round accepts drafts and the rows past the first
+    decide the output: a test oracle in place of the head's drafts."""
+    runner = llm.engine.runner
+    spec, t = runner.spec, runner.table
+    propose = spec.propose
+
+    def oracle(*args, **kwargs):
+        propose(*args, **kwargs)
+        for row in t.rows.values():
+            n = int(t.num_tokens[row])
+            for full in sequences:
+                m = min(n, len(full))
+                if t.token_ids[row, :m].tolist() == full[:m]:
+                    nxt = full[n:n + k]
+                    t.token_ids[row, n:n + len(nxt)] = torch.tensor(nxt, dtype=t.token_ids.dtype)
+                    break
+    spec.propose = oracle
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_penalties_and_bias_with_speculation_equal_without(target, heads, async_scheduling):
+    """Verification row j of a request sees its generated tokens plus drafts d_1..d_j:
+    greedy output with presence, frequency and repetition penalties and a logit bias is
+    the same with speculation as without. The drafts are the true next tokens, so most
+    rounds accept several and rows past the first matter."""
+    folder, _ = target
+    params = [SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, repetition_penalty=1.5),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.5,
+                             frequency_penalty=1.0, logit_bias={7: 2.0, 9: -1.0}),
+              SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, frequency_penalty=2.0)]
+    prompts = PROMPTS[1:4]
+    plain = [o.outputs[0].token_ids for o in LLM(str(folder), block_size=4).generate(prompts, params)]
+    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=16, async_scheduling=async_scheduling,
+              speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": 3})
+    _oracle_drafts(llm, [p + o for p, o in zip(prompts, plain)], 3)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == plain
+    st = llm.engine.spec_stats
+    assert st.accepted_per_position[2] > 0.5 * st.num_drafts
