@@ -322,9 +322,9 @@ class EPEngine:
         (the running group untouched) if one does not start."""
         first_rank = len(self.ranks)
         s = self.slots_per_rank
-        # Slot j of rank r starts with expert (r * s + j) mod E (ExpertMap.initial).
-        slots = [[((first_rank + k) * s + j) % self.num_experts for j in range(s)] if self.num_experts else []
-                 for k in range(count)]
+        # The new ranks' slots start as in the load-oblivious map over the grown group.
+        initial = ExpertMap.initial(1, (first_rank + count) * s, self.num_experts).phy2log[0] if s else None
+        slots = [initial[(first_rank + k) * s:(first_rank + k + 1) * s].tolist() if s else [] for k in range(count)]
 
         def init_for(k: int) -> Init:
             return Init({}, str(self.path), sorted(self.eos_token_ids), self.group.host, self.group.store.port,
