@@ -94,6 +94,21 @@ def test_ep_pool_answers_as_one_process_on_the_default_model(app, want):
         assert r.choices[0].text == want[prompt]
 
 
+def test_echo_with_logprobs_scores_the_prompt_on_the_ranks(app, default_llm):
+    """Prompt logprobs (echo + logprobs) through an EP pool: the ranks compute them, as
+    one process does (this was a 500)."""
+    prompt = PROMPTS[1]
+    r = client(app).completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                       logprobs=1)
+    [ref] = default_llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, logprobs=1,
+                                                          prompt_logprobs=1))
+    got = r.choices[0].logprobs.token_logprobs
+    n = len(ref.prompt_token_ids)
+    assert got[0] is None and len(got) == n + 2
+    want = [lp[t] for lp, t in zip(ref.prompt_logprobs[1:], ref.prompt_token_ids[1:])]
+    assert max(abs(a - b) for a, b in zip(got[1:n], want)) < 1e-3
+
+
 def test_ep_pool_answers_as_one_process_on_a_tiny_qwen3_moe(app, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3-moe")
     build("qwen3_moe", folder)
