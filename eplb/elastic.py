@@ -53,6 +53,9 @@ class ElasticScaler:
         return self._lock.locked()
 
     def check_size(self, num_ranks: int) -> None:
+        """ValueError unless `num_ranks` can serve: an integer >= 1 whose ranks' slots hold
+        every expert. Slots per rank stay fixed, so any such size splits the slots evenly
+        (the total is num_ranks * slots per rank; extra slots become redundant replicas)."""
         eng = self.engine
         if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
             raise ValueError(f"the new EP size must be an integer >= 1, got {num_ranks!r}")
