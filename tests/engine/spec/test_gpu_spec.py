@@ -45,3 +45,21 @@ def test_seeded_sampling_is_the_same_with_and_without_graphs(target, heads):  # 
                   speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": 3})
         runs.append(llm.generate([PROMPTS[1], PROMPTS[3]], [sp, sp]))
     assert [o.outputs[0].token_ids for o in runs[0]] == [o.outputs[0].token_ids for o in runs[1]]
+
+
+def test_logprobs_and_penalties_on_the_device(target, heads):  # noqa: F811
+    """The eager spec steps that logprobs and penalties take, through the Triton kernels:
+    the same tokens and logprobs (within 1e-3) as without speculation."""
+    folder, _ = target
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=1),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.5,
+                             frequency_penalty=1.0, repetition_penalty=1.3, logit_bias={7: 2.0})]
+    outs = []
+    for head in (None, heads[1]):
+        spec = None if head is None else {"method": "peagle", "model": str(head), "num_speculative_tokens": 3}
+        llm = LLM(str(folder), device="cuda", dtype="float32", block_size=4, speculative_config=spec)
+        outs.append(llm.generate(PROMPTS[1:3], params))
+    for plain, spec in zip(*outs):
+        assert plain.outputs[0].token_ids == spec.outputs[0].token_ids
+    for la, lb in zip(outs[0][0].outputs[0].logprobs, outs[1][0].outputs[0].logprobs):
+        assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-3 for k in la)
