@@ -5,7 +5,7 @@
 # saved:MODEL:SECONDS[/BATCHES] runs the engine phase on a seeded random checkpoint saved
 # under /tmp (written first if absent; removed after, the disk holds one); tune:MODELS tunes the MoE tiles into engine/kernels/configs
 # (later phases of the same call read them; copies come back in $OUT); attn times the
-# prefill attention kernels; tests:SECONDS[:PATHS] runs the gpu tests (of tests/engine, or of
+# prefill attention kernels (attn:quick without tile sweeps); tests:SECONDS[:PATHS] runs the gpu tests (of tests/engine, or of
 # the comma-separated PATHS under it).
 # Results: $OUT/*.jsonl and logs (what the device tool brings back).
 set -u
@@ -28,7 +28,7 @@ for job in $1; do
     tune)   timeout 300 python3 benchmarks/tune_moe.py --model "$model" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} 2>&1 \
               | tee -a "$OUT/tune.log" | grep -v "^  " \
               | cut -c1-200; cp engine/kernels/configs/*.json "$OUT/" ;;
-    attn)   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attn.jsonl" 2>&1 | cut -c1-300 | tail -14 ;;
+    attn)   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attn.jsonl" ${model:+--quick} 2>&1 | cut -c1-300 | tail -14 ;;
     engine) timeout $((arg + 60)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
               --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
     idle|profile) timeout 150 python3 benchmarks/engine_bench.py "$phase" --model "$model" --batches "$arg" \
