@@ -23,9 +23,11 @@ def suite_files() -> list[Path]:
     return sorted(p for p in TESTS.rglob("*.py") if p not in (HELPER, Path(__file__).resolve()))
 
 
-# The fault suite starts its Ray through the same `local_ray` as test_ep_on_ray.py does;
-# re-running it here (minutes of load and kills) would prove nothing more.
-NOT_RERUN = (TESTS / "reliability",)
+# Every Ray module starts Ray through the helper (the static test below checks it), so
+# re-running one module per way the helper is used proves what re-running them all would,
+# for a fraction of the minutes: `local_ray` with Serve apps and rank actors in placement
+# groups, `tandem serve` starting and joining a Ray, and `ray serve deploy` on a head.
+RERUN = ("cluster/test_ep_on_ray.py", "cluster/test_cli.py", "cluster/test_ray_deploy.py")
 
 
 def ray_test_modules() -> list[Path]:
@@ -45,13 +47,14 @@ def test_no_test_starts_or_stops_ray_but_through_the_helper():
 @pytest.mark.slow
 def test_a_cluster_started_outside_the_suite_survives_the_ray_tests():
     """An outside head, with the variables a user of it would have exported (RAY_ADDRESS,
-    its temp dir as the default one, its token), then every Ray test module in a pytest
+    its temp dir as the default one, its token), then a Ray test module of each kind in a pytest
     of its own: the head and all its processes must still run, with no app on it."""
     with RayHead(num_cpus=1) as outside:
         before = set(session_pids(outside.process.pid))
         env = dict(outside.env, RAY_ADDRESS=outside.address, RAY_TMPDIR=str(outside.temp_dir),
                    RAY_DASHBOARD_ADDRESS=outside.dashboard)
-        modules = [str(p) for p in ray_test_modules() if p not in NOT_RERUN]
+        modules = [str(TESTS / m) for m in RERUN]
+        assert {TESTS / m for m in RERUN} <= set(ray_test_modules())
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not gpu", "-p", "no:cacheprovider",
                               *modules], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
