@@ -48,6 +48,7 @@ class EngineCore:
         self.max_model_len = self.limits.max_model_len
         self.model = load_model(model_path, model_config, self.dtype, config.device, config.load_format, config.seed)
         # The draft head (weights first, then its KV per block) comes out of the same budget.
+        self._spec_rule: tuple[tuple[int, int], ...] = ()
         self._spec = self._load_spec(model_config) if config.speculative_config is not None else None
         layout = self.model.cache_layout()
         bytes_per_block = layout.bytes_per_block(config.block_size, self.dtype)
@@ -61,7 +62,8 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_chunked_prefill,
                                                    config.kv_load_failure_policy,
-                                                   self._spec[1] if self._spec is not None else 0), self.kv)
+                                                   self._spec[1] if self._spec is not None else 0,
+                                                   self._spec_rule), self.kv)
         self.runner = self._make_runner(bytes_per_block)
         self.spec_stats = SpecDecodeStats()
         # Async scheduling: the step the device runs, with the drafts it verifies per request.
@@ -94,13 +96,14 @@ class EngineCore:
 
     def _load_spec(self, model_config) -> tuple:
         """Load the P-EAGLE head and check it fits the target: -> (head, K, layers to tap,
-        parallel drafting)."""
+        parallel drafting, every K the per-batch rule gives); the rule goes to `_spec_rule`."""
         settings = SpecDecodeSettings.from_dict(self.config.speculative_config)
         m = self.model
         head = load_head(settings.model, self.dtype, self.device, shared_embedding=m.embed_tokens,
                          shared_lm_head=m.embed_tokens if m.tie_word_embeddings else m.lm_head)
         layers = check_fits_target(head.cfg, model_config, settings.num_speculative_tokens, MAX_SPECULATIVE_TOKENS)
-        return head, settings.num_speculative_tokens, layers, settings.parallel_drafting
+        self._spec_rule = settings.num_speculative_tokens_per_batch
+        return head, settings.num_speculative_tokens, layers, settings.parallel_drafting, settings.draft_counts
 
     def _head_bytes_per_block(self) -> int:
         cfg = self._spec[0].cfg

@@ -18,6 +18,7 @@ from engine.kv_cache import KVCacheManager
 from engine.kv_transfer import KVTransferHook, is_consumer, is_producer
 from engine.kv_transfer_params import KVTransferParams
 from engine.request import Request, RequestStatus
+from engine.spec.settings import drafts_at
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     kv_load_failure_policy: str = "recompute"   # or "fail": see engine/kv_transfer.py
     num_speculative_tokens: int = 0             # K drafts per decoding request (0 = off)
+    # ((min_batch, k), ...): fewer drafts at larger batches (engine/spec/settings.py)
+    num_speculative_tokens_per_batch: tuple[tuple[int, int], ...] = ()
 
 
 class Scheduler:
@@ -86,6 +89,11 @@ class Scheduler:
             self._poll_transfers()
         budget = self.config.max_num_batched_tokens
         preempted = False
+        # Drafts per decoding request this step, by the rule on the running batch; each
+        # request's count goes into spec_token_counts, so the optimistic pending counts
+        # and their correction use the K this step verifies.
+        step_k = drafts_at(self.config.num_speculative_tokens, self.config.num_speculative_tokens_per_batch,
+                           len(self.running))
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -98,7 +106,7 @@ class Scheduler:
                 i += 1
                 continue
             new = not req.runner_block_counts    # just loaded from a remote prefill
-            k = self._num_drafts(req, n, pending, budget, new)
+            k = self._num_drafts(req, n, pending, budget, new, step_k)
             n += k
             while not self.kv.allocate(req, n + self._lookahead(req.num_computed_tokens + n)):
                 victim = self.running.pop()
@@ -171,19 +179,19 @@ class Scheduler:
             self._cached_full[rid] = known // self.kv.block_size
 
     # -- speculative decoding ---------------------------------------------------------
-    def _num_drafts(self, req: Request, n: int, pending: int, budget: int, new: bool) -> int:
+    def _num_drafts(self, req: Request, n: int, pending: int, budget: int, new: bool, step_k: int) -> int:
         """Drafts to verify this step: a decoding request (its one new token is the last
         sampled, or under async scheduling the one the step in flight samples last) gets
-        up to K, fewer near its token budget, max_tokens or max_model_len (every emitted
-        token must fit: k accepted + 1, after the `pending` tokens of the step in flight,
-        counted as if all its drafts were accepted). A request new to the runner has no
+        up to step_k (K, or fewer at large batches), fewer near its token budget,
+        max_tokens or max_model_len (every emitted token must fit: k accepted + 1, after
+        the `pending` tokens of the step in flight, counted as if all its drafts were
+        accepted). A request new to the runner has no
         drafts on the device yet."""
-        K = self.config.num_speculative_tokens
-        if not K or n != 1 or new:
+        if not step_k or n != 1 or new:
             return 0
         left = min(req.sampling_params.max_tokens - len(req.output_token_ids),
                    self.config.max_model_len - req.num_tokens) - pending
-        return max(0, min(K, budget - 1, left - 1))
+        return max(0, min(step_k, budget - 1, left - 1))
 
     def _lookahead(self, num_tokens: int) -> int:
         """KV slots past the step's tokens that the draft head writes (its K-1 mask rows),

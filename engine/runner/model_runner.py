@@ -11,6 +11,7 @@ per request beyond the row lookup.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 import torch
@@ -84,6 +85,9 @@ class ModelRunner:
             for i, layer in enumerate(model.mamba_layers()):
                 layer.conv_state, layer.ssm_state = self.conv_state[:, i], self.ssm_state[:, i]
         self.graphs: DecodeGraphs | None = None
+        # Speculative decoding: the decode graphs of each draft count the per-batch rule
+        # can give (self.graphs is the one of the full K).
+        self.spec_graphs: dict[int, DecodeGraphs] = {}
         self.spec: SpecDecoder | None = None     # P-EAGLE drafting (enable_spec)
         self.num_forwards = 0     # steps that ran the model (graph replays included)
         # When a list, each step appends (start, end) CUDA events around its device work
@@ -91,15 +95,18 @@ class ModelRunner:
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     # -- speculative decoding -----------------------------------------------------------
-    def enable_spec(self, head, num_spec: int, aux_layer_ids: list[int], parallel: bool = True) -> None:
+    def enable_spec(self, head, num_spec: int, aux_layer_ids: list[int], parallel: bool = True,
+                    draft_counts: list[int] | None = None) -> None:
         """Draft K tokens per request with a P-EAGLE head (before capture_cuda_graphs:
-        the graphs then cover verification and drafting)."""
+        the graphs then cover verification and drafting). draft_counts: every number of
+        drafts a decode step may verify per request (num_speculative_tokens_per_batch)."""
         if self.state_layout is not None:
             raise ValueError("speculative decoding does not support hybrid (Mamba) targets yet: their state "
                              "cannot roll back rejected drafts")
         self.model.aux_layer_ids = tuple(aux_layer_ids)
         self.spec = SpecDecoder(head, num_spec, self.kv_cache.shape[0], self.block_size, self.max_model_len,
                                 self.device, self.kv_cache.dtype, parallel)
+        self.spec_draft_counts = sorted(set(draft_counts or [num_spec]))
 
     def _execute_spec(self, out: SchedulerOutput) -> PendingOutput:
         t, spec, K = self.table, self.spec, self.spec.k
@@ -112,13 +119,15 @@ class ModelRunner:
         samples = seq_lens >= t.num_tokens_cpu[rows]
         want = np.array([-1 if t.logprobs_cpu[r] is None else t.logprobs_cpu[r] for r in rows], dtype=np.int64)
         prompt = prompt_positions(rows, nsched, seq_lens, t.num_prompt_cpu[rows], t.prompt_logprobs_cpu[rows])
-        # Decode steps verifying K drafts each replay a graph (verification + drafting).
+        # Decode steps verifying the same k drafts each (K, or a k of the per-batch rule)
+        # replay that k's graph (verification + drafting).
         penalties = bool(t.penalized_cpu[rows].any())
-        size = (self.graphs.size_for(batch) if self.graphs is not None and (ndraft == K).all() and samples.all()
-                and want.max() < 0 and prompt is None and not penalties else None)
+        graphs = (self.spec_graphs.get(int(ndraft[0])) if self.graphs is not None and (ndraft == ndraft[0]).all()
+                  and samples.all() and want.max() < 0 and prompt is None and not penalties else None)
+        size = graphs.size_for(batch) if graphs is not None else None
         lp = plp = None
         if size is not None:
-            tokens, _, host = self.graphs.replay(rows, samples, size, seq_lens)
+            tokens, _, host = graphs.replay(rows, samples, size, seq_lens)
             tokens = tokens[:batch]
         else:
             host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
@@ -193,14 +202,17 @@ class ModelRunner:
         return tokens, emitted, logits, hidden
 
     def _spec_graph_step(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,
-                         size: int, seq_lens_cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One padded decode step verifying K drafts per request (padding: 0 tokens, and
-        K drafts that nothing reads, so every size is fixed)."""
+                         size: int, seq_lens_cpu: list[int] | None = None, k: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded decode step verifying k drafts per request (K unless the per-batch
+        rule gives fewer; padding: 0 tokens, and k drafts that nothing reads, so every
+        size is fixed). The head drafts K per request either way: k + K - 1 rows each."""
         K = self.spec.k
+        k = K if k is None else k
         lens = np.full(size, self.max_model_len) if seq_lens_cpu is None else np.asarray(seq_lens_cpu)
-        query_lens = [K + 1] * size if seq_lens_cpu is None else [K + 1 if n > 0 else 0 for n in seq_lens_cpu]
-        return self._spec_forward(rows, nsched, mask.bool(), torch.full_like(nsched, K), num_tokens, query_lens,
-                                  lens, size * (K + 1), np.full(size, 2 * K), num_splits=self._graph_splits(size))[:2]
+        query_lens = [k + 1] * size if seq_lens_cpu is None else [k + 1 if n > 0 else 0 for n in seq_lens_cpu]
+        return self._spec_forward(rows, nsched, mask.bool(), torch.full_like(nsched, k), num_tokens, query_lens,
+                                  lens, size * (k + 1), np.full(size, k + K), num_splits=self._graph_splits(size))[:2]
 
     # -- CUDA graphs ------------------------------------------------------------------
     def capture_cuda_graphs(self, sizes: list[int] | None = None, eager: bool = False) -> None:
@@ -211,17 +223,20 @@ class ModelRunner:
         sizes = sizes or graph_batch_sizes(self.table.max_reqs)
         cls = EagerPaddedSteps if eager else DecodeGraphs
         if self.spec is not None:
-            graphs = cls(self._spec_graph_step, sizes, self.table.pad_row, self.device, query_len=self.spec.k + 1)
+            by_k = {k: cls(partial(self._spec_graph_step, k=k), sizes, self.table.pad_row, self.device,
+                           query_len=k + 1) for k in reversed(self.spec_draft_counts)}
         else:
-            graphs = cls(self._graph_step, sizes, self.table.pad_row, self.device)
+            by_k = {0: cls(self._graph_step, sizes, self.table.pad_row, self.device)}
         try:
             with torch.inference_mode():
-                graphs.capture()
+                for graphs in by_k.values():
+                    graphs.capture()
         except GraphUnsafe as e:
             torch.cuda.synchronize(self.device)
             log.warning("CUDA graphs are off for this model: %s; decode steps run eagerly", e)
             return
-        self.graphs = graphs
+        self.spec_graphs = by_k if self.spec is not None else {}
+        self.graphs = by_k[self.spec.k if self.spec is not None else 0]
 
     def _graph_step(self, rows: torch.Tensor, nsched: torch.Tensor, mask: torch.Tensor, num_tokens: int,
                     size: int, seq_lens_cpu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

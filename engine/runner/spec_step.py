@@ -138,8 +138,8 @@ class SpecDecoder:
         """Run the head over [stale | valid | K-1 mask] rows of every request and write
         the K drafts of sampling requests past their known tokens. `start`: each
         request's first position this step (its computed count before the step);
-        n_rows_cpu: its rows, nsched + K - 1 (a padded graph entry, with no tokens: 2K,
-        which write nothing). Parallel drafting: one pass over all rows. Chain drafting
+        n_rows_cpu: its rows, nsched + K - 1 (a padded graph entry, with no tokens and the
+        graph's k drafts: k + K, which write nothing). Parallel drafting: one pass over all rows. Chain drafting
         (parallel_drafting=False, for comparison): a pass over [stale | valid] gives d_1,
         then one pass per mask row gives d_2..d_K (each reads the KV the passes before
         wrote; the drafts are the same, the head runs K times)."""
@@ -147,7 +147,7 @@ class SpecDecoder:
         dev = rows.device
         B = rows.shape[0]
         real = nsched > 0
-        n_rows = torch.where(real, nsched.long() + K - 1, 2 * K)
+        n_rows = torch.where(real, nsched.long() + K - 1, ndraft.long() + K)
         stale = torch.where(samples, ndraft.long() + 1 - emitted, 0)      # rejected drafts
         lay = _Layout(rows, real, n_rows, stale, start.long() - stale, query_start.long(), aux)
         if self.parallel:

@@ -308,3 +308,45 @@ def test_penalties_and_bias_with_speculation_equal_without(target, heads, async_
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == plain
     st = llm.engine.spec_stats
     assert st.accepted_per_position[2] > 0.5 * st.num_drafts
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_drafts_shrink_as_the_batch_grows(target, heads, async_scheduling):
+    """num_speculative_tokens_per_batch [[3, 2], [5, 1]] with K=3: five requests finishing
+    one by one cross both thresholds. Each step verifies at most the rule's k for its
+    running batch, the padded graph steps of every k (run eagerly) replay, and the greedy
+    tokens equal the target's own; nothing stays pending and no block leaks."""
+    folder, _ = target
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 30, 9, 1, 12)]
+    _, base = _run(folder, PROMPTS, params)
+    rule = [[3, 2], [5, 1]]
+    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=16, async_scheduling=async_scheduling,
+              speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": 3,
+                                  "num_speculative_tokens_per_batch": rule})
+    runner, sched = llm.engine.runner, llm.engine.scheduler
+    runner.capture_cuda_graphs(sizes=[2, 4, 8], eager=True)
+    assert sorted(runner.spec_graphs) == [1, 2, 3]
+    launched = []
+    for k, graphs in runner.spec_graphs.items():
+        launch = graphs._launch
+        graphs._launch = lambda size, seq_lens, k=k, launch=launch: launched.append(k) or launch(size, seq_lens)
+    steps = []
+    schedule = sched.schedule
+
+    def recording():
+        running = len(sched.running)
+        out = schedule()
+        steps.append((running, max(out.spec_token_counts.values(), default=0)))
+        return out
+
+    sched.schedule = recording
+    outs = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(PROMPTS, params)]
+    assert outs == base
+    allowed = {1: 3, 2: 3, 3: 2, 4: 2, 5: 1}
+    assert all(k <= allowed[n] for n, k in steps if n), steps
+    assert {k for _, k in steps} >= {1, 2, 3}, steps
+    assert set(launched) >= {1, 3}, launched
+    pad = runner.table.pad_row
+    assert int(runner.table.num_computed[pad]) == 0 and not runner.table.token_ids[pad].any()
+    assert llm.engine.spec_stats.num_accepted_tokens > 0
+    assert not sched.pending and llm.engine.kv.num_free_blocks == llm.engine.num_blocks
