@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -115,9 +116,12 @@ class AsyncEngine:
                 raise
         if hasattr(self.core, "output_sink"):    # an EP engine's own steps (a scale) stream at once
             self.core.output_sink = self._deliver
+        if hasattr(self.core, "command_pump"):   # and take in new requests and aborts meanwhile
+            self.core.command_pump = self._take_commands
         self.max_model_len = self.core.limits.max_model_len
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._deferred: deque = deque()     # run_in_loop calls sent while one runs: after it
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -181,8 +185,10 @@ class AsyncEngine:
     async def run_in_loop(self, fn: Callable[[EngineClient], Any]) -> Any:
         """Run `fn(client)` on the loop thread between two steps (the one thread that
         may touch the client, e.g. to scale an EP engine) and return its result, or
-        raise its error. Steps it takes itself produce outputs that reach their streams
-        when it returns; requests sent meanwhile wait in the command queue."""
+        raise its error. A client with `output_sink` / `command_pump` (an EP engine)
+        streams the tokens of steps it takes itself at once and takes in requests and
+        aborts sent meanwhile between those steps; with another client they wait until
+        it returns. Another call sent meanwhile runs after it."""
         if self.error is not None:
             raise EngineDown(f"the engine stopped: {self.error!r}")
         done = asyncio.get_running_loop().create_future()
@@ -253,13 +259,20 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDead(f"engine stopped: {e!r}"))
             while True:     # requests and run_in_loop calls still waiting for their turn
                 try:
-                    _, _, fut = self._commands.get_nowait()
-                except queue.Empty:
-                    break
+                    _, fut = self._deferred.popleft()
+                except IndexError:
+                    try:
+                        _, _, fut = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
                 if fut is not None:
                     fut.get_loop().call_soon_threadsafe(_settle, fut, EngineDead(f"engine stopped: {e!r}"))
 
-    def _drain_commands(self, wait_s: float | None) -> None:
+    def _drain_commands(self, wait_s: float | None, calls: bool = True) -> None:
+        """Carry out the commands sent; calls=False (from inside a run_in_loop call, between
+        its steps) leaves other calls for after it."""
+        while calls and self._deferred:
+            self._call(*self._deferred.popleft())
         try:
             cmd = self._commands.get(timeout=wait_s) if wait_s else self._commands.get_nowait()
         except queue.Empty:
@@ -270,12 +283,19 @@ class AsyncEngine:
                 self._add(arg, fut)
             elif kind == "abort":
                 self.core.abort_requests([arg])
-            elif kind == "call":
+            elif kind == "call" and calls:
                 self._call(arg, fut)
+            elif kind == "call":
+                self._deferred.append((arg, fut))
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _take_commands(self) -> None:
+        """The client's command_pump: new requests and aborts, between a call's steps."""
+        self.heartbeat = time.monotonic()
+        self._drain_commands(None, calls=False)
 
     def _add(self, req: Request, fut: asyncio.Future) -> None:
         stream = self._streams.get(req.request_id)

@@ -87,6 +87,10 @@ class EPEngine:
         # Where updates of steps taken outside step() go at once (AsyncEngine sets it, so
         # tokens reach their streams while a scale runs on its loop).
         self.output_sink: Callable[[EngineCoreOutput], None] | None = None
+        # Called before each of those steps and while new ranks load: the caller takes in
+        # the requests and aborts sent meanwhile (AsyncEngine sets it, so a scale does not
+        # hold up admission); it may call add_request and abort_requests.
+        self.command_pump: Callable[[], None] | None = None
         self.requests = self.tracker.requests            # user id -> request, until popped
         self.accepting: set[str] = set()      # ranks that take new requests
         self.step_index = 0
@@ -261,7 +265,9 @@ class EPEngine:
 
     def step_internal(self) -> None:
         """A step the engine or a plug-in takes on its own (while scaling, migrating):
-        its updates go to output_sink at once when one is set, else with the next step()."""
+        its updates go to output_sink at once when one is set, else with the next step().
+        The caller's pending requests and aborts (command_pump) go with it."""
+        self._pump()
         self._advance()
         if self.output_sink is not None:
             for out in self.tracker.take_outputs():
@@ -308,11 +314,17 @@ class EPEngine:
             p.on_step(self.step_index, {n: a.ext[p.name] for n, a in answers.items() if p.name in a.ext})
 
     def _step_while_waiting(self) -> bool:
-        """Step the current ranks while new ones load, if there is work."""
-        if not (self.has_unfinished() and self.ranks):
+        """While new ranks load: take in the caller's requests and aborts, and step the
+        current ranks if there is work (aborts to send count: they free blocks)."""
+        self._pump()
+        if not ((self.has_unfinished() or any(r.pending_abort for r in self.ranks)) and self.ranks):
             return False
         self.step_internal()
         return True
+
+    def _pump(self) -> None:
+        if self.command_pump is not None:
+            self.command_pump()
 
     # -- ranks and generations --------------------------------------------------------------
     def spawn_ranks(self, count: int, keep_serving: bool = True) -> tuple[list[Rank], object]:

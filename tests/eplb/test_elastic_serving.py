@@ -1,17 +1,24 @@
 """Elastic EP while serving (tiny Qwen3-MoE, gloo): a forced rebalance and 2 -> 4 -> 2
 under a steady stream of requests; requests on retiring ranks move instead of being
 waited for; bad sizes, a failed start and a concurrent scale leave the running group
-untouched; prompt logprobs through the ranks; the EPLB metrics of that run."""
+untouched; prompt logprobs through the ranks; the EPLB metrics of that run; through
+AsyncEngine, requests sent and aborted while new ranks are slow to start are served
+and freed before the scale ends."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
+import time
 
 import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.distributed import EPEngineError
+from engine.async_engine import AsyncEngine
+from engine.distributed.ep_worker import worker_main
 from engine.distributed.launcher import SpawnLauncher
 from eplb.elastic import ElasticEPEngine, EplbConfig, ScaleInProgress
 from tests.engine.tiny_models import build
@@ -43,6 +50,27 @@ class FailingLauncher(SpawnLauncher):
 
 def _exit_now() -> None:
     raise SystemExit(3)
+
+
+class GatedLauncher(SpawnLauncher):
+    """Starts ranks that wait for `gate` before they start (new ranks slow to load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = self._mp.Event()
+        self.gate.set()
+
+    def launch(self, names, address, threads):
+        procs = [self._mp.Process(target=_start_when_open, args=(self.gate, address, name, threads, os.getpid()),
+                                  daemon=True) for name in names]
+        for p in procs:
+            p.start()
+        return procs
+
+
+def _start_when_open(gate, address: str, name: str, threads: int, parent: int) -> None:
+    gate.wait(300)
+    worker_main(address, name, threads, parent)
 
 
 def test_scale_and_rebalance_under_a_steady_stream(qwen3_moe) -> None:
@@ -164,3 +192,62 @@ def test_prompt_logprobs_through_the_ranks(qwen3_moe) -> None:
         for got, exp in zip(out.prompt_logprobs[1:], want.prompt_logprobs[1:]):
             assert got.keys() == exp.keys()
             assert max(abs(got[t] - exp[t]) for t in exp) < 1e-4
+
+
+def test_requests_sent_and_aborted_during_a_slow_grow_are_served_at_once(qwen3_moe) -> None:
+    folder, refs = qwen3_moe
+    launcher = GatedLauncher()
+    client = ElasticEPEngine(EngineConfig(model=str(folder), max_logprobs=3), 2,
+                             eplb=EplbConfig(auto_rebalance=False), timeout_s=60, launcher=launcher)
+    eng = AsyncEngine(engine_client=client)
+
+    async def answer(i: int, rid: str, first: asyncio.Event | None = None) -> list[int]:
+        ids: list[int] = []
+        async for delta in eng.generate(PROMPTS[i], PARAMS, rid):
+            ids.extend(delta.new_token_ids)
+            if first is not None:
+                first.set()
+        return ids
+
+    async def wait_for(cond, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not cond():
+            assert time.monotonic() < deadline, f"gave up waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    async def run() -> None:
+        running = asyncio.create_task(answer(1, "running"))
+        await wait_for(lambda: eng.num_running == 1, "the first request to run")
+        launcher.gate.clear()      # the new ranks hold at start until the gate opens
+        scale = asyncio.create_task(eng.run_in_loop(lambda c: c.scale_to(4)))
+        await wait_for(lambda: client.scaler.scaling, "the scale to begin")
+
+        # Sent after the scale began: it streams (and finishes) while the new ranks load.
+        first = asyncio.Event()
+        arrived = asyncio.create_task(answer(2, "arrived", first))
+        await asyncio.wait_for(first.wait(), 120)
+        assert client.scaler.scaling and not scale.done(), "its first token came before the scale ended"
+        # Sent and dropped (a client disconnect) during the scale: its blocks come back.
+        dropped = eng.generate(PROMPTS[3], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+                               "dropped")
+        await anext(dropped)
+        await dropped.aclose()
+        assert await asyncio.wait_for(arrived, 120) == refs[2]
+        assert await asyncio.wait_for(running, 120) == refs[1]
+        await wait_for(lambda: (eng.num_running, eng.engine_stats().kv_cache_usage) == (0, 0.0),
+                       "the dropped request's blocks to be freed")
+        assert client.scaler.scaling and not scale.done() and client.world_size == 2, "all of it during the scale"
+
+        launcher.gate.set()
+        await asyncio.wait_for(scale, 300)
+        assert client.world_size == 4
+        after = await asyncio.gather(*(answer(i, f"after{i}") for i in range(len(PROMPTS))))
+        assert after == refs, "greedy answers of one process, on the grown group"
+        await wait_for(lambda: (eng.num_running, eng.num_waiting, eng.engine_stats().kv_cache_usage) == (0, 0, 0.0),
+                       "block pools full again")
+        assert not client.requests, "no request left behind"
+
+    try:
+        asyncio.run(run())
+    finally:
+        eng.shutdown()
