@@ -135,7 +135,9 @@ def test_bad_speculative_configs_are_refused(target, heads):
     folder, _ = target
     for bad, words in [({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "method"),
                        ({"method": "peagle", "model": str(heads[0]), "num_speculative_tokens": 0}, "between"),
-                       ({"method": "peagle", "num_speculative_tokens": 2}, "model")]:
+                       ({"method": "peagle", "num_speculative_tokens": 2}, "model"),
+                       ({"method": "peagle", "model": str(heads[0]), "num_speculative_tokens": 3,
+                         "num_speculative_tokens_per_batch": [[8, 2], [4, 1]]}, "increasing")]:
         with pytest.raises(ValueError, match=words):
             EngineConfig(speculative_config=bad)
     # The head was trained for 4 drafts; asking for more is refused at start-up.
