@@ -63,3 +63,25 @@ def test_logprobs_and_penalties_on_the_device(target, heads):  # noqa: F811
         assert plain.outputs[0].token_ids == spec.outputs[0].token_ids
     for la, lb in zip(outs[0][0].outputs[0].logprobs, outs[1][0].outputs[0].logprobs):
         assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-3 for k in la)
+
+
+@pytest.mark.parametrize("async_", [False, True])
+def test_drafts_per_batch_with_graphs(target, heads, async_):  # noqa: F811
+    """num_speculative_tokens_per_batch with captured graphs: a graph set per k, the
+    smaller k's graphs replay once the batch crosses a threshold, greedy unchanged."""
+    folder, _ = target
+    _, base, _ = _generate(folder, graphs=False, async_=False)
+    llm = LLM(str(folder), device="cuda", dtype="float32", block_size=4, max_num_batched_tokens=16, max_num_seqs=8,
+              enable_cuda_graphs=True, async_scheduling=async_,
+              speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": 3,
+                                  "num_speculative_tokens_per_batch": [[3, 2], [5, 1]]})
+    runner = llm.engine.runner
+    assert sorted(runner.spec_graphs) == [1, 2, 3]
+    launched = []
+    for k, g in runner.spec_graphs.items():
+        launch = g._launch
+        g._launch = lambda size, seq_lens, k=k, launch=launch: launched.append(k) or launch(size, seq_lens)
+    outs = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(PROMPTS, _params())]
+    assert outs == base
+    assert {k for k in launched if k < 3}, f"no graph of a smaller k replayed: {launched}"
+    assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
