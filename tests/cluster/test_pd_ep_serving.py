@@ -3,11 +3,13 @@ through the router with the official `openai` client: `tandem serve --mode pd
 --data-parallel-size 2 --enable-expert-parallel`'s settings (pools.decode.parallel) give
 the one-process (dp=1) greedy text, on the embedded default model and a tiny Qwen3-MoE.
 The decode replica's two ranks each pull the KV with their own NIXL agent; their
-transfers reach the replica's /metrics. One Ray instance for the module."""
+transfers reach the replica's /metrics. With --enable-eplb the decode pool grows 2 -> 3
+and shrinks back under a steady stream, answers unchanged. One Ray instance for the module."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import openai
@@ -18,8 +20,9 @@ from cluster.app import build_app
 from cluster.cli import parser
 from cluster.serve_args import app_args
 from engine import LLM, SamplingParams
+from tests.cluster.test_ep_serving import PROMPTS as STREAM_PROMPTS
+from tests.cluster.test_ep_serving import SteadyStream, created_groups, metric_lines, scale, wait_answering
 from tests.engine.tiny_models import build
-from tests.cluster.test_ep_serving import created_groups, metric_lines, wait_answering
 from tests.ray_cluster import free_port, local_ray, wait_until
 
 MODEL = "tandem-default"
@@ -43,7 +46,7 @@ def app():
     with local_ray(num_cpus=3, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(pd_ep_app_args()), name="tandem", route_prefix="/", blocking=False)
+        serve.run(build_app(pd_ep_app_args("--enable-eplb")), name="tandem", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_answering(url, MODEL, "ready?")
         try:
@@ -89,3 +92,30 @@ def test_pd_with_an_ep_decode_pool_answers_as_one_process_on_a_tiny_qwen3_moe(ap
             assert [int(t) for t in r.choices[0].logprobs.tokens] == tokens
     finally:
         serve.delete("qwen")
+
+
+def test_pd_decode_pool_scales_2_to_3_to_2_under_a_stream(app, default_llm):
+    want = {p: o.outputs[0].text for p, o in
+            zip(STREAM_PROMPTS, default_llm.generate(STREAM_PROMPTS, SamplingParams(max_tokens=8, temperature=0.0)))}
+    stream = SteadyStream(app)
+    spans = []
+    try:
+        wait_until(lambda: (len(stream.results) >= 2, ""), "the stream to flow", 60)
+        for n in (3, 2):
+            t0 = time.monotonic()
+            r = scale(app, n)
+            spans.append((t0, time.monotonic()))
+            assert r.status_code == 200 and r.json()["data_parallel_size"] == n, r.text
+        during = len(stream.results)
+        time.sleep(1)       # a few more answers from the shrunk group
+    finally:
+        results = stream.finish()
+    failed = [(p, r) for p, r in results if isinstance(r, Exception) or r != want[p]]
+    assert not failed, failed[:3]
+    assert len(results) > during > 0
+    assert all(stream.overlapping(*span) for span in spans)     # requests ran across both scales
+
+    def idle():
+        usage = [v for labels, v in metric_lines(app, "tandem_kv_cache_usage_perc") if 'pool="decode"' in labels]
+        return usage and all(v == 0 for v in usage), str(usage)
+    wait_until(idle, "the decode ranks' KV blocks free again", 30)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.distributed import EPEngineError
 from engine.async_engine import AsyncEngine
+from engine.distributed import EPEngineError
 from engine.distributed.ep_worker import worker_main
 from engine.distributed.launcher import SpawnLauncher
 from eplb.elastic import ElasticEPEngine, EplbConfig, ScaleInProgress
