@@ -8,25 +8,31 @@ under a steady stream of requests. One Ray instance and one app for the module."
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
 import httpx
-import openai
 import pytest
-import ray
 from ray import serve
 
 from cluster.app import build_app
 from cluster.cli import parser
 from cluster.serve_args import app_args
 from engine import LLM, SamplingParams
+from tests.cluster.ep_serving_support import (
+    MODEL,
+    PROMPTS,
+    SteadyStream,
+    client,
+    created_groups,
+    metric_lines,
+    scale,
+    served_app,
+    wait_answering,
+)
 from tests.engine.tiny_models import build
-from tests.ray_cluster import free_port, local_ray, wait_until
+from tests.ray_cluster import wait_until
 
-MODEL = "tandem-default"
-PROMPTS = ["Experts, spread out.", "a second, somewhat longer prompt for the other rank", "third"]
 EPLB = {"window_size": 8, "step_interval": 4, "min_gain": 0.0}
 # Per rank a 0.4 CPU bundle: a replica (0.1 for its coordinator + 2 ranks) and the growth
 # to 4 ranks fit the 3 logical CPUs of the module's Ray, on a 2-core machine.
@@ -46,43 +52,16 @@ def ep_app_args(*extra: str, **engine) -> dict:
     return args
 
 
-def created_groups() -> list[dict]:
-    return [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
-
-
-def wait_answering(url: str, model: str, prompt) -> None:
-    def ready():
-        try:
-            r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1},
-                           timeout=60)
-            return r.status_code == 200, r.text
-        except httpx.HTTPError as e:
-            return False, repr(e)
-    wait_until(ready, "the EP app to answer", 300)
-
-
 @pytest.fixture(scope="module")
 def app():
-    with local_ray(num_cpus=3, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(ep_app_args()), name="tandem", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        wait_answering(url, MODEL, "ready?")
-        try:
-            yield url
-        finally:
-            serve.shutdown()
+    with served_app(ep_app_args()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def want(default_llm) -> dict[str, str]:
     params = SamplingParams(max_tokens=8, temperature=0.0)
     return {p: o.outputs[0].text for p, o in zip(PROMPTS, default_llm.generate(PROMPTS, params))}
-
-
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def test_ep_pool_answers_as_one_process_on_the_default_model(app, want):
@@ -144,12 +123,6 @@ def test_an_ep_replica_that_cannot_start_says_why(app):
         serve.delete("bad")
 
 
-def metric_lines(url: str, name: str) -> list[tuple[str, float]]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return [(line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-            if line.startswith(name + "{")]
-
-
 def test_eplb_series_reach_metrics_after_load_and_a_forced_rebalance(app, want):
     c = client(app)
     for prompt in PROMPTS * 2:      # enough steps for a few load windows (step_interval 4)
@@ -193,46 +166,6 @@ def test_dashboard_draws_the_eplb_panel_in_a_browser(app, tmp_path):
     assert eplb["data-state"] == "data" and int(eplb["data-points"]) >= 6, eplb
     assert eplb["lines"] == int(eplb["data-series"]) == 2 and eplb["longest"] >= 1, eplb
     assert ranks["data-state"] == "data" and ranks["lines"] == int(ranks["data-series"]) == 2, ranks   # 2 ranks
-
-
-class SteadyStream:
-    """Requests one after another from two threads until stopped; every answer kept."""
-
-    def __init__(self, url: str) -> None:
-        self.c = client(url)
-        self.results: list[tuple[str, str | Exception]] = []
-        self.spans: list[tuple[float, float]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(2)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i: int) -> None:
-        n = i
-        while not self.stop.is_set():
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            start = time.monotonic()
-            try:
-                text = self.c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
-                self.results.append((prompt, text.choices[0].text))
-            except Exception as e:  # noqa: BLE001  (kept: the test fails on it below)
-                self.results.append((prompt, e))
-            self.spans.append((start, time.monotonic()))
-
-    def overlapping(self, start: float, end: float) -> int:
-        """Requests in flight at some time in [start, end]."""
-        return sum(1 for s, e in self.spans if s <= end and e >= start)
-
-    def finish(self) -> list[tuple[str, str | Exception]]:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
-        return self.results
-
-
-def scale(url: str, n, timeout: float = 300) -> httpx.Response:
-    return httpx.post(f"{url}/scale_elastic_ep", json={"new_data_parallel_size": n}, timeout=timeout)
 
 
 def test_scale_2_to_4_to_2_and_a_forced_rebalance_under_a_steady_stream(app, want):

@@ -8,7 +8,6 @@ and shrinks back under a steady stream, answers unchanged. One Ray instance for 
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
@@ -20,12 +19,19 @@ from cluster.app import build_app
 from cluster.cli import parser
 from cluster.serve_args import app_args
 from engine import LLM, SamplingParams
-from tests.cluster.test_ep_serving import PROMPTS as STREAM_PROMPTS
-from tests.cluster.test_ep_serving import SteadyStream, created_groups, metric_lines, scale, wait_answering
+from tests.cluster.ep_serving_support import (
+    MODEL,
+    SteadyStream,
+    created_groups,
+    metric_lines,
+    scale,
+    served_app,
+    wait_answering,
+)
+from tests.cluster.ep_serving_support import PROMPTS as STREAM_PROMPTS
 from tests.engine.tiny_models import build
-from tests.ray_cluster import free_port, local_ray, wait_until
+from tests.ray_cluster import wait_until
 
-MODEL = "tandem-default"
 PROMPTS = ["Experts, spread out.", "a second, somewhat longer prompt for the other rank", "third", "4"]
 
 
@@ -43,16 +49,8 @@ def pd_ep_app_args(*extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def app():
-    with local_ray(num_cpus=3, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(pd_ep_app_args("--enable-eplb")), name="tandem", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        wait_answering(url, MODEL, "ready?")
-        try:
-            yield url
-        finally:
-            serve.shutdown()
+    with served_app(pd_ep_app_args("--enable-eplb")) as url:
+        yield url
 
 
 def test_pd_with_an_ep_decode_pool_answers_as_one_process(app, default_llm):
