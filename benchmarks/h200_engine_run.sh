@@ -4,7 +4,7 @@
 #   bash benchmarks/h200_engine_run.sh "tests engine:qwen3-30b-a3b:280 idle:qwen3-30b-a3b:1,64"
 # saved:MODEL:SECONDS[/BATCHES] runs the engine phase on a seeded random checkpoint saved
 # under /tmp (written first if absent; removed after, the disk holds one); tune:MODELS tunes the MoE tiles into engine/kernels/configs
-# (later phases of the same call read them; copies come back in $OUT); attn times the
+# (later phases of the same call read them; they come back as $OUT/moe_configs.tar); attn times the
 # prefill attention kernels (attn:quick without tile sweeps); tests:SECONDS[:PATHS] runs the gpu tests (of tests/engine, or of
 # the comma-separated PATHS under it).
 # Results: $OUT/*.jsonl and logs (what the device tool brings back).
@@ -27,7 +27,7 @@ for job in $1; do
             rm -rf "/tmp/ckpt-$model" ;;
     tune)   timeout 300 python3 benchmarks/tune_moe.py --model "$model" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} 2>&1 \
               | tee -a "$OUT/tune.log" | grep -v "^  " \
-              | cut -c1-200; cp engine/kernels/configs/*.json "$OUT/" ;;
+              | cut -c1-200; tar -C engine/kernels -cf "$OUT/moe_configs.tar" configs ;;
     attn)   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attn.jsonl" ${model:+--quick} 2>&1 | cut -c1-300 | tail -14 ;;
     engine) timeout $((arg + 60)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
               --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;

@@ -3,8 +3,9 @@
 One JSON file per (experts, intermediate size, device), named as vLLM names its own
 (`E=64,N=1408,device_name=NVIDIA_H200.json` in engine/kernels/configs/): keys are token
 counts, values the tiles that were fastest at that count on that device; a call takes
-the entry of the nearest count. `benchmarks/tune_moe.py` writes them on the device.
-Without a file the kernel's built-in heuristic chooses.
+the entry of the nearest count within a factor of 2 (a sparse table says nothing about
+counts far from its keys). `benchmarks/tune_moe.py` writes them on the device. Without
+a file or a near entry the kernel's built-in heuristic chooses.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def load(num_experts: int, intermediate: int, name: str) -> dict[int, dict] | No
 
 def tuned(num_tokens: int, num_experts: int, intermediate: int, device: torch.device) -> dict | None:
     """The tuned entry nearest to num_tokens ({BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
-    num_warps, num_stages}), or None when no file covers this shape on this device."""
+    num_warps, num_stages}), or None when no file covers this shape on this device or
+    no key is within a factor of 2 of num_tokens."""
     name = device_name(device)
     table = load(num_experts, intermediate, name) if name else None
     if not table:
         return None
-    return table[min(table, key=lambda m: abs(m - num_tokens))]
+    m = min(table, key=lambda k: abs(k - num_tokens))
+    return table[m] if m / 2 <= num_tokens <= 2 * m else None

@@ -35,8 +35,11 @@ def test_nearest_token_count_of_the_matching_file(tmp_path, monkeypatch):
     moe_configs.load.cache_clear()
     try:
         dev = torch.device("cpu")
-        assert moe_config(3, 2, 8, 32, dev) == MoEConfig(16, 32, 64, 4, 3)
+        assert moe_config(2, 2, 8, 32, dev) == MoEConfig(16, 32, 64, 4, 3)
         assert moe_config(200, 2, 8, 32, dev) == MoEConfig(64, 128, 64, 8, 4)
+        # Far from every key (over 2x): the heuristic.
+        assert moe_config(3, 2, 8, 32, dev) == default_config(6, 8)
+        assert moe_config(600, 2, 8, 32, dev) == default_config(1200, 8)
         # Another shape has no file: the heuristic.
         assert moe_config(200, 2, 16, 32, dev) == default_config(400, 16)
     finally:
