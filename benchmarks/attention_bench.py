@@ -17,7 +17,6 @@ TFLOP/s counts the causal half: B x heads x T^2/2 x 2 x (d_qk + d_v). Errors are
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,15 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OUT: Path | None = None
-
-
-def emit(**rec) -> None:
-    line = json.dumps(rec, default=str)
-    print(line, flush=True)
-    if OUT is not None:
-        with OUT.open("a") as f:
-            f.write(line + "\n")
+from benchmarks.records import emit, record_to  # noqa: E402
 
 
 def bench(fn) -> float:
@@ -116,12 +107,11 @@ def gqa_cases(B: int, T: int, sweep: bool) -> None:
 
 
 def main() -> None:
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quick", action="store_true", help="no tile sweeps")
     args = ap.parse_args()
-    OUT = args.out
+    record_to(args.out)
     p = torch.cuda.get_device_properties(0)
     emit(device=p.name, torch=torch.__version__, triton=__import__("triton").__version__)
     torch.manual_seed(0)

@@ -36,15 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHAPES = ROOT / "benchmarks" / "shapes"
-OUT: Path | None = None
-
-
-def emit(**rec) -> None:
-    line = json.dumps(rec, default=str)
-    print(line, flush=True)
-    if OUT is not None:
-        with OUT.open("a") as f:
-            f.write(line + "\n")
+from benchmarks.records import emit, record_to  # noqa: E402
 
 
 def sync() -> None:
@@ -520,7 +512,7 @@ def hf_phase(model: str, batches: list[int], smoke: bool, new: int, budget_s: fl
 
 
 def main() -> None:
-    global OUT, CHECKPOINT
+    global CHECKPOINT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["kernels", "engine", "profile", "idle", "hf", "copy"])
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=[p.stem for p in SHAPES.glob("*.json")])
@@ -537,7 +529,7 @@ def main() -> None:
         ENGINE_FLAGS["enable_cuda_graphs"] = False
     if args.sync:
         ENGINE_FLAGS["async_scheduling"] = False
-    OUT = args.out
+    record_to(args.out)
     CHECKPOINT = args.checkpoint
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 import sysconfig
@@ -39,15 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.engine_bench import copy_bandwidth  # noqa: E402
 
 MASK_ID, VOCAB = 256, 320
-OUT: Path | None = None
-
-
-def emit(**rec) -> None:
-    line = json.dumps(rec, default=str)
-    print(line, flush=True)
-    if OUT is not None:
-        with OUT.open("a") as f:
-            f.write(line + "\n")
+from benchmarks.records import emit, record_to  # noqa: E402
 
 
 def corpus(smoke: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +222,6 @@ def measure(target_dir: Path, head_dir: Path, held_out: torch.Tensor, smoke: boo
 
 
 def main() -> None:
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/peagle")
     ap.add_argument("--target-s", type=float, default=120.0)
@@ -240,7 +230,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
-    OUT = Path(a.out) if a.out else None
+    record_to(a.out)
     dev = "cpu" if a.smoke else "cuda"
     root = Path(a.dir)
     target_dir, head_dir = root / "target", root / "head"
