@@ -72,6 +72,10 @@ class AutoscalingSettings:
         for name in ("look_back_period_s", "metrics_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"autoscaling.{name} must be > 0, got {getattr(self, name)}")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            # Serve warns now and will refuse later: the window must hold more than one report.
+            raise ValueError(f"autoscaling.look_back_period_s ({self.look_back_period_s}) must be greater than "
+                             f"metrics_interval_s ({self.metrics_interval_s})")
 
 
 def parse_autoscaling(block: dict | None) -> AutoscalingSettings | None:

@@ -80,7 +80,8 @@ class Pool:
         self.now = 0.0
         self.kind, self.rate, self.itl_s = kind, rate, itl_s
         self.settings = AutoscalingSettings(**{"upscale_delay_s": 0, "downscale_delay_s": 0,
-                                                "look_back_period_s": LOOK_BACK_S, **settings})
+                                                "look_back_period_s": LOOK_BACK_S,
+                                                "metrics_interval_s": REPORT_S, **settings})
         config = serve_autoscaling_config(kind, self.settings, TTFT_MS, ITL_MS, "tandem-default")
         config["policy"]["policy_kwargs"]["publish"] = False
         self.config = AutoscalingConfig(**config)
@@ -217,6 +218,7 @@ def test_pool_load_counts_prefill_and_gaps():
     ({"min_replicas": 3, "max_replicas": 2}, "must be >= min_replicas"),
     ({"max_replica": 2}, "unknown autoscaling settings: max_replica"),
     ({"max_replicas": 2, "ttft_slo_fraction": 1.5}, "ttft_slo_fraction must be in"),
+    ({"max_replicas": 2, "look_back_period_s": 10}, "look_back_period_s .10.* must be greater than metrics_interval_s"),
 ])
 def test_bad_autoscaling_settings_say_what_to_change(block, message):
     with pytest.raises(ValueError, match=message):
