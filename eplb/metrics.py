@@ -22,6 +22,7 @@ STEP_HICCUP = "tandem_eplb_step_hiccup_seconds"
 RANK_LOAD = "tandem_eplb_rank_load"
 RANK_LOAD_RATIO = "tandem_eplb_rank_load_ratio"
 
+HISTORY = 256            # recent rebalances and migrating-step hiccups kept: Prometheus holds the rest
 MAX_LAYER_GROUPS = 8      # balancedness series per engine: deep models' layers are grouped
 
 
@@ -36,8 +37,10 @@ def layer_groups(num_layers: int, max_groups: int = MAX_LAYER_GROUPS) -> list[ra
 class EplbStats:
     balancedness: list[float] = field(default_factory=list)     # per MoE layer, last measured
     rank_load: list[float] = field(default_factory=list)        # per rank, last window (pairs per layer)
-    rebalance_seconds: list[float] = field(default_factory=list)  # one entry per finished rebalance
-    step_hiccups: list[float] = field(default_factory=list)     # per migrating step: seconds over the usual step
+    # The last HISTORY finished rebalances, and migrating steps' seconds over the usual
+    # step: bounded, as a replica serves for weeks; the totals are the counters below.
+    rebalance_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    step_hiccups: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     bytes_moved_total: int = 0
     num_rebalances: int = 0
     _usual_steps: deque = field(default_factory=lambda: deque(maxlen=32), repr=False)

@@ -8,7 +8,7 @@ import torch
 from engine.layers.expert_map import ExpertMap
 from engine.layers.moe import FusedMoE
 from eplb.load_stats import ExpertLoadWindow
-from eplb.metrics import EplbStats, layer_groups
+from eplb.metrics import HISTORY, EplbStats, layer_groups
 
 
 def _layers() -> list[FusedMoE]:
@@ -106,3 +106,18 @@ def test_stats_record_into_cluster_metrics() -> None:
     assert 'tandem_eplb_rebalances_total{model_name="tiny",pool="decode"} 1.0' in text
     assert 'tandem_eplb_rebalance_seconds_count{model_name="tiny",pool="decode"} 1.0' in text
     assert 'tandem_eplb_step_hiccup_seconds_count{model_name="tiny",pool="decode"} 1.0' in text
+
+
+def test_stats_keep_a_bounded_history_over_a_long_serving_process() -> None:
+    """Rebalances and migrating steps for ever: the lists keep the last HISTORY entries,
+    the counters count them all."""
+    stats = EplbStats()
+    stats.record_step(0.01, migrating=False)
+    n = 3 * HISTORY
+    for i in range(n):
+        stats.add_rebalance(float(i))
+        stats.record_step(0.01 + i, migrating=True)
+    assert len(stats.rebalance_seconds) == len(stats.step_hiccups) == HISTORY
+    assert list(stats.rebalance_seconds) == [float(i) for i in range(n - HISTORY, n)]
+    assert stats.rebalance_seconds[-1] == n - 1 and stats.step_hiccups[-1] == pytest.approx(n - 1)
+    assert stats.num_rebalances == n
