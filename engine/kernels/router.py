@@ -1,7 +1,8 @@
-"""Triton MoE routing: softmax top-k in one launch, and the logical-to-physical expert
-map with the per-slot load count in another (the torch path takes ~11 small launches
-per layer: softmax, a two-kernel top-k, renormalise, cast, arange, gather, modulo,
-gather, ones, index_add)."""
+"""Triton MoE routing: softmax top-k, and the logical-to-physical expert map with the
+per-slot load count, in one launch (the torch path takes ~11 small launches per layer:
+softmax, a two-kernel top-k, renormalise, cast, arange, gather, modulo, gather, ones,
+index_add). The map alone is a kernel of its own for routers whose top-k runs in torch
+(DeepSeek-V3's grouped sigmoid)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import triton.language as tl
 
 @triton.jit
 def _softmax_topk_kernel(logits_ptr, s_l, w_ptr, ids_ptr, E, scale,
-                         TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr):
+                         log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_ptr, valid_ptr,
+                         TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr,
+                         MAP: tl.constexpr, HAS_VALID: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * s_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -37,6 +40,23 @@ def _softmax_topk_kernel(logits_ptr, s_l, w_ptr, ids_ptr, E, scale,
         w = w / tl.where(wsum > 0, wsum, 1.0)
     tl.store(w_ptr + t * TOPK + k, (w * scale).to(w_ptr.dtype.element_ty), mask=k < TOPK)
     tl.store(ids_ptr + t * TOPK + k, ids, mask=k < TOPK)
+    if MAP:
+        _map_and_count(ids, t * TOPK + k, k < TOPK, log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_ptr, valid_ptr,
+                       TOPK, HAS_VALID)
+
+
+@triton.jit
+def _map_and_count(ids, i, m, log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_ptr, valid_ptr,
+                   TOPK: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Entry i (token i // TOPK) of logical expert ids[i] -> its physical slot: replica
+    i mod (the expert's copies); adds one to the slot's load."""
+    replica = i % tl.load(logcnt_ptr + ids, mask=m, other=1)
+    phys = tl.load(log2phy_ptr + ids * s_map + replica, mask=m, other=0)
+    tl.store(phys_ptr + i, phys, mask=m)
+    count = m
+    if HAS_VALID:   # padded tokens of a CUDA-graph batch do not count as load
+        count = m & (i // TOPK < tl.load(valid_ptr))
+    tl.atomic_add(load_ptr + phys, tl.full(phys.shape, 1, load_ptr.dtype.element_ty), mask=count)
 
 
 @triton.jit
@@ -45,27 +65,34 @@ def _physical_kernel(ids_ptr, N, log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
     ids = tl.load(ids_ptr + i, mask=m, other=0).to(tl.int64)
-    replica = i % tl.load(logcnt_ptr + ids, mask=m, other=1)
-    phys = tl.load(log2phy_ptr + ids * s_map + replica, mask=m, other=0)
-    tl.store(phys_ptr + i, phys, mask=m)
-    count = m
-    if HAS_VALID:   # padded tokens of a CUDA-graph batch do not count as load
-        count = m & (i // TOPK < tl.load(valid_ptr))
-    tl.atomic_add(load_ptr + phys, tl.full([BLOCK], 1, load_ptr.dtype.element_ty), mask=count)
+    _map_and_count(ids, i, m, log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_ptr, valid_ptr, TOPK, HAS_VALID)
 
 
 def softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool, scale: float,
-                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                        out_dtype: torch.dtype, expert_map: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                        num_valid_tokens: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights, logical ids); with expert_map = (log2phy, logcnt, expert_load) also the
+    physical slots, the load counted, in the same launch."""
     T, E = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     w = torch.empty(T, top_k, dtype=out_dtype, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    if expert_map is not None:
+        log2phy, logcnt, load = expert_map
+        phys = torch.empty(T, top_k, dtype=log2phy.dtype, device=logits.device)
+        s_map = log2phy.stride(0)
+    else:
+        log2phy = logcnt = phys = load = ids      # unused
+        s_map = 0
+    valid = num_valid_tokens if num_valid_tokens is not None else ids
     if T:
-        _softmax_topk_kernel[(T,)](logits, logits.stride(0), w, ids, E, scale, TOPK=top_k,
-                                   K_P2=max(2, triton.next_power_of_2(top_k)),
-                                   BLOCK_E=triton.next_power_of_2(E), RENORM=renormalize, num_warps=1)
-    return w, ids
+        _softmax_topk_kernel[(T,)](logits, logits.stride(0), w, ids, E, scale, log2phy, s_map, logcnt, phys, load,
+                                   valid, TOPK=top_k, K_P2=max(2, triton.next_power_of_2(top_k)),
+                                   BLOCK_E=triton.next_power_of_2(E), RENORM=renormalize,
+                                   MAP=expert_map is not None, HAS_VALID=num_valid_tokens is not None, num_warps=1)
+    return (w, ids) if expert_map is None else (w, ids, phys)
 
 
 def to_physical_triton(ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,

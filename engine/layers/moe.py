@@ -15,7 +15,7 @@ from torch import nn
 from engine.layers.expert_map import ExpertMap
 from engine.layers.params import param
 from engine.ops.moe import fused_moe
-from engine.ops.router import to_physical
+from engine.ops.router import softmax_topk_physical, to_physical
 
 
 class FusedMoE(nn.Module):
@@ -71,9 +71,20 @@ class FusedMoE(nn.Module):
         """This layer's current map (one layer)."""
         return ExpertMap.from_phy2log(self.phy2log.cpu()[None], self.num_experts)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor) -> torch.Tensor:
-        # The map and the load count in one launch on the device (engine/ops/router.py).
-        phys = to_physical(logical_ids, self.log2phy, self.logcnt, self.expert_load)
+    def softmax_route(self, logits: torch.Tensor, top_k: int, renormalize: bool, scale: float = 1.0,
+                      out_dtype: torch.dtype = torch.float32
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Softmax top-k routing through this layer's map, the load counted: (weights,
+        logical ids, physical slots) in one launch on the device. Pass all three to forward."""
+        return softmax_topk_physical(logits, top_k, renormalize, self.log2phy, self.logcnt, self.expert_load,
+                                     scale, out_dtype)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor,
+                phys: torch.Tensor | None = None) -> torch.Tensor:
+        """phys: the slots from softmax_route (its load already counted); else the map and
+        the load count run here, in one launch on the device (engine/ops/router.py)."""
+        if phys is None:
+            phys = to_physical(logical_ids, self.log2phy, self.logcnt, self.expert_load)
         if self.ep is not None:
             # x is what the experts take (for a LatentMoE, the latent vector): that is
             # what travels to the experts' ranks.

@@ -16,7 +16,6 @@ from engine.layers.moe import FusedMoE
 from engine.layers.params import Linear, param
 from engine.layers.router import grouped_sigmoid_topk, group_limited_softmax_topk
 from engine.models.base import CacheLayout, CausalLM, DecoderLayer
-from engine.ops.router import softmax_topk
 
 
 class DeepseekMoE(nn.Module):
@@ -33,21 +32,29 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = (GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
                                if c.n_shared_experts else None)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The router's logits are float32 (as the reference computes them from x.float()).
+    logits_dtype = torch.float32
+
+    def route(self, x: torch.Tensor, logits: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(weights, logical ids, physical slots or None: FusedMoE maps them)."""
         c = self.config
-        logits = nn.functional.linear(x.float(), self.gate.weight.float())
+        if logits is None:
+            logits = nn.functional.linear(x.float(), self.gate.weight.float())
         if self.v3:
             w, ids = grouped_sigmoid_topk(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
                                           c.n_group, c.topk_group, c.norm_topk_prob)
         elif getattr(c, "topk_method", "greedy") == "group_limited_greedy":
             w, ids = group_limited_softmax_topk(logits, c.num_experts_per_tok, c.n_group, c.topk_group)
-        else:       # one launch on the device, the scaling included
-            return softmax_topk(logits, c.num_experts_per_tok, False, c.routed_scaling_factor)
-        return w * c.routed_scaling_factor, ids
+        else:       # top-k, scaling, expert map and load count in one launch on the device
+            return self.experts.softmax_route(logits, c.num_experts_per_tok, False, c.routed_scaling_factor)
+        return w * c.routed_scaling_factor, ids, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(x)
-        out = self.experts(x, weights, ids)
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """logits: the router's, when computed together with the norm in front
+        (engine/models/base.py); else computed here."""
+        weights, ids, phys = self.route(x, logits)
+        out = self.experts(x, weights, ids, phys)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 

@@ -10,7 +10,6 @@ from engine.layers.moe import FusedMoE
 from engine.layers.params import Linear
 from engine.models.base import CacheLayout, CausalLM, DecoderLayer
 from engine.models.llama import GQAAttention, gqa_cache_layout
-from engine.ops.router import softmax_topk
 
 
 class Qwen3MoeBlock(nn.Module):
@@ -23,8 +22,10 @@ class Qwen3MoeBlock(nn.Module):
                                 slot_experts=getattr(c, "ep_slot_experts", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize, out_dtype=x.dtype)
-        return self.experts(x, weights, ids)
+        # Top-k, expert map and load count in one launch (engine/layers/moe.py).
+        weights, ids, phys = self.experts.softmax_route(self.gate(x), self.top_k, self.renormalize,
+                                                        out_dtype=x.dtype)
+        return self.experts(x, weights, ids, phys)
 
 
 class Qwen3MoeForCausalLM(CausalLM):

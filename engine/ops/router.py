@@ -1,6 +1,7 @@
 """MoE routing ops: softmax top-k, and the logical-to-physical expert map with the
-per-slot load count. One launch each on the device; the torch references are the
-plain formulas (engine/layers/router.py, to_physical_ref)."""
+per-slot load count. On the device both run in one launch (softmax_topk_physical), or
+the map alone after a top-k computed elsewhere; the torch references are the plain
+formulas (engine/layers/router.py, to_physical_ref)."""
 
 from __future__ import annotations
 
@@ -25,18 +26,21 @@ def softmax_topk_ref(logits: torch.Tensor, top_k: int, renormalize: bool, scale:
     return weights.to(out_dtype), ids
 
 
+def _topk_problem(logits: torch.Tensor, top_k: int) -> str | None:
+    problem = dtype_problem(logits)
+    if problem is None and (logits.shape[-1] > MAX_TRITON_EXPERTS or top_k > logits.shape[-1]):
+        problem = f"{logits.shape[-1]} experts with top-{top_k}"
+    return problem
+
+
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool, scale: float = 1.0,
                  out_dtype: torch.dtype = torch.float32, backend: str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] in out_dtype, logical expert ids [T, k] int64), weights scaled by
     `scale` after the optional renormalisation."""
-    if use_triton(logits, backend):
-        problem = dtype_problem(logits)
-        if problem is None and (logits.shape[-1] > MAX_TRITON_EXPERTS or top_k > logits.shape[-1]):
-            problem = f"{logits.shape[-1]} experts with top-{top_k}"
-        if not unsupported("softmax_topk", problem):
-            from engine.kernels.router import softmax_topk_triton
-            return softmax_topk_triton(logits, top_k, renormalize, scale, out_dtype)
+    if use_triton(logits, backend) and not unsupported("softmax_topk", _topk_problem(logits, top_k)):
+        from engine.kernels.router import softmax_topk_triton
+        return softmax_topk_triton(logits, top_k, renormalize, scale, out_dtype)
     return softmax_topk_ref(logits, top_k, renormalize, scale, out_dtype)
 
 
@@ -78,3 +82,19 @@ def to_physical(ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, 
         from engine.kernels.router import to_physical_triton
         return to_physical_triton(ids, log2phy, logcnt, expert_load, _num_valid_tokens)
     return to_physical_ref(ids, log2phy, logcnt, expert_load, _num_valid_tokens)
+
+
+def softmax_topk_physical(logits: torch.Tensor, top_k: int, renormalize: bool, log2phy: torch.Tensor,
+                          logcnt: torch.Tensor, expert_load: torch.Tensor, scale: float = 1.0,
+                          out_dtype: torch.dtype = torch.float32, backend: str | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """softmax_topk, then to_physical of its ids: (weights, logical ids, physical slots),
+    in one launch on the device."""
+    if use_triton(logits, backend) and not unsupported(
+            "softmax_topk_physical", _topk_problem(logits, top_k) or (
+                None if log2phy.stride(-1) == 1 else "a strided expert map")):
+        from engine.kernels.router import softmax_topk_triton
+        return softmax_topk_triton(logits, top_k, renormalize, scale, out_dtype, (log2phy, logcnt, expert_load),
+                                   _num_valid_tokens)
+    w, ids = softmax_topk_ref(logits, top_k, renormalize, scale, out_dtype)
+    return w, ids, to_physical_ref(ids, log2phy, logcnt, expert_load, _num_valid_tokens)

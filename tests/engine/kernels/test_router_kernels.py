@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.ops.router import softmax_topk, softmax_topk_ref, to_physical, to_physical_ref
+from engine.ops.router import (counting_tokens, softmax_topk, softmax_topk_physical, softmax_topk_ref, to_physical,
+                               to_physical_ref)
 from tests.engine.kernels.cases import interpreted
 
 
@@ -37,7 +38,6 @@ def _check_physical(device):
     assert torch.equal(phys.cpu(), ref) and torch.equal(load.cpu(), ref_load)
     assert int(ref_load.sum()) == ids.numel() and (ref >= 0).all()
     # Inside a padded step only the first 4 tokens' entries count.
-    from engine.ops.router import counting_tokens
     load.zero_()
     ref_load.zero_()
     with counting_tokens(dev(torch.tensor([4]))):
@@ -45,6 +45,26 @@ def _check_physical(device):
     with counting_tokens(torch.tensor([4])):
         to_physical(ids, log2phy, logcnt, ref_load, backend="torch")
     assert torch.equal(load.cpu(), ref_load) and int(ref_load.sum()) == 4 * 3
+
+
+def _check_topk_physical(device):
+    """Top-k, map and load count in one launch equal softmax_topk_ref then
+    to_physical_ref, replicas and padded tokens included."""
+    g = torch.Generator().manual_seed(2)
+    log2phy = torch.tensor([[0, 6, -1], [1, -1, -1], [2, 7, 8], [3, -1, -1], [4, -1, -1], [5, -1, -1]])
+    logcnt = torch.tensor([2, 1, 3, 1, 1, 1])
+    dev = lambda t: t.to(device)  # noqa: E731
+    for renorm, scale, dtype, valid in ((True, 1.0, torch.bfloat16, None), (False, 2.5, torch.float32, 3)):
+        logits = torch.randn(5, 6, generator=g) * 2
+        load, ref_load = dev(torch.zeros(9, dtype=torch.long)), torch.zeros(9, dtype=torch.long)
+        with counting_tokens(None if valid is None else dev(torch.tensor([valid]))):
+            w, ids, phys = softmax_topk_physical(dev(logits), 3, renorm, dev(log2phy), dev(logcnt), load, scale,
+                                                 dtype, backend="triton")
+        rw, rids = softmax_topk_ref(logits.double(), 3, renorm, scale, torch.float64)
+        rphys = to_physical_ref(rids, log2phy, logcnt, ref_load, None if valid is None else torch.tensor([valid]))
+        assert w.dtype == dtype and torch.equal(ids.cpu(), rids) and torch.equal(phys.cpu(), rphys)
+        assert torch.allclose(w.double().cpu(), rw, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+        assert torch.equal(load.cpu(), ref_load) and int(ref_load.sum()) == 3 * (valid or 5)
 
 
 def _check_nan_rows(device):
@@ -61,6 +81,11 @@ def test_softmax_topk():
 
 
 @interpreted
+def test_softmax_topk_physical_in_one_launch():
+    _check_topk_physical("cpu")
+
+
+@interpreted
 def test_softmax_topk_nan_rows_give_valid_ids():
     _check_nan_rows("cpu")
 
@@ -74,4 +99,5 @@ def test_to_physical_with_replicas_counts_load():
 def test_router_kernels_gpu():
     _check_topk("cuda")
     _check_physical("cuda")
+    _check_topk_physical("cuda")
     _check_nan_rows("cuda")
