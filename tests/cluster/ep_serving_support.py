@@ -97,6 +97,24 @@ class SteadyStream:
             t.join(timeout=120)
         return self.results
 
+    def check(self, want: dict[str, str], during: int, spans: list[tuple[float, float]]) -> None:
+        """After finish(): every answer is `want`'s text, more came after the first `during`,
+        and requests were in flight across each of `spans` (the scales)."""
+        failed = [(p, r) for p, r in self.results if isinstance(r, Exception) or r != want[p]]
+        assert not failed, failed[:3]
+        assert len(self.results) > during > 0, (len(self.results), during)
+        assert all(self.overlapping(*span) for span in spans), spans
+
+
+def wait_idle(url: str, pool: str | None = None) -> None:
+    """Wait for every rank's KV blocks to be free again and no request running (of `pool`
+    only, where given)."""
+    def idle():
+        series = metric_lines(url, "tandem_kv_cache_usage_perc") + metric_lines(url, "tandem_num_requests_running")
+        values = [v for labels, v in series if pool is None or f'pool="{pool}"' in labels]
+        return bool(values) and all(v == 0 for v in values), str(series)
+    wait_until(idle, "every rank's KV blocks free again", 30)
+
 
 def scale(url: str, n, timeout: float = 300) -> httpx.Response:
     return httpx.post(f"{url}/scale_elastic_ep", json={"new_data_parallel_size": n}, timeout=timeout)
