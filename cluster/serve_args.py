@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from disagg.connector import DEFAULT_CONNECTOR, connector_spec
-from engine.config import EngineConfig
+from engine.config import ATTENTION_BACKENDS, EngineConfig
 
 CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 GPU_POOLS = ("colocated", "prefill", "decode")   # pools that hold an engine (not the router)
@@ -60,6 +60,10 @@ ENGINE_FLAGS = (
                to_field=lambda eager: not eager, unset="off: graphs on CUDA, none on CPU"),
     EngineFlag("--async-scheduling", "async_scheduling", "schedule step N+1 while step N runs",
                unset="on for CUDA, off on CPU"),
+    EngineFlag("--attention-backend", "attention_backend",
+               "attention kernels: FLASHINFER (flashinfer-python, GQA layers, where it imports) or TRITON_ATTN; "
+               "also TANDEM_ATTENTION_BACKEND", str, ATTENTION_BACKENDS,
+               unset="SDPA (cuDNN) for whole prompts on CUDA, Triton otherwise"),
     EngineFlag("--speculative-config", "speculative_config",
                'speculative decoding, as in vLLM: {"method": "peagle", "model": HEAD_FOLDER, '
                '"num_speculative_tokens": K}', type=json.loads, unset="off"),

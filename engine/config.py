@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+# Attention backends by vLLM's names. None (the default): the engine's own choice, torch's
+# SDPA (cuDNN) for steps of whole prompts of one length on CUDA and the Triton kernel
+# otherwise; TRITON_ATTN: the Triton kernel always; FLASHINFER: flashinfer-python for the
+# GQA layers where it imports and fits (engine/layers/flashinfer_attention.py), else the
+# default with a log line saying why. TANDEM_ATTENTION_BACKEND sets it when the engine
+# argument does not (vLLM's VLLM_ATTENTION_BACKEND).
+ATTENTION_BACKENDS = ("TRITON_ATTN", "FLASHINFER")
+
+
+def attention_backend_name(value: str | None) -> str | None:
+    value = value or os.environ.get("TANDEM_ATTENTION_BACKEND") or None
+    if value is None:
+        return None
+    if value.upper() not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {value!r}")
+    return value.upper()
+
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -36,6 +55,7 @@ class EngineConfig:
     # P-EAGLE speculative decoding, vLLM's shape: {"method": "peagle", "model": HEAD_FOLDER,
     # "num_speculative_tokens": K}; None = off.
     speculative_config: dict | None = None
+    attention_backend: str | None = None   # ATTENTION_BACKENDS, or None: the engine's choice
 
     def __post_init__(self) -> None:
         problems = []
@@ -56,6 +76,10 @@ class EngineConfig:
             problems.append("num_kv_blocks must be >= 1")
         if self.kv_load_failure_policy not in ("recompute", "fail"):
             problems.append(f"kv_load_failure_policy must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
+        try:
+            self.attention_backend = attention_backend_name(self.attention_backend)
+        except ValueError as e:
+            problems.append(str(e))
         on_cuda = self.device.startswith("cuda")
         if self.enable_cuda_graphs is None:
             self.enable_cuda_graphs = on_cuda

@@ -116,7 +116,7 @@ class EngineCore:
         c = self.config
         try:
             runner = ModelRunner(self.model, self.num_blocks, c.block_size, c.max_num_seqs,
-                                 self.max_model_len, self.dtype, self.device)
+                                 self.max_model_len, self.dtype, self.device, attention_backend=c.attention_backend)
             if self._spec is not None:
                 runner.enable_spec(*self._spec)     # its graphs verify and draft
             if c.enable_cuda_graphs:

@@ -11,7 +11,9 @@ from engine.ops.packed_attention import packed_attention, sdpa_step
 
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the cache, then attends over each request's cache.
-    The runner binds `k_cache`/`v_cache` ([num_blocks, block_size, kv_heads, dim] views)."""
+    The runner binds `k_cache`/`v_cache` ([num_blocks, block_size, kv_heads, dim] views),
+    and `flashinfer` (one FlashInferAttention shared by the layers) when that attention
+    backend is chosen and takes the layer."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  v_head_dim: int | None = None) -> None:
@@ -21,6 +23,8 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.flashinfer = None
+        self.sdpa_prompts = True     # whole-prompt steps through SDPA on CUDA (off: TRITON_ATTN)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -28,7 +32,9 @@ class PagedAttention(nn.Module):
         the K entry (MLA latent cache) -> [T, Hq, Dv]."""
         self.write(k, v, meta)
         if v is not None:
-            packed = sdpa_step(meta, q.device)
+            if self.flashinfer is not None:
+                return self.flashinfer.attend(q, self.k_cache, self.v_cache, meta)
+            packed = sdpa_step(meta, q.device) if self.sdpa_prompts else None
             if packed is not None:     # prompts with no cached context: their K/V are this step's
                 return packed_attention(q, k, v, packed, self.scale, impl="sdpa")
         return self.attend(q, meta)

@@ -12,6 +12,10 @@ Kernels whose launch grids depend on the step's lengths get fixed ones here: pag
 attention a split count chosen for the batch size (the kernel divides the real KV
 tiles among the splits at run time), fused MoE a grid sized for the worst case (its
 unused blocks exit at once).
+
+An attention backend that plans on the host (FlashInfer) captures into fixed buffers
+per (size, query length) and is planned with the batch's real lengths before each
+replay (`attention.capturing`, `attention.before_replay`).
 """
 
 from __future__ import annotations
@@ -62,15 +66,16 @@ class GraphUnsafe(RuntimeError):
 
 class DecodeGraphs:
     """query_len: tokens per request of the captured steps (speculative decoding
-    verifies K drafts: K + 1)."""
+    verifies K drafts: K + 1); attention: a host-planned attention backend, or None."""
 
     def __init__(self, step_fn: StepFn, sizes: list[int], pad_row: int, device: torch.device,
-                 query_len: int = 1) -> None:
+                 query_len: int = 1, attention=None) -> None:
         self.step_fn = step_fn
         self.sizes = sizes
         self.pad_row = pad_row
         self.device = device
         self.query_len = query_len
+        self.attention = attention
         self.inputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
@@ -87,13 +92,19 @@ class DecodeGraphs:
                                                        self.pad_row)).to(self.device)
                 self.inputs[size] = buf
                 before = kernels.num_fallbacks
-                self.step_fn(buf[0], buf[1], buf[2], size * self.query_len, size)
-                if kernels.num_fallbacks != before:
-                    # A torch reference reads host-side lengths, which a graph would freeze.
-                    raise GraphUnsafe("an operation fell back to its torch reference (see the warning above)")
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits, sampled = self.step_fn(buf[0], buf[1], buf[2], size * self.query_len, size)
+                if self.attention is not None:
+                    self.attention.capturing = (size, self.query_len)
+                try:
+                    self.step_fn(buf[0], buf[1], buf[2], size * self.query_len, size)
+                    if kernels.num_fallbacks != before:
+                        # A torch reference reads host-side lengths, which a graph would freeze.
+                        raise GraphUnsafe("an operation fell back to its torch reference (see the warning above)")
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        logits, sampled = self.step_fn(buf[0], buf[1], buf[2], size * self.query_len, size)
+                finally:
+                    if self.attention is not None:
+                        self.attention.capturing = None
                 self.graphs[size] = (graph, logits, sampled)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
@@ -112,6 +123,8 @@ class DecodeGraphs:
 
     def _launch(self, size: int, seq_lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         graph, logits, sampled = self.graphs[size]
+        if self.attention is not None:
+            self.attention.before_replay(size, self.query_len, seq_lens)
         graph.replay()
         return logits, sampled
 

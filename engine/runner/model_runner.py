@@ -54,7 +54,7 @@ def prompt_positions(rows: np.ndarray, nsched: np.ndarray, seq_lens: np.ndarray,
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_model_len: int, dtype: torch.dtype, device: torch.device,
-                 kv_cache: torch.Tensor | None = None) -> None:
+                 kv_cache: torch.Tensor | None = None, attention_backend: str | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -71,6 +71,7 @@ class ModelRunner:
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache = self.kv_cache[:, i, 0]
             attn.v_cache = self.kv_cache[:, i, 1] if layout.entries == 2 else attn.k_cache[..., :attn.v_head_dim]
+        self.attention = self._attention_backend(attention_backend, layout.entries != 2, max_blocks, dtype)
         model.reserve_positions(max_model_len)
         # Hybrid models: each request's Mamba state in a fixed-size slot (the state-slot
         # cache group's id), [slots, layers, ...] so a slot's layers sit together; one
@@ -93,6 +94,18 @@ class ModelRunner:
         # When a list, each step appends (start, end) CUDA events around its device work
         # (benchmarks measure the idle time between steps with them).
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+
+    def _attention_backend(self, name: str | None, latent_cache: bool, max_blocks: int, dtype: torch.dtype):
+        """The FlashInferAttention bound to the model's layers when FLASHINFER is chosen
+        and fits (else None, with a log line); TRITON_ATTN turns SDPA for prompts off."""
+        layers = self.model.attention_layers()
+        if name == "TRITON_ATTN":
+            for attn in layers:
+                attn.sdpa_prompts = False
+        if name != "FLASHINFER":
+            return None
+        from engine.layers.flashinfer_attention import make_flashinfer_attention
+        return make_flashinfer_attention(layers, self.block_size, max_blocks, dtype, self.device, latent_cache)
 
     # -- speculative decoding -----------------------------------------------------------
     def enable_spec(self, head, num_spec: int, aux_layer_ids: list[int], parallel: bool = True,
@@ -224,9 +237,9 @@ class ModelRunner:
         cls = EagerPaddedSteps if eager else DecodeGraphs
         if self.spec is not None:
             by_k = {k: cls(partial(self._spec_graph_step, k=k), sizes, self.table.pad_row, self.device,
-                           query_len=k + 1) for k in reversed(self.spec_draft_counts)}
+                           query_len=k + 1, attention=self.attention) for k in reversed(self.spec_draft_counts)}
         else:
-            by_k = {0: cls(self._graph_step, sizes, self.table.pad_row, self.device)}
+            by_k = {0: cls(self._graph_step, sizes, self.table.pad_row, self.device, attention=self.attention)}
         try:
             with torch.inference_mode():
                 for graphs in by_k.values():

@@ -57,10 +57,11 @@ HYBRID_CONFIGS = {
 }
 
 
-def build(family: str, folder: Path, seed: int = 0):
-    """Build, randomise and save a tiny model; returns the transformers model (eval, fp32)."""
+def build(family: str, folder: Path, seed: int = 0, **overrides):
+    """Build, randomise and save a tiny model; returns the transformers model (eval, fp32).
+    overrides: config fields changed from the family's (e.g. head_dim)."""
     config_cls, model_cls, kwargs = CONFIGS[family] if family in CONFIGS else HYBRID_CONFIGS[family]
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
