@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.params import param
+from engine.layers.params import Linear, param
 from engine.ops.norm import rms_norm
+from engine.ops.norm_linear import norm_linear
 
 
 class RMSNorm(nn.Module):
@@ -20,3 +21,10 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); with a residual, (norm(x + residual), x + residual)."""
         return rms_norm(x, self.weight, self.eps, residual)
+
+    def then_linear(self, x: torch.Tensor, residual: torch.Tensor, linear: Linear, store_normed: bool = False,
+                    out_dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """linear(norm(x + residual)) in one launch at decode sizes (engine/ops/norm_linear.py):
+        (its output, x + residual, the normalised rows if store_normed)."""
+        return norm_linear(x, linear.weight, linear.bias, self.weight, self.eps, residual, store_normed, out_dtype)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from engine.ops.norm_linear import fused, norm_linear
+
 Loader = Callable[[torch.Tensor, torch.Tensor, object], int]
 
 
@@ -46,7 +48,8 @@ def param(*shape: int, loader: Loader = whole_loader) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b); W is [out, in] as in checkpoints."""
+    """y = x W^T (+ b); W is [out, in] as in checkpoints. At decode sizes a GEMV-shaped
+    Triton kernel (engine/ops/norm_linear.py) instead of the matmul library's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  shards: Sequence[int] | None = None) -> None:
@@ -56,4 +59,6 @@ class Linear(nn.Module):
         self.bias = param(out_features, loader=loader) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused(x):
+            return norm_linear(x, self.weight, self.bias)[0]
         return nn.functional.linear(x, self.weight, self.bias)

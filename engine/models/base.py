@@ -16,6 +16,7 @@ from torch import nn
 from engine.layers.norm import RMSNorm
 from engine.layers.params import param
 from engine.ops.attention import AttentionMetadata
+from engine.ops.norm_linear import fused
 
 _EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<kind>gate|up|down)_proj\.weight$")
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
@@ -125,7 +126,12 @@ class CausalLM(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)). The residual is
-    carried separately so norms see the sum exactly as the reference models do."""
+    carried separately so norms see the sum exactly as the reference models do.
+
+    At decode sizes (engine/ops/norm_linear.py `fused`) each norm runs inside the
+    projection after it: the input norm in the attention's qkv projection (attention
+    modules with `forward_qkv`), the post-attention norm in an MoE block's router (`gate`;
+    the block then takes the logits, in its `logits_dtype`)."""
 
     def __init__(self, config, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
@@ -139,8 +145,17 @@ class DecoderLayer(nn.Module):
         # Each norm adds the residual in the same launch (engine/ops/norm.py).
         if residual is None:
             x, residual = self.input_layernorm(h), h
+            h = self.self_attn(x, positions, meta)
+        elif fused(h) and hasattr(self.self_attn, "forward_qkv"):
+            qkv, residual, _ = self.input_layernorm.then_linear(h, residual, self.self_attn.qkv_proj)
+            h = self.self_attn.forward_qkv(qkv, positions, meta)
         else:
             x, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(x, positions, meta)
+            h = self.self_attn(x, positions, meta)
+        gate = getattr(self.mlp, "gate", None)
+        if gate is not None and fused(h):
+            logits, residual, x = self.post_attention_layernorm.then_linear(
+                h, residual, gate, store_normed=True, out_dtype=self.mlp.logits_dtype)
+            return self.mlp(x, logits), residual
         x, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(x), residual

@@ -21,10 +21,14 @@ class Qwen3MoeBlock(nn.Module):
         self.experts = FusedMoE(c.num_experts, c.hidden_size, c.moe_intermediate_size,
                                 slot_experts=getattr(c, "ep_slot_experts", None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    logits_dtype = None     # the activations' (the router is a plain bf16 projection)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """logits: the router's, when computed together with the norm in front
+        (engine/models/base.py); else computed here."""
         # Top-k, expert map and load count in one launch (engine/layers/moe.py).
-        weights, ids, phys = self.experts.softmax_route(self.gate(x), self.top_k, self.renormalize,
-                                                        out_dtype=x.dtype)
+        weights, ids, phys = self.experts.softmax_route(self.gate(x) if logits is None else logits, self.top_k,
+                                                        self.renormalize, out_dtype=x.dtype)
         return self.experts(x, weights, ids, phys)
 
 
