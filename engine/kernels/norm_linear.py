@@ -78,21 +78,23 @@ def _norm_linear_kernel(x_ptr, sx, res_ptr, sr, res_out_ptr, normed_ptr, nw_ptr,
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-def _tiles(M: int, N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): one row streams BLOCK_N x 256 weight tiles with
-    enough programs (~128+) to keep every SM reading; more rows take 16 x 16 x 128 dots."""
+def tiles(M: int, N: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): one row streams BLOCK_N x 256 weight
+    tiles with enough programs (~128+) to keep every SM reading; more rows take
+    16 x 16 x 128 dots. benchmarks/decode_fusion_bench.py sweeps these on the device."""
     if M == 1:
-        return 1, max(2, min(32, triton.next_power_of_2(N) // 128)), 256
-    return 16, 16, 128
+        return 1, max(2, min(32, triton.next_power_of_2(N) // 128)), 256, 4
+    return 16, 16, 128, 4
 
 
 def norm_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                        residual: torch.Tensor | None = None, store_normed: bool = False,
-                       out_dtype: torch.dtype | None = None
+                       out_dtype: torch.dtype | None = None, config: tuple[int, int, int, int] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """x [M, K] (M <= 16), weight [N, K] -> (y [M, N], x + residual or None, the
-    normalised rows or None). norm_weight None: no norm (and no residual)."""
+    normalised rows or None). norm_weight None: no norm (and no residual). config:
+    tiles other than `tiles(M, N)` (benchmark sweeps)."""
     M, K = x.shape
     N = weight.shape[0]
     norm = norm_weight is not None
@@ -104,11 +106,11 @@ def norm_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     res_out = torch.empty_like(x) if residual is not None else None
     normed = torch.empty_like(x) if store_normed else None
     if M:
-        bm, bn, bk = _tiles(M, N)
+        bm, bn, bk, warps = config or tiles(M, N)
         _norm_linear_kernel[(triton.cdiv(N, bn),)](
             x, x.stride(0), residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
             res_out if res_out is not None else x, normed if normed is not None else x,
             norm_weight if norm else x, eps, weight, weight.stride(0), bias if bias is not None else x, y, y.stride(0),
             M, N, K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NORM=norm, HAS_RES=residual is not None,
-            STORE_NORMED=store_normed, HAS_BIAS=bias is not None, UPCAST=upcast_dots(), num_warps=4)
+            STORE_NORMED=store_normed, HAS_BIAS=bias is not None, UPCAST=upcast_dots(), num_warps=warps)
     return y, res_out, normed

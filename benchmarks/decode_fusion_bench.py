@@ -1,0 +1,145 @@
+"""The decode fusions, old against new, per kernel at batch 1, 8 and 64 on one GPU.
+
+    python benchmarks/decode_fusion_bench.py [--batches 1,8,64] [--out FILE] [--smoke]
+
+Each case times the separate launches the decoder layer ran before (old) and the fused
+launch it runs now (new), at the real shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite,
+inside a CUDA graph (triton.testing.do_bench_cudagraph, median), as the decode step
+runs them: launch latency inside a graph is what the fusions remove. Cases:
+  route        softmax top-k, then the expert map + load count (2 launches) | one launch
+  norm+router  add + RMSNorm, then the router matmul (DeepSeek: float32 copies) | one launch
+  norm+qkv     add + RMSNorm, then the qkv projection | one launch
+  gemv         a plain projection: cuBLAS | the GEMV kernel, with a tile sweep at batch 1
+The new column is empty where the fusion does not apply (more than 16 tokens). Each
+record also says whether the outputs agree (ids exact, values by relative error).
+--smoke: tiny shapes on CPU through the Triton interpreter, plain timing (checks the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.records import emit, record_to  # noqa: E402
+
+# model: (hidden, experts, top_k, renormalize, router logits dtype, projections (name, N, K, norm in front))
+MODELS = {
+    "qwen3-30b-a3b": (2048, 128, 8, True, None,
+                      [("qkv", 5120, 2048, True), ("o_proj", 2048, 4096, False)]),
+    "deepseek-v2-lite": (2048, 64, 6, False, torch.float32,
+                         [("q_proj", 3072, 2048, True), ("kv_a_proj", 576, 2048, False),
+                          ("o_proj", 2048, 2048, False), ("shared gate_up", 5632, 2048, False),
+                          ("shared down", 2048, 2816, False)]),
+}
+SMOKE = {"qwen3-30b-a3b": (64, 16, 4, True, None, [("qkv", 96, 64, True), ("o_proj", 64, 128, False)]),
+         "deepseek-v2-lite": (64, 8, 2, False, torch.float32, [("o_proj", 64, 64, False)])}
+
+
+def bench_us(fn, smoke: bool) -> float:
+    import triton
+    if smoke:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    record_to(args.out)
+    from engine.kernels.norm_linear import norm_linear_triton
+    from engine.ops.norm import rms_norm
+    from engine.ops.norm_linear import MAX_FUSED_TOKENS, norm_linear
+    from engine.ops.router import softmax_topk, softmax_topk_physical, to_physical
+
+    dev = "cpu" if args.smoke else "cuda"
+    be = "triton"
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    for model, (H, E, K, renorm, logits_dtype, projs) in (SMOKE if args.smoke else MODELS).items():
+        log2phy, logcnt = torch.arange(E, device=dev)[:, None], torch.ones(E, dtype=torch.long, device=dev)
+        load = torch.zeros(E, dtype=torch.long, device=dev)
+        norm_w = (1 + torch.randn(H, device=dev) / 4).to(dt)
+        gate = (torch.randn(E, H, device=dev) * 0.02).to(dt)
+        for T in (int(b) for b in args.batches.split(",")):
+            fits = T <= MAX_FUSED_TOKENS
+            h, res = torch.randn(T, H, device=dev).to(dt), torch.randn(T, H, device=dev).to(dt)
+            logits = torch.randn(T, E, device=dev, dtype=logits_dtype or dt)
+            out_dt = logits_dtype or torch.float32
+
+            def route_old():
+                w, ids = softmax_topk(logits, K, renorm, 1.0, out_dt, backend=be)
+                return w, ids, to_physical(ids, log2phy, logcnt, load, backend=be)
+
+            def route_new():
+                return softmax_topk_physical(logits, K, renorm, log2phy, logcnt, load, 1.0, out_dt, backend=be)
+
+            same = torch.equal(route_old()[2], route_new()[2])
+            emit(case="route", model=model, batch=T, launches="2 -> 1", same_slots=same,
+                 old_us=bench_us(route_old, args.smoke), new_us=bench_us(route_new, args.smoke))
+
+            def router_old():
+                x, r = rms_norm(h, norm_w, 1e-6, res, backend=be)
+                return (F.linear(x.float(), gate.float()) if logits_dtype else F.linear(x, gate)), r, x
+
+            def router_new():
+                return norm_linear(h, gate, None, norm_w, 1e-6, res, True, logits_dtype, backend=be)
+
+            emit(case="norm+router", model=model, batch=T, launches="2 (DeepSeek 4: norm, two casts, matmul) -> 1" if fits else "unfused",
+                 rel_err=rel(router_new()[0], router_old()[0]) if fits else None,
+                 old_us=bench_us(router_old, args.smoke), new_us=bench_us(router_new, args.smoke) if fits else None)
+
+            for i, (name, N, Kd, norm) in enumerate(projs):
+                w = (torch.randn(N, Kd, device=dev) * 0.02).to(dt)
+                x = torch.randn(T, Kd, device=dev).to(dt)
+                r = torch.randn(T, Kd, device=dev).to(dt)
+                nw = norm_w if Kd == H else (1 + torch.randn(Kd, device=dev) / 4).to(dt)
+
+                def proj_old():
+                    return F.linear(rms_norm(x, nw, 1e-6, r, backend=be)[0], w) if norm else F.linear(x, w)
+
+                def proj_new():
+                    return norm_linear(x, w, None, nw if norm else None, 1e-6, r if norm else None, backend=be)[0]
+
+                mb = N * Kd * 2 / 1e6
+                rec = dict(case=("norm+" if norm else "gemv ") + name, model=model, batch=T, n=N, k=Kd, weight_mb=mb,
+                           old_us=bench_us(proj_old, args.smoke))
+                rec["old_tbs"] = mb / rec["old_us"]          # MB per us = TB/s
+                if fits:
+                    rec.update(rel_err=rel(proj_new(), proj_old()), new_us=bench_us(proj_new, args.smoke))
+                    rec["new_tbs"] = mb / rec["new_us"]
+                    if T == 1 and i < 2 and not args.smoke:     # a tile sweep (compiles cost seconds each)
+                        sweep = {}
+                        for bn in (4, 8, 16, 32, 64):
+                            for bk, warps in ((256, 4), (512, 8)):
+                                cfg = (1, bn, bk, warps)
+                                try:
+                                    sweep[str(cfg)] = round(bench_us(lambda: norm_linear_triton(
+                                        x, w, None, nw if norm else None, 1e-6, r if norm else None, config=cfg),
+                                        False), 2)
+                                except Exception as e:   # a config that fails to compile must not end the run
+                                    sweep[str(cfg)] = f"error: {e}"[:80]
+                        rec["sweep_us"] = sweep
+                emit(**rec)
+
+
+if __name__ == "__main__":
+    main()
