@@ -18,7 +18,7 @@ serve: $(STAMP)
 	$(VENV)/bin/tandem serve
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 -m "not gpu" tests
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests

@@ -24,10 +24,13 @@ def suite_files() -> list[Path]:
 
 
 # Every Ray module starts Ray through the helper (the static test below checks it), so
-# re-running one module per way the helper is used proves what re-running them all would,
-# for a fraction of the minutes: `local_ray` with Serve apps and rank actors in placement
-# groups, `tandem serve` starting and joining a Ray, and `ray serve deploy` on a head.
-RERUN = ("cluster/test_ep_on_ray.py", "cluster/test_cli.py", "cluster/test_ray_deploy.py")
+# re-running one test per way the helper is used proves what re-running them all would,
+# for a fraction of the minutes: `local_ray` with rank actors in a placement group,
+# `tandem serve` starting and stopping a Ray of its own, and `ray serve deploy` on a
+# RayHead (the README block's `ray start --head` is stopped by the same stop_session).
+RERUN = ("cluster/test_ep_on_ray.py",
+         "cluster/test_cli.py::test_tandem_serve_model_with_engine_flags_serves_with_those_settings",
+         "cluster/test_ray_deploy.py::test_serve_deploy_in_mode_colocated_with_an_expert_parallel_pool")
 
 
 def ray_test_modules() -> list[Path]:
@@ -47,16 +50,16 @@ def test_no_test_starts_or_stops_ray_but_through_the_helper():
 @pytest.mark.slow
 def test_a_cluster_started_outside_the_suite_survives_the_ray_tests():
     """An outside head, with the variables a user of it would have exported (RAY_ADDRESS,
-    its temp dir as the default one, its token), then a Ray test module of each kind in a pytest
+    its temp dir as the default one, its token), then a Ray test of each kind in a pytest
     of its own: the head and all its processes must still run, with no app on it."""
     with RayHead(num_cpus=1) as outside:
         before = set(session_pids(outside.process.pid))
         env = dict(outside.env, RAY_ADDRESS=outside.address, RAY_TMPDIR=str(outside.temp_dir),
                    RAY_DASHBOARD_ADDRESS=outside.dashboard)
-        modules = [str(TESTS / m) for m in RERUN]
-        assert {TESTS / m for m in RERUN} <= set(ray_test_modules())
+        tests = [str(TESTS / m) for m in RERUN]
+        assert {TESTS / m.split("::")[0] for m in RERUN} <= set(ray_test_modules())
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not gpu", "-p", "no:cacheprovider",
-                              *modules], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+                              *tests], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         assert outside.alive(), outside.log()[-3000:]
         gone = before - set(session_pids(outside.process.pid))
