@@ -23,8 +23,8 @@ from tests.engine.test_async_and_graphs import PROMPTS
 from tests.engine.tiny_models import build
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("flashinfer")
-from engine.layers.flashinfer_attention import FlashInferAttention  # noqa: E402 (after the skip)
+pytest.importorskip("flashinfer")    # an optional install: skipped without it
+from engine.layers.flashinfer_attention import FlashInferAttention  # noqa: E402  (after the skip)
 
 HQ, HKV, D, SCALE = 16, 4, 128, 128 ** -0.5      # the compiled variant: head dim 128, bf16
 LOGPROB_TOL = 0.05
