@@ -3,7 +3,8 @@
 # with its own time limit, so a failure leaves the other phases' results.
 #   bash benchmarks/h200_engine_run.sh "tests engine:qwen3-30b-a3b:280 idle:qwen3-30b-a3b:1,64"
 # saved:MODEL:SECONDS[/BATCHES] runs the engine phase on a seeded random checkpoint saved
-# under /tmp (written first if absent; removed after, the disk holds one); tune:MODELS tunes the MoE tiles into engine/kernels/configs
+# under /tmp (written first if absent; removed after, the disk holds one); tune:MODELS (comma-separated; TUNE_TOKENS,
+# TUNE_BUDGET_S) tunes the MoE tiles and tile walks into engine/kernels/configs
 # (later phases of the same call read them; they come back as $OUT/moe_configs.tar); attn times the
 # prefill attention kernels (attn:quick without tile sweeps); tests:SECONDS[:PATHS] runs the gpu tests (of tests/engine, or of
 # the comma-separated PATHS under it); engine:MODEL:SECONDS[/BATCHES] times decode steps on load-time random weights,
@@ -27,7 +28,8 @@ for job in $1; do
               --batches "${batches:-1,8,64,256}" --checkpoint "/tmp/ckpt-$model" --out "$OUT/engine.jsonl" 2>&1 \
               | grep -v Warning | tail -12
             rm -rf "/tmp/ckpt-$model" ;;
-    tune)   timeout 300 python3 benchmarks/tune_moe.py --model "$model" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} 2>&1 \
+    tune)   timeout $((${TUNE_BUDGET_S:-280} + 60)) python3 benchmarks/tune_moe.py --model "$model" \
+              --budget-s "${TUNE_BUDGET_S:-280}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} 2>&1 \
               | tee -a "$OUT/tune.log" | grep -v "^  " \
               | cut -c1-200; tar -C engine/kernels -cf "$OUT/moe_configs.tar" configs ;;
     attn)   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attn.jsonl" ${model:+--quick} 2>&1 | cut -c1-300 | tail -14 ;;

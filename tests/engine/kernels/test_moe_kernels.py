@@ -53,11 +53,30 @@ def test_fused_moe_bf16():
     _check(37, 8, 64, 48, 2, torch.bfloat16)
 
 
+# Tile walks (MoEConfig's group_m, persistent, flatten, tma): the interpreter gives a
+# few programs per "SM", so a persistent program loops over several tiles; hidden 80
+# is off the 32-wide K tile (TMA's zero fill at the K edge), inter 40 off the N tile
+# (gate tiles reading into up rows, masked at the store).
+WALKS = {"grouped": (1, 0, False, False), "grouped-tma": (2, 0, False, True), "persistent": (0, 1, False, False),
+         "persistent-flatten-tma": (2, 2, True, True)}
+
+
+@interpreted
+@pytest.mark.parametrize("walk", WALKS.values(), ids=WALKS.keys())
+def test_fused_moe_tile_walks(walk):
+    _check(70, 6, 80, 40, 3, torch.float32, config=(16, 32, 32, 4, 2, *walk), skew=3.0)
+
+
+@interpreted
+def test_fused_moe_tile_walks_bf16():
+    _check(37, 8, 64, 48, 2, torch.bfloat16, config=(16, 32, 32, 4, 2, *WALKS["persistent-flatten-tma"]))
+
+
 @interpreted
 def test_entries_of_id_minus_one_are_skipped():
     """Expert parallelism marks choices another rank serves with -1: they add nothing,
     and the uncombined per-entry outputs match the reference entry by entry."""
-    from engine.kernels.moe import moe_entries_triton
+    from engine.kernels.moe import MoEConfig, moe_entries_triton
     from engine.ops.moe import moe_entries_ref
     x, w13, w2, ids, w = moe_case(23, 8, 64, 32, 3, torch.float32)
     ids = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.4, -1)
@@ -65,10 +84,11 @@ def test_entries_of_id_minus_one_are_skipped():
     ref = fused_moe_ref(x, w13, w2, ids, w)
     assert ref[0].abs().max() == 0
     assert rel_err(fused_moe(x, w13, w2, ids, w, backend="triton"), ref) < TOL[torch.float32]
-    entries = moe_entries_triton(x, w13, w2, ids, w)
     want = moe_entries_ref(x, w13, w2, ids, w)
     used = ids.reshape(-1) >= 0
-    assert rel_err(entries[used], want[used]) < TOL[torch.float32]
+    for config in (None, MoEConfig(16, 32, 32, 4, 2, *WALKS["persistent-flatten-tma"])):
+        entries = moe_entries_triton(x, w13, w2, ids, w, config)
+        assert rel_err(entries[used], want[used]) < TOL[torch.float32]
     assert torch.allclose(want.view(23, 3, -1).sum(1), ref, atol=1e-5)
 
 
@@ -82,13 +102,14 @@ def test_align_covers_every_entry_once():
     max_blocks = N // bm + min(E, N)
     sorted_ids = torch.full((max_blocks * bm,), -7, dtype=torch.int32)
     block_expert = torch.empty(max_blocks, dtype=torch.int32)
-    cursor = torch.empty(E, dtype=torch.int32)
+    cursor = torch.empty(E + 1, dtype=torch.int32)
     _align_kernel[(1,)](ids, N, E, sorted_ids, block_expert, cursor, max_blocks, BLOCK_M=bm,
                         BINS=triton.next_power_of_2(E + 1), CHUNK=1024, BCHUNK=64)
     counts = torch.bincount(ids, minlength=E)
     padded = (counts + bm - 1) // bm * bm
     starts = torch.cumsum(padded, 0) - padded
-    assert torch.equal(cursor.long(), starts + counts)
+    assert torch.equal(cursor[:E].long(), starts + counts)
+    assert int(cursor[E]) == int(padded.sum()) // bm         # the blocks in use
     seen = []
     for e in range(E):
         run = sorted_ids[starts[e]:starts[e] + counts[e]].long()
@@ -108,6 +129,15 @@ def test_align_covers_every_entry_once():
 def test_fused_moe_gpu(tokens, shape):
     experts, hidden, inter, top_k = shape
     _check(tokens, experts, hidden, inter, top_k, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("walk", WALKS.values(), ids=WALKS.keys())
+@pytest.mark.parametrize("tiles", [(16, 64, 128, 4, 3), (128, 128, 64, 8, 3)], ids=["decode-tiles", "prefill-tiles"])
+def test_fused_moe_gpu_tile_walks(walk, tiles):
+    """The compiled walks (wgmma with TMA weight tiles, persistent and flattened loops)
+    at DeepSeek-V2-Lite's expert shape."""
+    _check(2048, 64, 2048, 1408, 6, torch.bfloat16, "cuda", config=(*tiles, *walk))
 
 
 @pytest.mark.gpu
@@ -135,6 +165,11 @@ def test_fused_moe_squared_relu_experts(dtype):
     to = lambda t: t.to(dtype)  # noqa: E731
     out = fused_moe(to(x), to(w1), to(w2), ids, to(weights), backend="triton", activation="relu2")
     assert out.dtype == dtype and rel_err(out, direct) < TOL[dtype]
+    if dtype == torch.float32:      # TMA rows of an ungated w13 (up rows only)
+        from engine.kernels.moe import MoEConfig, fused_moe_triton
+        out = fused_moe_triton(x, w1, w2, ids, weights, MoEConfig(16, 16, 16, 4, 2, *WALKS["persistent-flatten-tma"]),
+                               activation="relu2")
+        assert rel_err(out, direct) < TOL[dtype]
 
 
 @pytest.mark.gpu
