@@ -58,7 +58,7 @@ def walks(tile, rows_per_expert: float):
         ws = [(0, 0, False, True), (1, 0, False, True), (1, 0, False, False), (0, 4, False, True), (0, 4, True, True)]
     else:                        # keep a block's rows and its expert's weights in L2
         ws = [(8, 0, False, False), (8, 0, False, True), (1, 0, False, True), (8, 1, True, True), (8, 1, False, True),
-              (8, 2, True, True), (16, 0, False, True), (8, 1, True, False)]
+              (8, 2, True, True), (8, 2, False, True), (8, 1, True, False)]
     return [tile._replace(group_m=g, persistent=p, flatten=f, tma=t) for g, p, f, t in ws]
 
 
