@@ -67,7 +67,8 @@ def _norm_linear_kernel(x_ptr, sx, res_ptr, sr, res_out_ptr, normed_ptr, nw_ptr,
                 if STORE_NORMED:
                     tl.store(normed_ptr + dst, xn, mask=xm)
             x = xn
-        w = tl.load(w_ptr + n[:, None] * sw + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * sw + cols[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         if BLOCK_M == 1:
             acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
         else:

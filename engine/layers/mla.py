@@ -94,12 +94,22 @@ class MLAAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.rope, params, c.max_position_embeddings, interleaved)
         self.attn = PagedAttention(self.num_heads, 1, self.rank + self.rope, scale, v_head_dim=self.rank)
 
+    reads_input = True      # the latent projection reads the normalised input too
+
+    @property
+    def input_proj(self) -> Linear:
+        """The first query projection: the decoder layer may run it with its norm in front."""
+        return self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.forward_projected(self.input_proj(x), x, positions, meta)
+
+    def forward_projected(self, q: torch.Tensor, x: torch.Tensor, positions: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
+        """q: input_proj(x), x: the normalised input."""
         t = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if not hasattr(self, "q_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(t, self.num_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)

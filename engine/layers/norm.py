@@ -22,9 +22,10 @@ class RMSNorm(nn.Module):
         """norm(x); with a residual, (norm(x + residual), x + residual)."""
         return rms_norm(x, self.weight, self.eps, residual)
 
-    def then_linear(self, x: torch.Tensor, residual: torch.Tensor, linear: Linear, store_normed: bool = False,
+    def then_linear(self, x: torch.Tensor, residual: torch.Tensor | None, linear: Linear, store_normed: bool = False,
                     out_dtype: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """linear(norm(x + residual)) in one launch at decode sizes (engine/ops/norm_linear.py):
-        (its output, x + residual, the normalised rows if store_normed)."""
+        (its output, x + residual or None without a residual, the normalised rows if
+        store_normed)."""
         return norm_linear(x, linear.weight, linear.bias, self.weight, self.eps, residual, store_normed, out_dtype)

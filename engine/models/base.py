@@ -129,8 +129,9 @@ class DecoderLayer(nn.Module):
     carried separately so norms see the sum exactly as the reference models do.
 
     At decode sizes (engine/ops/norm_linear.py `fused`) each norm runs inside the
-    projection after it: the input norm in the attention's qkv projection (attention
-    modules with `forward_qkv`), the post-attention norm in an MoE block's router (`gate`;
+    projection after it: the input norm in the attention's first projection (attention
+    modules with `input_proj` and `forward_projected`; `reads_input`: whether they also
+    take the normalised rows), the post-attention norm in an MoE block's router (`gate`;
     the block then takes the logits, in its `logits_dtype`)."""
 
     def __init__(self, config, self_attn: nn.Module, mlp: nn.Module) -> None:
@@ -143,15 +144,17 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         # Each norm adds the residual in the same launch (engine/ops/norm.py).
-        if residual is None:
-            x, residual = self.input_layernorm(h), h
-            h = self.self_attn(x, positions, meta)
-        elif fused(h) and hasattr(self.self_attn, "forward_qkv"):
-            qkv, residual, _ = self.input_layernorm.then_linear(h, residual, self.self_attn.qkv_proj)
-            h = self.self_attn.forward_qkv(qkv, positions, meta)
+        attn = self.self_attn
+        if fused(h) and hasattr(attn, "forward_projected"):
+            y, res, x = self.input_layernorm.then_linear(h, residual, attn.input_proj, store_normed=attn.reads_input)
+            residual = h if residual is None else res
+            h = attn.forward_projected(y, x, positions, meta)
         else:
-            x, residual = self.input_layernorm(h, residual)
-            h = self.self_attn(x, positions, meta)
+            if residual is None:
+                x, residual = self.input_layernorm(h), h
+            else:
+                x, residual = self.input_layernorm(h, residual)
+            h = attn(x, positions, meta)
         gate = getattr(self.mlp, "gate", None)
         if gate is not None and fused(h):
             logits, residual, x = self.post_attention_layernorm.then_linear(

@@ -35,10 +35,17 @@ class GQAAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, rope_parameters(c), c.max_position_embeddings)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.forward_qkv(self.qkv_proj(x), positions, meta)
+    reads_input = False     # forward_projected needs only the qkv projection
 
-    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    @property
+    def input_proj(self) -> Linear:
+        return self.qkv_proj
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.forward_projected(self.qkv_proj(x), x, positions, meta)
+
+    def forward_projected(self, qkv: torch.Tensor, x: torch.Tensor | None, positions: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
         """The attention after the qkv projection (which the decoder layer may have run
         with the norm in front)."""
         t = qkv.shape[0]
