@@ -32,6 +32,7 @@ from engine.kernels import moe  # noqa: E402
 INDEX_ARRAYS = {"block_expert_ptr", "cursor_ptr", "sorted_ptr"}
 NOT_SPECIALIZED = {"rows_per_peer", "max_blocks"}
 TILES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (16, 64, 128, 4, 3)]
+DOWN_TILES = [(128, 256, 64, 8, 3)]      # down_block_n = 256: w2 only (w13's two 256-wide tiles overflow)
 WALKS = [(0, False, False, False), (8, False, False, True), (8, True, False, False), (8, True, True, False),
          (8, True, True, True)]      # (GROUP_M, PERSISTENT, FLATTEN, TMA)
 
@@ -85,10 +86,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the prefill tile only")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90")
-    for tile in TILES[:1] if args.quick else TILES:
+    w13 = ("w13", moe._w13_kernel, dict(TOPK=6, GATED=True))
+    w2 = ("w2", moe._w2_kernel, dict(TO_PEERS=False))
+    jobs = [(tile, [w13, w2]) for tile in (TILES[:1] if args.quick else TILES)] + [(t, [w2]) for t in DOWN_TILES]
+    for tile, kernels in jobs:
         for walk in WALKS:
-            for name, kernel, extra in [("w13", moe._w13_kernel, dict(TOPK=6, GATED=True)),
-                                        ("w2", moe._w2_kernel, dict(TO_PEERS=False))]:
+            for name, kernel, extra in kernels:
                 try:
                     report = compile_one(kernel, tile, walk, extra)
                 except Exception as e:      # report it and go on with the others

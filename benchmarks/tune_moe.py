@@ -11,7 +11,8 @@ A config is tiles plus a tile walk (engine/kernels/moe.py, MoEConfig). Per token
    needs: streaming weights at decode sizes (few rows per expert), matrix-bound tiles at
    prefill sizes;
 2. the best two tiles again on each new walk (grouped order, persistent programs, loop
-   flattening, TMA weight loads);
+   flattening, TMA weight loads), then the best two of those with the down projection's
+   tile twice as wide;
 3. the best of each kind timed once more, and the faster one written, so a new walk is
    chosen only where it beats the plain one.
 Routing is random (softmax of Gaussian logits, top-k), so every expert sees about the
@@ -63,7 +64,7 @@ def walks(tile, rows_per_expert: float):
 
 
 def is_plain(c) -> bool:
-    return c.group_m == 0 and c.persistent == 0 and not c.tma
+    return c.group_m == 0 and c.persistent == 0 and not c.tma and c.down_block_n == 0
 
 
 def tune_case(E: int, H: int, N: int, K: int, T: int, w13, w2, rep_ms: float, deadline: float) -> dict:
@@ -100,6 +101,10 @@ def tune_case(E: int, H: int, N: int, K: int, T: int, w13, w2, rep_ms: float, de
     for tile in plain[:2]:
         for c in walks(tile, rows):
             attempt(c)
+    if rows > 8:     # the down projection has one accumulator: room for twice the columns
+        for c in sorted((c for c in timings if not is_plain(c)), key=timings.get)[:2]:
+            if c.block_n < 256:
+                attempt(c._replace(down_block_n=2 * c.block_n))
     best_plain = min((c for c in timings if is_plain(c)), key=timings.get)
     new = [c for c in timings if not is_plain(c)]
     best_new = min(new, key=timings.get) if new else None

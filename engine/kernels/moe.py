@@ -242,6 +242,7 @@ class MoEConfig(NamedTuple):
     persistent: int = 0       # programs per SM, each looping over tiles (0: a program per tile)
     flatten: bool = False     # persistent: pipeline across tiles (Triton's loop flattening)
     tma: bool = False         # weight tiles by tensor descriptors (TMA on Hopper)
+    down_block_n: int = 0     # the down projection's N tile (0: block_n); it has one accumulator, w13 two
 
 
 def default_config(num_entries: int, num_experts: int) -> MoEConfig:
@@ -263,14 +264,15 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int, intermediate: int,
     if t is None:
         return default_config(num_tokens * top_k, num_experts)
     return MoEConfig(t["BLOCK_SIZE_M"], t["BLOCK_SIZE_N"], t["BLOCK_SIZE_K"], t["num_warps"], t["num_stages"],
-                     t.get("GROUP_SIZE_M", 0), t.get("persistent", 0), t.get("flatten", False), t.get("tma", False))
+                     t.get("GROUP_SIZE_M", 0), t.get("persistent", 0), t.get("flatten", False), t.get("tma", False),
+                     t.get("BLOCK_SIZE_N_DOWN", 0))
 
 
 def config_entry(cfg: MoEConfig) -> dict:
     """A config as a data file writes it (moe_config reads it back)."""
     return dict(BLOCK_SIZE_M=cfg.block_m, BLOCK_SIZE_N=cfg.block_n, BLOCK_SIZE_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, GROUP_SIZE_M=cfg.group_m,
-                persistent=cfg.persistent, flatten=cfg.flatten, tma=cfg.tma)
+                persistent=cfg.persistent, flatten=cfg.flatten, tma=cfg.tma, BLOCK_SIZE_N_DOWN=cfg.down_block_n)
 
 
 @functools.cache
@@ -284,14 +286,14 @@ def _grid(cfg: MoEConfig, max_blocks: int, num_n: int, device: torch.device) -> 
     return (min(tiles, cfg.persistent * _num_sms(device)) if cfg.persistent else tiles,)
 
 
-def _weights(w: torch.Tensor, cfg: MoEConfig) -> torch.Tensor | object:
+def _weights(w: torch.Tensor, cfg: MoEConfig, block_n: int) -> torch.Tensor | object:
     """The weight operand: [E, rows, K] itself, or with cfg.tma a tensor descriptor of it
-    as [E * rows, K] in [block_n, block_k] tiles. TMA needs a contiguous tensor with
+    as [E * rows, K] in [block_n, cfg.block_k] tiles. TMA needs a contiguous tensor with
     16-byte aligned rows; other weights take the pointer loads (same results)."""
     if not (cfg.tma and w.is_contiguous() and w.data_ptr() % 16 == 0 and w.shape[-1] * w.element_size() % 16 == 0):
         return w
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [cfg.block_n, cfg.block_k])
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_n, cfg.block_k])
 
 
 class PeerRows(NamedTuple):
@@ -347,7 +349,8 @@ def moe_entries_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
                         BINS=triton.next_power_of_2(E + 1), CHUNK=1024, BCHUNK=64, num_warps=8)
     act = torch.empty(max_blocks * bm, inter, dtype=x.dtype, device=dev)
     up = upcast_dots()
-    w13_op, w2_op = _weights(w13, cfg), _weights(w2, cfg)
+    bn2 = cfg.down_block_n or cfg.block_n
+    w13_op, w2_op = _weights(w13, cfg, cfg.block_n), _weights(w2, cfg, bn2)
     walk = dict(GROUP_M=cfg.group_m, PERSISTENT=cfg.persistent > 0, FLATTEN=cfg.flatten,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _w13_kernel[_grid(cfg, max_blocks, triton.cdiv(inter, cfg.block_n), dev)](
@@ -360,8 +363,8 @@ def moe_entries_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     else:
         out, peer_ptrs, rows_per_peer, stride = x, to_peers.ptrs, to_peers.rows_per_peer, to_peers.row_stride
     weights = topk_weights.reshape(-1)
-    _w2_kernel[_grid(cfg, max_blocks, triton.cdiv(H, cfg.block_n), dev)](
+    _w2_kernel[_grid(cfg, max_blocks, triton.cdiv(H, bn2), dev)](
         act, act.stride(0), w2_op, w2.stride(0), w2.stride(1), out, stride, peer_ptrs, rows_per_peer, weights,
-        block_expert, cursor, sorted_ids, H, inter, E, max_blocks, BLOCK_M=bm, BLOCK_N=cfg.block_n,
+        block_expert, cursor, sorted_ids, H, inter, E, max_blocks, BLOCK_M=bm, BLOCK_N=bn2,
         BLOCK_K=cfg.block_k, UPCAST=up, TO_PEERS=to_peers is not None, TMA=w2_op is not w2, **walk)
     return out if to_peers is None else None

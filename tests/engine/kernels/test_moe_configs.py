@@ -11,7 +11,7 @@ from engine.kernels import moe_configs
 from engine.kernels.moe import MoEConfig, config_entry, default_config, moe_config
 
 FIELDS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages"}
-WALK_FIELDS = {"GROUP_SIZE_M", "persistent", "flatten", "tma"}      # optional: default the plain walk
+WALK_FIELDS = {"GROUP_SIZE_M", "persistent", "flatten", "tma", "BLOCK_SIZE_N_DOWN"}      # optional: default the plain walk
 
 
 def test_shipped_files_are_well_formed():
@@ -31,7 +31,8 @@ def test_nearest_token_count_of_the_matching_file(tmp_path, monkeypatch):
     (tmp_path / name).write_text(json.dumps({
         "1": dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=32, BLOCK_SIZE_K=64, num_warps=4, num_stages=3),
         "256": dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, num_warps=8, num_stages=4),
-        "4096": config_entry(MoEConfig(128, 128, 64, 8, 3, group_m=8, persistent=1, flatten=True, tma=True))}))
+        "4096": config_entry(MoEConfig(128, 128, 64, 8, 3, group_m=8, persistent=1, flatten=True, tma=True,
+                                          down_block_n=256))}))
     monkeypatch.setattr(moe_configs, "CONFIG_DIR", tmp_path)
     monkeypatch.setattr(moe_configs, "device_name", lambda device: "Some GPU")
     moe_configs.load.cache_clear()
@@ -39,7 +40,7 @@ def test_nearest_token_count_of_the_matching_file(tmp_path, monkeypatch):
         dev = torch.device("cpu")
         assert moe_config(2, 2, 8, 32, dev) == MoEConfig(16, 32, 64, 4, 3)
         assert moe_config(200, 2, 8, 32, dev) == MoEConfig(64, 128, 64, 8, 4)
-        assert moe_config(5000, 2, 8, 32, dev) == MoEConfig(128, 128, 64, 8, 3, 8, 1, True, True)
+        assert moe_config(5000, 2, 8, 32, dev) == MoEConfig(128, 128, 64, 8, 3, 8, 1, True, True, 256)
         # Far from every key (over 2x): the heuristic.
         assert moe_config(3, 2, 8, 32, dev) == default_config(6, 8)
         assert moe_config(600, 2, 8, 32, dev) == default_config(1200, 8)

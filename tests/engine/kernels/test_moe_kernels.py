@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -53,12 +55,12 @@ def test_fused_moe_bf16():
     _check(37, 8, 64, 48, 2, torch.bfloat16)
 
 
-# Tile walks (MoEConfig's group_m, persistent, flatten, tma): the interpreter gives a
+# Tile walks (MoEConfig's group_m, persistent, flatten, tma[, down_block_n]): the interpreter gives a
 # few programs per "SM", so a persistent program loops over several tiles; hidden 80
 # is off the 32-wide K tile (TMA's zero fill at the K edge), inter 40 off the N tile
 # (gate tiles reading into up rows, masked at the store).
 WALKS = {"grouped": (1, 0, False, False), "grouped-tma": (2, 0, False, True), "persistent": (0, 1, False, False),
-         "persistent-flatten-tma": (2, 2, True, True)}
+         "persistent-flatten-tma": (2, 2, True, True), "wide-down-tma": (8, 0, False, True, 256)}
 
 
 @interpreted
@@ -131,13 +133,23 @@ def test_fused_moe_gpu(tokens, shape):
     _check(tokens, experts, hidden, inter, top_k, torch.bfloat16, "cuda")
 
 
+@functools.cache
+def _dsv2_case():
+    """2048 tokens at DeepSeek-V2-Lite's expert shape and their float64 reference, built once."""
+    x, w13, w2, ids, w = moe_case(2048, 64, 2048, 1408, 6, torch.bfloat16, "cuda")
+    return x, w13, w2, ids, w, fused_moe_ref(x.double(), w13.double(), w2.double(), ids, w.double())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("walk", WALKS.values(), ids=WALKS.keys())
 @pytest.mark.parametrize("tiles", [(16, 64, 128, 4, 3), (128, 128, 64, 8, 3)], ids=["decode-tiles", "prefill-tiles"])
 def test_fused_moe_gpu_tile_walks(walk, tiles):
     """The compiled walks (wgmma with TMA weight tiles, persistent and flattened loops)
     at DeepSeek-V2-Lite's expert shape."""
-    _check(2048, 64, 2048, 1408, 6, torch.bfloat16, "cuda", config=(*tiles, *walk))
+    from engine.kernels.moe import MoEConfig, fused_moe_triton
+    x, w13, w2, ids, w, ref = _dsv2_case()
+    out = fused_moe_triton(x, w13, w2, ids, w.to(x.dtype), MoEConfig(*tiles, *walk))
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
