@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.ops.norm_linear import norm_linear, norm_linear_ref
+from engine import LLM, SamplingParams
+from engine.kernels import kernel_backend
+from engine.ops.norm_linear import MAX_FUSED_TOKENS, decode_fusion, norm_linear, norm_linear_ref
 from tests.engine.kernels.cases import TOL, interpreted, rel_err
+from tests.engine.tiny_models import build, hf_greedy
 
 # (rows, K, N): one row (multiply-and-sum path) and 3 / 16 rows (dot path); K and N
 # not multiples of the tiles.
@@ -51,6 +54,28 @@ def test_too_many_rows_fall_back_to_the_reference():
     x, w = torch.randn(17, 8), torch.randn(4, 8)
     y, _, _ = norm_linear(x, w, backend="triton")
     assert torch.allclose(y, x @ w.T)
+
+
+@interpreted
+def test_interpreted_decode_fusions_match_transformers(tmp_path, monkeypatch):
+    """DeepSeek-V3's path through the fusions (the other families run them in
+    test_engine_with_kernels.py): the input norm inside q_a_proj with the latent
+    projection on the stored rows, the post-attention norm inside the float32 router
+    before the grouped sigmoid top-k; every step small enough to fuse."""
+    from engine.models import base
+    hf = build("deepseek_v3", tmp_path)
+    calls = []
+    real = base.fused
+    monkeypatch.setattr(base, "fused", lambda x: calls.append(real(x)) or calls[-1])
+    prompt, n = [5, 17, 99, 3, 41, 8], 3
+    with kernel_backend("triton"), decode_fusion(True):
+        llm = LLM(str(tmp_path), block_size=4, max_num_batched_tokens=MAX_FUSED_TOKENS)
+        out = llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=3))[0]
+    assert calls and all(calls), "every decoder layer should have taken the fused path"
+    ref_tokens, ref_lp = hf_greedy(hf, prompt, n)
+    assert out.token_ids == ref_tokens
+    for step, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
 
 
 @pytest.mark.gpu
