@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
-from tests.engine.tiny_models import CONFIGS, build, hf_greedy
+from tests.engine.tiny_models import CONFIGS, assert_logprobs_match, build, hf_greedy
 
 NEW_TOKENS = 32
 LOGPROB_ATOL = 2e-4   # float32, absolute, on log-softmax values
@@ -35,11 +34,8 @@ def test_greedy_tokens_and_logprobs_match_transformers(family, variant):
     llm = LLM(str(folder), max_logprobs=256, **ENGINE_VARIANTS[variant])
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=256)
     outs = llm.generate(PROMPTS, params)
-    for out, (ref_tokens, ref_lp) in zip(outs, refs):
-        assert out.token_ids == ref_tokens, f"{name}/{variant}: prompt {out.prompt_token_ids[:4]}..."
-        ours = torch.tensor([[step[t] for t in range(256)] for step in out.logprobs])
-        assert torch.allclose(ours, ref_lp, atol=LOGPROB_ATOL), (ours - ref_lp).abs().max()
-        assert out.finish_reason == "length"
+    assert_logprobs_match(outs, refs, LOGPROB_ATOL, f"{name}/{variant}")
+    assert all(out.finish_reason == "length" for out in outs)
     if variant == "tiny-pool-preempt":
         assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool should force preemption"
     assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks, "blocks leaked"

@@ -21,7 +21,7 @@ from engine import LLM, SamplingParams
 from engine.kv_transfer import KVTransferHook
 from engine.kv_transfer_params import KVTransferParams
 from engine.request import Request
-from tests.engine.tiny_models import HYBRID_CONFIGS, build, hf_greedy
+from tests.engine.tiny_models import HYBRID_CONFIGS, assert_logprobs_match, build, hf_greedy
 
 NEW_TOKENS = 32
 LOGPROB_ATOL = 2e-4
@@ -59,10 +59,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(family, variant):
         llm.engine.runner.capture_cuda_graphs(sizes=[2, 4, 8], eager=True)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=256)
     outs = llm.generate(PROMPTS, params)
-    for out, (ref_tokens, ref_lp) in zip(outs, refs):
-        assert out.token_ids == ref_tokens, f"{name}/{variant}: prompt {out.prompt_token_ids[:4]}..."
-        ours = torch.tensor([[step[t] for t in range(256)] for step in out.logprobs])
-        assert torch.allclose(ours, ref_lp, atol=LOGPROB_ATOL), (ours - ref_lp).abs().max()
+    assert_logprobs_match(outs, refs, LOGPROB_ATOL, f"{name}/{variant}")
     if variant == "tiny-pool-preempt":
         assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool should force preemption"
     _assert_all_freed(llm)
@@ -214,8 +211,5 @@ def test_gpu_kernels_graphs_and_async_match_transformers(family):
     llm = LLM(str(folder), device="cuda", dtype="float32", max_num_seqs=8, max_logprobs=256)
     assert llm.engine.runner.graphs is not None, "decode graphs were not captured"
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=256)
-    for out, (ref_tokens, ref_lp) in zip(llm.generate(PROMPTS, params), refs):
-        assert out.token_ids == ref_tokens, name
-        ours = torch.tensor([[step[t] for t in range(256)] for step in out.logprobs])
-        assert torch.allclose(ours, ref_lp, atol=1e-3), (ours - ref_lp).abs().max()
+    assert_logprobs_match(llm.generate(PROMPTS, params), refs, 1e-3, name)
     _assert_all_freed(llm)

@@ -91,3 +91,12 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor
     tokens = out.sequences[0, len(prompt):].tolist()
     logprobs = torch.stack([step[0] for step in out.logits]).float().log_softmax(-1)
     return tokens, logprobs
+
+
+def assert_logprobs_match(outs, refs, atol: float, label: str) -> None:
+    """Each output's greedy tokens are transformers' and its 256 log-probabilities per step
+    (logprobs=256) lie within atol of `refs`' [(tokens, log-softmax [n, 256])]."""
+    for out, (ref_tokens, ref_lp) in zip(outs, refs, strict=True):
+        assert out.token_ids == ref_tokens, f"{label}: prompt {out.prompt_token_ids[:4]}..."
+        ours = torch.tensor([[step[t] for t in range(256)] for step in out.logprobs])
+        assert torch.allclose(ours, ref_lp, atol=atol), (ours - ref_lp).abs().max()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from engine.kernels import kernel_backend
@@ -27,17 +26,22 @@ def _generate(folder, n_tokens: int, **engine_args):
     return llm.generate(PROMPTS, params)
 
 
+def _assert_matches_hf(outs, hf, n_tokens: int) -> None:
+    """transformers' greedy tokens, each with its log-probability within 1e-4."""
+    for out, prompt in zip(outs, PROMPTS):
+        ref_tokens, ref_lp = hf_greedy(hf, prompt, n_tokens)
+        assert out.token_ids == ref_tokens
+        for step, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
+
+
 @interpreted
 def test_interpreted_kernels_match_transformers(family):
     folder, hf = family
     n = 4
     with kernel_backend("triton"):
         outs = _generate(folder, n)
-    for out, prompt in zip(outs, PROMPTS):
-        ref_tokens, ref_lp = hf_greedy(hf, prompt, n)
-        assert out.token_ids == ref_tokens
-        for step, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
-            assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
+    _assert_matches_hf(outs, hf, n)
 
 
 @interpreted
@@ -50,11 +54,7 @@ def test_interpreted_padded_async_steps_match_transformers(family):
         llm = LLM(str(folder), block_size=4, max_num_batched_tokens=8, async_scheduling=True)
         llm.engine.runner.capture_cuda_graphs(sizes=[4], eager=True)
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=3))
-    for out, prompt in zip(outs, PROMPTS):
-        ref_tokens, ref_lp = hf_greedy(hf, prompt, n)
-        assert out.token_ids == ref_tokens
-        for step, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
-            assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
+    _assert_matches_hf(outs, hf, n)
 
 
 @interpreted
@@ -82,11 +82,7 @@ def test_gpu_kernels_match_transformers(family):
     folder, hf = family
     n = 16
     outs = _generate(folder, n, device="cuda", dtype="float32")
-    for out, prompt in zip(outs, PROMPTS):
-        ref_tokens, ref_lp = hf_greedy(hf, prompt, n)
-        assert out.token_ids == ref_tokens
-        for step, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
-            assert abs(lps[tok] - ref_lp[step, tok].item()) < 1e-4
+    _assert_matches_hf(outs, hf, n)
 
 
 @pytest.mark.gpu
