@@ -85,12 +85,14 @@ def base_args(config_file: str | Path | None = None) -> dict:
 
 
 def merge(base: dict, override: dict) -> dict:
+    """A copy of base with override laid over it key by key, as Helm coalesces values:
+    maps merge, anything else (lists too) is replaced."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge(merged[key], value)
         else:
-            merged[key] = value
+            merged[key] = copy.deepcopy(value)
     return merged
 
 

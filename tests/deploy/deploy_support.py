@@ -7,7 +7,6 @@ Helm runs in-process through helm-python-sdk (ctypes bindings to Helm's Go SDK:
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import re
@@ -17,6 +16,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from cluster.serve_args import merge
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "tandem"
@@ -54,17 +55,6 @@ def values_file(name: str) -> dict:
     return yaml.safe_load((CHART / file).read_text()) if file else {}
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """Helm's coalescing of maps: override wins key by key; lists are replaced."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 @functools.cache
 def _chart():
     return helm.Chart.load(str(CHART))
@@ -86,7 +76,7 @@ def render_objects(values: dict | None = None, release: str = RELEASE) -> list[d
 
 def render_file(name: str, extra: dict | None = None) -> list[dict]:
     """Objects rendered from a named values file, plus `extra` values on top."""
-    return render_objects(deep_merge(values_file(name), extra or {}) or None)
+    return render_objects(merge(values_file(name), extra or {}) or None)
 
 
 def one(objects: list[dict], kind: str) -> dict:
