@@ -3,10 +3,9 @@ holds the request latencies it measured and both pools' engine series, per repli
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
+from tests.ray_cluster import wait_until
 from tests.reliability.conftest import complete
 
 
@@ -18,7 +17,11 @@ def series(url: str) -> list[str]:
 def test_metrics_show_both_pools_after_a_load(cluster):
     for i in range(4):
         assert complete(cluster, f"metrics load {i}", max_tokens=8).status_code == 200
-    time.sleep(2.5)      # replicas publish every second
+    def published():        # replicas publish every second: wait for the decode pool's transfers
+        lines = series(cluster)
+        return any(x.startswith("tandem_kv_transfer_bytes_total") and 'pool="decode"' in x and 'replica="' in x
+                   and float(x.rsplit(" ", 1)[1]) > 0 for x in lines), "\n".join(lines)[-2000:]
+    wait_until(published, "both pools' series in /metrics", 30)
     lines = series(cluster)
 
     def having(name: str, *labels: str) -> list[str]:
