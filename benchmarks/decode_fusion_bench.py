@@ -6,7 +6,8 @@ Each case times the separate launches the decoder layer ran before (old) and the
 launch it runs now (new), at the real shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite,
 inside a CUDA graph (triton.testing.do_bench_cudagraph, median), as the decode step
 runs them: launch latency inside a graph is what the fusions remove. Cases:
-  route        softmax top-k, then the expert map + load count (2 launches) | one launch
+  route+align  softmax top-k, the expert map + load count, the MoE's align (3 launches) | one
+               launch (over 16 tokens: routing in one, the align in another)
   norm+router  add + RMSNorm, then the router matmul (DeepSeek: float32 copies) | one launch
   norm+qkv     add + RMSNorm, then the qkv projection | one launch
   gemv         a plain projection: cuBLAS | the GEMV kernel, with a tile sweep at batch 1
@@ -69,6 +70,8 @@ def main() -> None:
     from engine.ops.norm import rms_norm
     from engine.ops.norm_linear import MAX_FUSED_TOKENS, norm_linear
     from engine.ops.router import softmax_topk, softmax_topk_physical, to_physical
+    from engine.kernels.moe import _align_kernel, plan_alignment
+    import triton
 
     dev = "cpu" if args.smoke else "cuda"
     be = "triton"
@@ -85,15 +88,33 @@ def main() -> None:
             logits = torch.randn(T, E, device=dev, dtype=logits_dtype or dt)
             out_dt = logits_dtype or torch.float32
 
+            x_moe = h
+            w13 = torch.empty(E, 2, H, device=dev, dtype=dt)     # only its shape is read (the tiles)
+
+            def align(phys, a):
+                n = phys.numel()
+                _align_kernel[(1,)](phys.reshape(-1), n, E, a.sorted_ids, a.block_expert, a.cursor, a.max_blocks,
+                                    BLOCK_M=a.config.block_m, BINS=triton.next_power_of_2(E + 1), CHUNK=1024,
+                                    BCHUNK=64, num_warps=8)
+
             def route_old():
                 w, ids = softmax_topk(logits, K, renorm, 1.0, out_dt, backend=be)
-                return w, ids, to_physical(ids, log2phy, logcnt, load, backend=be)
+                phys = to_physical(ids, log2phy, logcnt, load, backend=be)
+                a = plan_alignment(x_moe, w13, K)
+                align(phys, a)
+                return w, ids, phys, a
 
             def route_new():
-                return softmax_topk_physical(logits, K, renorm, log2phy, logcnt, load, 1.0, out_dt, backend=be)
+                a = plan_alignment(x_moe, w13, K)
+                w, ids, phys, filled = softmax_topk_physical(logits, K, renorm, log2phy, logcnt, load, 1.0, out_dt,
+                                                             backend=be, alignment=a if fits else None)
+                if filled is None:
+                    align(phys, a)
+                return w, ids, phys, a
 
-            same = torch.equal(route_old()[2], route_new()[2])
-            emit(case="route", model=model, batch=T, launches="2 -> 1", same_slots=same,
+            (_, _, p_old, a_old), (_, _, p_new, a_new) = route_old(), route_new()
+            same = torch.equal(p_old, p_new) and torch.equal(a_old.cursor, a_new.cursor)
+            emit(case="route+align", model=model, batch=T, launches="3 -> 1" if fits else "3 -> 2", same=same,
                  old_us=bench_us(route_old, args.smoke), new_us=bench_us(route_new, args.smoke))
 
             def router_old():

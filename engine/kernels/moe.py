@@ -309,13 +309,13 @@ class PeerRows(NamedTuple):
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, config: MoEConfig | None = None,
-                     activation: str = "silu") -> torch.Tensor:
+                     activation: str = "silu", alignment: Alignment | None = None) -> torch.Tensor:
     """[T, H]: each token's weighted expert outputs summed (ids of -1 add nothing)."""
     T, H = x.shape
     top_k = topk_ids.shape[1]
     if T * top_k == 0:
         return torch.zeros_like(x)
-    out = moe_entries_triton(x, w13, w2, topk_ids, topk_weights, config, activation=activation)
+    out = moe_entries_triton(x, w13, w2, topk_ids, topk_weights, config, activation=activation, alignment=alignment)
     combined = torch.empty(T, H, dtype=x.dtype, device=x.device)
     block_h = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, block_h))](out, topk_ids.reshape(-1), combined, H, TOPK=top_k,
@@ -323,32 +323,58 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     return combined
 
 
+class Alignment(NamedTuple):
+    """What `_align_kernel` writes for one call, and the tiles it is for: the entries
+    sorted by expert in BLOCK_M-row blocks (sorted_ids), each block's expert, and the
+    experts' cursors then the block count. The routing kernel may fill it
+    (engine/kernels/router.py) so that the MoE skips its own align launch."""
+    config: MoEConfig
+    max_blocks: int
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    cursor: torch.Tensor
+
+
+def plan_alignment(x: torch.Tensor, w13: torch.Tensor, top_k: int, config: MoEConfig | None = None,
+                   activation: str = "silu") -> Alignment:
+    """The tiles for these tokens and empty buffers for their alignment."""
+    T = x.shape[0]
+    E, rows, _ = w13.shape
+    inter = rows // 2 if activation == "silu" else rows
+    N = T * top_k
+    cfg = config or moe_config(T, top_k, E, inter, x.device)
+    if config is None and x.element_size() > 2:
+        cfg = cfg._replace(block_k=cfg.block_k // 2)      # float32 (tests): same tiles in bytes
+    bm, dev = cfg.block_m, x.device
+    max_blocks = N // bm + min(E, N)
+    return Alignment(cfg, max_blocks, torch.empty(max_blocks * bm, dtype=torch.int32, device=dev),
+                     torch.empty(max_blocks, dtype=torch.int32, device=dev),
+                     torch.empty(E + 1, dtype=torch.int32, device=dev))    # experts' row ends, then the block count
+
+
 def moe_entries_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor, config: MoEConfig | None = None,
-                       to_peers: PeerRows | None = None, activation: str = "silu") -> torch.Tensor | None:
+                       to_peers: PeerRows | None = None, activation: str = "silu",
+                       alignment: Alignment | None = None) -> torch.Tensor | None:
     """Each (token, choice) entry's weighted expert output, uncombined: [T * k, H] in
     entry order (rows of id -1 are left unwritten), or with to_peers written into the
-    peers' buffers (returns None)."""
+    peers' buffers (returns None). alignment: already filled for topk_ids (no align
+    launch here)."""
     T, H = x.shape
     E, rows, _ = w13.shape
     gated = activation == "silu"
     inter = rows // 2 if gated else rows
     top_k = topk_ids.shape[1]
     N = T * top_k
-    cfg = config or moe_config(T, top_k, E, inter, x.device)
-    if config is None and x.element_size() > 2:
-        cfg = cfg._replace(block_k=cfg.block_k // 2)      # float32 (tests): same tiles in bytes
-    bm = cfg.block_m
     dev = x.device
     x = x if x.stride(-1) == 1 else x.contiguous()
     assert w13.stride(-1) == 1 and w2.stride(-1) == 1, "expert weights must have contiguous rows"
-    ids = topk_ids.reshape(-1)
-    max_blocks = N // bm + min(E, N)
-    sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    cursor = torch.empty(E + 1, dtype=torch.int32, device=dev)     # experts' row ends, then the block count
-    _align_kernel[(1,)](ids, N, E, sorted_ids, block_expert, cursor, max_blocks, BLOCK_M=bm,
-                        BINS=triton.next_power_of_2(E + 1), CHUNK=1024, BCHUNK=64, num_warps=8)
+    filled = alignment is not None
+    cfg, max_blocks, sorted_ids, block_expert, cursor = alignment or plan_alignment(x, w13, top_k, config, activation)
+    bm = cfg.block_m
+    if not filled:
+        _align_kernel[(1,)](topk_ids.reshape(-1), N, E, sorted_ids, block_expert, cursor, max_blocks, BLOCK_M=bm,
+                            BINS=triton.next_power_of_2(E + 1), CHUNK=1024, BCHUNK=64, num_warps=8)
     act = torch.empty(max_blocks * bm, inter, dtype=x.dtype, device=dev)
     up = upcast_dots()
     bn2 = cfg.down_block_n or cfg.block_n

@@ -1,8 +1,10 @@
 """Triton MoE routing: softmax top-k, and the logical-to-physical expert map with the
 per-slot load count, in one launch (the torch path takes ~11 small launches per layer:
 softmax, a two-kernel top-k, renormalise, cast, arange, gather, modulo, gather, ones,
-index_add). The map alone is a kernel of its own for routers whose top-k runs in torch
-(DeepSeek-V3's grouped sigmoid)."""
+index_add). At decode sizes one program routes every token and then sorts the entries
+for the MoE's grouped GEMMs (its align), so routing and align are one launch too. The
+map alone is a kernel of its own for routers whose top-k runs in torch (DeepSeek-V3's
+grouped sigmoid)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,38 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.moe import Alignment, _align_kernel
+
 
 @triton.jit
 def _softmax_topk_kernel(logits_ptr, s_l, w_ptr, ids_ptr, E, scale,
                          log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_ptr, valid_ptr,
                          TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr,
                          MAP: tl.constexpr, HAS_VALID: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+    _route_token(tl.program_id(0).to(tl.int64), logits_ptr, s_l, w_ptr, ids_ptr, E, scale, log2phy_ptr, s_map,
+                 logcnt_ptr, phys_ptr, load_ptr, valid_ptr, TOPK, K_P2, BLOCK_E, RENORM, MAP, HAS_VALID)
+
+
+@triton.jit(do_not_specialize=["T", "max_blocks"])
+def _route_align_kernel(logits_ptr, s_l, T, w_ptr, ids_ptr, E, scale,
+                        log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_ptr, valid_ptr,
+                        num_slots, sorted_ptr, block_expert_ptr, cursor_ptr, max_blocks,
+                        TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr,
+                        HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """Decode sizes, one program: every token's routing, then the MoE's align over the
+    physical slots just written (the align of engine/kernels/moe.py, run in place)."""
+    for t in range(T):
+        _route_token(t, logits_ptr, s_l, w_ptr, ids_ptr, E, scale, log2phy_ptr, s_map, logcnt_ptr,
+                     phys_ptr, load_ptr, valid_ptr, TOPK, K_P2, BLOCK_E, RENORM, True, HAS_VALID)
+    tl.debug_barrier()   # the slots stored above must be visible to every thread of the align
+    _align_kernel(phys_ptr, T * TOPK, num_slots, sorted_ptr, block_expert_ptr, cursor_ptr, max_blocks,
+                  BLOCK_M, BINS, CHUNK, 64)
+
+
+@triton.jit
+def _route_token(t, logits_ptr, s_l, w_ptr, ids_ptr, E, scale, log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_ptr,
+                 valid_ptr, TOPK: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr, RENORM: tl.constexpr,
+                 MAP: tl.constexpr, HAS_VALID: tl.constexpr):
     e = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * s_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
     # Padded rows of a CUDA-graph batch may hold garbage (NaN): they must still pick
@@ -70,10 +97,11 @@ def _physical_kernel(ids_ptr, N, log2phy_ptr, s_map, logcnt_ptr, phys_ptr, load_
 
 def softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool, scale: float,
                         out_dtype: torch.dtype, expert_map: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                        num_valid_tokens: torch.Tensor | None = None
+                        num_valid_tokens: torch.Tensor | None = None, alignment: Alignment | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weights, logical ids); with expert_map = (log2phy, logcnt, expert_load) also the
-    physical slots, the load counted, in the same launch."""
+    physical slots, the load counted, in the same launch; with an alignment (and the
+    map) that launch is one program that also fills it for the MoE (decode sizes)."""
     T, E = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -87,11 +115,18 @@ def softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool, sca
         log2phy = logcnt = phys = load = ids      # unused
         s_map = 0
     valid = num_valid_tokens if num_valid_tokens is not None else ids
-    if T:
+    common = dict(TOPK=top_k, K_P2=max(2, triton.next_power_of_2(top_k)), BLOCK_E=triton.next_power_of_2(E),
+                  RENORM=renormalize, HAS_VALID=num_valid_tokens is not None)
+    if T and alignment is not None:
+        a = alignment
+        slots = a.cursor.shape[0] - 1
+        _route_align_kernel[(1,)](logits, logits.stride(0), T, w, ids, E, scale, log2phy, s_map, logcnt, phys, load,
+                                  valid, slots, a.sorted_ids, a.block_expert, a.cursor, a.max_blocks,
+                                  BLOCK_M=a.config.block_m, BINS=triton.next_power_of_2(slots + 1),
+                                  CHUNK=max(16, triton.next_power_of_2(T * top_k)), num_warps=4, **common)
+    elif T:
         _softmax_topk_kernel[(T,)](logits, logits.stride(0), w, ids, E, scale, log2phy, s_map, logcnt, phys, load,
-                                   valid, TOPK=top_k, K_P2=max(2, triton.next_power_of_2(top_k)),
-                                   BLOCK_E=triton.next_power_of_2(E), RENORM=renormalize,
-                                   MAP=expert_map is not None, HAS_VALID=num_valid_tokens is not None, num_warps=1)
+                                   valid, MAP=expert_map is not None, num_warps=1, **common)
     return (w, ids) if expert_map is None else (w, ids, phys)
 
 

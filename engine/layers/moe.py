@@ -9,13 +9,26 @@ on the device, without a host sync; EPLB reads and resets it on its own schedule
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from engine.layers.expert_map import ExpertMap
 from engine.layers.params import param
-from engine.ops.moe import fused_moe
+from engine.ops.moe import fused_moe, plan_alignment
+from engine.ops.norm_linear import fused
 from engine.ops.router import softmax_topk_physical, to_physical
+
+
+class Routing(NamedTuple):
+    """A router's choice for each token: weights and logical experts [T, k], and where
+    the routing kernel already mapped them, the physical slots (and at decode sizes the
+    experts' entry sort, engine/kernels/moe.py Alignment); else None."""
+    weights: torch.Tensor
+    logical_ids: torch.Tensor
+    phys: torch.Tensor | None = None
+    alignment: object = None
 
 
 class FusedMoE(nn.Module):
@@ -71,25 +84,27 @@ class FusedMoE(nn.Module):
         """This layer's current map (one layer)."""
         return ExpertMap.from_phy2log(self.phy2log.cpu()[None], self.num_experts)
 
-    def softmax_route(self, logits: torch.Tensor, top_k: int, renormalize: bool, scale: float = 1.0,
-                      out_dtype: torch.dtype = torch.float32
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Softmax top-k routing through this layer's map, the load counted: (weights,
-        logical ids, physical slots) in one launch on the device. Pass all three to forward."""
-        return softmax_topk_physical(logits, top_k, renormalize, self.log2phy, self.logcnt, self.expert_load,
-                                     scale, out_dtype)
+    def softmax_route(self, x: torch.Tensor, logits: torch.Tensor, top_k: int, renormalize: bool,
+                      scale: float = 1.0, out_dtype: torch.dtype = torch.float32) -> Routing:
+        """Softmax top-k routing of x's tokens through this layer's map, the load counted,
+        in one launch on the device; at decode sizes that launch also sorts the entries
+        for the experts' GEMMs (no align launch of their own). Pass it to forward:
+        `self.experts(x, *routing)`."""
+        alignment = plan_alignment(x, self.w13, top_k, self.activation) if self.ep is None and fused(x) else None
+        return Routing(*softmax_topk_physical(logits, top_k, renormalize, self.log2phy, self.logcnt,
+                                              self.expert_load, scale, out_dtype, alignment=alignment))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor,
-                phys: torch.Tensor | None = None) -> torch.Tensor:
-        """phys: the slots from softmax_route (its load already counted); else the map and
-        the load count run here, in one launch on the device (engine/ops/router.py)."""
+                phys: torch.Tensor | None = None, alignment=None) -> torch.Tensor:
+        """phys (and alignment): from softmax_route, the load already counted; else the map
+        and the load count run here, in one launch on the device (engine/ops/router.py)."""
         if phys is None:
             phys = to_physical(logical_ids, self.log2phy, self.logcnt, self.expert_load)
         if self.ep is not None:
             # x is what the experts take (for a LatentMoE, the latent vector): that is
             # what travels to the experts' ranks.
             return self.ep.forward(self, x, weights, phys, logical_ids)
-        return fused_moe(x, self.w13, self.w2, phys, weights, activation=self.activation)
+        return fused_moe(x, self.w13, self.w2, phys, weights, activation=self.activation, alignment=alignment)
 
     def _load_expert(self, p: torch.Tensor, w: torch.Tensor, shard: object) -> int:
         """shard = (logical expert, part): part 0/1 = gate/up rows of w13, None = whole slot

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.layers.mlp import GatedMLP
 from engine.layers.mla import MLAAttention
-from engine.layers.moe import FusedMoE
+from engine.layers.moe import FusedMoE, Routing
 from engine.layers.params import Linear, param
 from engine.layers.router import grouped_sigmoid_topk, group_limited_softmax_topk
 from engine.models.base import CacheLayout, CausalLM, DecoderLayer
@@ -35,9 +35,7 @@ class DeepseekMoE(nn.Module):
     # The router's logits are float32 (as the reference computes them from x.float()).
     logits_dtype = torch.float32
 
-    def route(self, x: torch.Tensor, logits: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(weights, logical ids, physical slots or None: FusedMoE maps them)."""
+    def route(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> Routing:
         c = self.config
         if logits is None:
             logits = nn.functional.linear(x.float(), self.gate.weight.float())
@@ -46,15 +44,14 @@ class DeepseekMoE(nn.Module):
                                           c.n_group, c.topk_group, c.norm_topk_prob)
         elif getattr(c, "topk_method", "greedy") == "group_limited_greedy":
             w, ids = group_limited_softmax_topk(logits, c.num_experts_per_tok, c.n_group, c.topk_group)
-        else:       # top-k, scaling, expert map and load count in one launch on the device
-            return self.experts.softmax_route(logits, c.num_experts_per_tok, False, c.routed_scaling_factor)
-        return w * c.routed_scaling_factor, ids, None
+        else:       # top-k, scaling, expert map and load count (and entry sort) in one launch on the device
+            return self.experts.softmax_route(x, logits, c.num_experts_per_tok, False, c.routed_scaling_factor)
+        return Routing(w * c.routed_scaling_factor, ids)       # FusedMoE maps the ids
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """logits: the router's, when computed together with the norm in front
         (engine/models/base.py); else computed here."""
-        weights, ids, phys = self.route(x, logits)
-        out = self.experts(x, weights, ids, phys)
+        out = self.experts(x, *self.route(x, logits))
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 

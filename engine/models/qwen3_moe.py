@@ -26,10 +26,11 @@ class Qwen3MoeBlock(nn.Module):
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """logits: the router's, when computed together with the norm in front
         (engine/models/base.py); else computed here."""
-        # Top-k, expert map and load count in one launch (engine/layers/moe.py).
-        weights, ids, phys = self.experts.softmax_route(self.gate(x) if logits is None else logits, self.top_k,
-                                                        self.renormalize, out_dtype=x.dtype)
-        return self.experts(x, weights, ids, phys)
+        # Top-k, expert map, load count (and at decode sizes the experts' entry sort) in
+        # one launch (engine/layers/moe.py).
+        routing = self.experts.softmax_route(x, self.gate(x) if logits is None else logits, self.top_k,
+                                             self.renormalize, out_dtype=x.dtype)
+        return self.experts(x, *routing)
 
 
 class Qwen3MoeForCausalLM(CausalLM):

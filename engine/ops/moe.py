@@ -56,13 +56,22 @@ def _expert_outputs(x, w13, w2, topk_ids, topk_weights, activation):
         yield e, token_idx, F.linear(h, w2[e]) * topk_weights[token_idx, slot, None].to(x.dtype)
 
 
+def plan_alignment(x: torch.Tensor, w13: torch.Tensor, top_k: int, activation: str = "silu"):
+    """Empty buffers for the Triton MoE's entry sort of x's routed entries, for the
+    routing kernel to fill (engine/ops/router.py softmax_topk_physical)."""
+    from engine.kernels.moe import plan_alignment as plan
+    return plan(x, w13, top_k, activation=activation)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, backend: str | None = None, activation: str = "silu") -> torch.Tensor:
+              topk_weights: torch.Tensor, backend: str | None = None, activation: str = "silu",
+              alignment=None) -> torch.Tensor:
+    """alignment: the entry sort of topk_ids, already filled by the routing launch (or None)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"MoE activation must be one of {ACTIVATIONS}, got {activation!r}")
     if use_triton(x, backend) and not unsupported("fused_moe", _moe_problem(x, w13, w2)):
         # Sorts entries by expert on the device and runs grouped GEMMs: no host sync
         # (the reference's torch.unique and per-expert loop read back to the host).
         from engine.kernels.moe import fused_moe_triton
-        return fused_moe_triton(x, w13, w2, topk_ids, topk_weights, activation=activation)
+        return fused_moe_triton(x, w13, w2, topk_ids, topk_weights, activation=activation, alignment=alignment)
     return fused_moe_ref(x, w13, w2, topk_ids, topk_weights, activation)

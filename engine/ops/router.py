@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.kernels import dtype_problem, unsupported, use_triton
+
+if TYPE_CHECKING:
+    from engine.kernels.moe import Alignment
 
 MAX_TRITON_EXPERTS = 1024
 
@@ -86,15 +90,19 @@ def to_physical(ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, 
 
 def softmax_topk_physical(logits: torch.Tensor, top_k: int, renormalize: bool, log2phy: torch.Tensor,
                           logcnt: torch.Tensor, expert_load: torch.Tensor, scale: float = 1.0,
-                          out_dtype: torch.dtype = torch.float32, backend: str | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """softmax_topk, then to_physical of its ids: (weights, logical ids, physical slots),
-    in one launch on the device."""
+                          out_dtype: torch.dtype = torch.float32, backend: str | None = None,
+                          alignment: Alignment | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Alignment | None]:
+    """softmax_topk, then to_physical of its ids: (weights, logical ids, physical slots,
+    the alignment if filled), in one launch on the device. alignment: empty buffers
+    for the MoE's entry sort of these slots (engine/kernels/moe.py plan_alignment); the
+    Triton kernel fills them in the same launch, the reference leaves them (None)."""
     if use_triton(logits, backend) and not unsupported(
             "softmax_topk_physical", _topk_problem(logits, top_k) or (
                 None if log2phy.stride(-1) == 1 else "a strided expert map")):
         from engine.kernels.router import softmax_topk_triton
-        return softmax_topk_triton(logits, top_k, renormalize, scale, out_dtype, (log2phy, logcnt, expert_load),
-                                   _num_valid_tokens)
+        w, ids, phys = softmax_topk_triton(logits, top_k, renormalize, scale, out_dtype,
+                                           (log2phy, logcnt, expert_load), _num_valid_tokens, alignment)
+        return w, ids, phys, alignment
     w, ids = softmax_topk_ref(logits, top_k, renormalize, scale, out_dtype)
-    return w, ids, to_physical_ref(ids, log2phy, logcnt, expert_load, _num_valid_tokens)
+    return w, ids, to_physical_ref(ids, log2phy, logcnt, expert_load, _num_valid_tokens), None

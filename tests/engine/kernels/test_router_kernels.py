@@ -8,7 +8,7 @@ import torch
 
 from engine.ops.router import (counting_tokens, softmax_topk, softmax_topk_physical, softmax_topk_ref, to_physical,
                                to_physical_ref)
-from tests.engine.kernels.cases import interpreted
+from tests.engine.kernels.cases import interpreted, rel_err
 
 
 def _check_topk(device):
@@ -58,13 +58,38 @@ def _check_topk_physical(device):
         logits = torch.randn(5, 6, generator=g) * 2
         load, ref_load = dev(torch.zeros(9, dtype=torch.long)), torch.zeros(9, dtype=torch.long)
         with counting_tokens(None if valid is None else dev(torch.tensor([valid]))):
-            w, ids, phys = softmax_topk_physical(dev(logits), 3, renorm, dev(log2phy), dev(logcnt), load, scale,
-                                                 dtype, backend="triton")
+            w, ids, phys, _ = softmax_topk_physical(dev(logits), 3, renorm, dev(log2phy), dev(logcnt), load, scale,
+                                                    dtype, backend="triton")
         rw, rids = softmax_topk_ref(logits.double(), 3, renorm, scale, torch.float64)
         rphys = to_physical_ref(rids, log2phy, logcnt, ref_load, None if valid is None else torch.tensor([valid]))
         assert w.dtype == dtype and torch.equal(ids.cpu(), rids) and torch.equal(phys.cpu(), rphys)
         assert torch.allclose(w.double().cpu(), rw, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
         assert torch.equal(load.cpu(), ref_load) and int(ref_load.sum()) == 3 * (valid or 5)
+
+
+def _check_route_align(device):
+    """At decode sizes the routing launch also sorts the entries for the experts' GEMMs:
+    the MoE on that sort equals the reference MoE on the same slots."""
+    from engine.ops.moe import fused_moe, fused_moe_ref, plan_alignment
+    g = torch.Generator().manual_seed(3)
+    log2phy = torch.tensor([[0, 6, -1], [1, -1, -1], [2, 7, 8], [3, -1, -1], [4, -1, -1], [5, -1, -1]])
+    logcnt = torch.tensor([2, 1, 3, 1, 1, 1])
+    H, I, k = 32, 16, 3
+    dev = lambda t: t.to(device)  # noqa: E731
+    w13, w2 = dev(torch.randn(9, 2 * I, H, generator=g) / H ** 0.5), dev(torch.randn(9, H, I, generator=g) / I ** 0.5)
+    for T in (1, 5):
+        x, logits = dev(torch.randn(T, H, generator=g)), dev(torch.randn(T, 6, generator=g))
+        load = dev(torch.zeros(9, dtype=torch.long))
+        a = plan_alignment(x, w13, k)
+        w, ids, phys, filled = softmax_topk_physical(logits, k, True, dev(log2phy), dev(logcnt), load,
+                                                     backend="triton", alignment=a)
+        assert filled is a
+        counts = torch.bincount(phys.flatten().cpu(), minlength=9)
+        bm = a.config.block_m
+        assert int(a.cursor[9]) == int(((counts + bm - 1) // bm).sum())      # blocks in use
+        out = fused_moe(x, w13, w2, phys, w, backend="triton", alignment=filled)
+        ref = fused_moe_ref(x.double(), w13.double(), w2.double(), phys, w.double())
+        assert rel_err(out, ref) < 1e-5
 
 
 def _check_nan_rows(device):
@@ -86,6 +111,11 @@ def test_softmax_topk_physical_in_one_launch():
 
 
 @interpreted
+def test_routing_launch_sorts_entries_for_the_moe():
+    _check_route_align("cpu")
+
+
+@interpreted
 def test_softmax_topk_nan_rows_give_valid_ids():
     _check_nan_rows("cpu")
 
@@ -100,4 +130,5 @@ def test_router_kernels_gpu():
     _check_topk("cuda")
     _check_physical("cuda")
     _check_topk_physical("cuda")
+    _check_route_align("cuda")
     _check_nan_rows("cuda")
