@@ -219,3 +219,21 @@ def local_ray(num_cpus: int = 1, **init_kwargs) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def local_serve_app(args: dict, num_cpus: int = 1, **init_kwargs) -> Iterator[str]:
+    """The app of `args` as "tandem" at / on a `local_ray` of its own, Serve's HTTP proxy on
+    a free port; yields its URL at once (the caller waits for what it needs) and shuts
+    Serve down after."""
+    from ray import serve
+
+    from cluster.app import build_app
+    with local_ray(num_cpus=num_cpus, **init_kwargs):
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="tandem", route_prefix="/", blocking=False)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()

@@ -13,10 +13,8 @@ from contextlib import contextmanager
 import httpx
 import openai
 import ray
-from ray import serve
 
-from cluster.app import build_app
-from tests.ray_cluster import free_port, local_ray, wait_until
+from tests.ray_cluster import local_serve_app, wait_until
 
 MODEL = "tandem-default"
 PROMPTS = ["Experts, spread out.", "a second, somewhat longer prompt for the other rank", "third"]
@@ -25,16 +23,10 @@ PROMPTS = ["Experts, spread out.", "a second, somewhat longer prompt for the oth
 @contextmanager
 def served_app(args: dict, num_cpus: int = 3) -> Iterator[str]:
     """The app of `args` as "tandem" at / on a local Ray of its own; yields its URL once it answers."""
-    with local_ray(num_cpus=num_cpus, runtime_env={"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}):
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="tandem", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
+    cache = {"env_vars": {"TANDEM_CACHE": os.environ["TANDEM_CACHE"]}}
+    with local_serve_app(args, num_cpus, runtime_env=cache) as url:
         wait_answering(url, MODEL, "ready?")
-        try:
-            yield url
-        finally:
-            serve.shutdown()
+        yield url
 
 
 def client(url: str) -> openai.OpenAI:
@@ -86,6 +78,11 @@ class SteadyStream:
             except Exception as e:  # noqa: BLE001  (kept: the test fails on it below)
                 self.results.append((prompt, e))
             self.spans.append((start, time.monotonic()))
+
+    def wait_more(self, n: int = 2) -> None:
+        """Wait for n answers more than it holds now."""
+        want = len(self.results) + n
+        wait_until(lambda: (len(self.results) >= want, f"{len(self.results)} answers"), f"{n} more answers", 60)
 
     def overlapping(self, start: float, end: float) -> int:
         """Requests in flight at some time in [start, end]."""

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import bench_serve
-from tests.ray_cluster import free_port, local_ray
+from tests.ray_cluster import local_serve_app
 
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 3,
                "look_back_period_s": 4, "metrics_interval_s": 0.5, "graceful_shutdown_timeout_s": 20}
@@ -67,17 +67,9 @@ def wait_for(check, what: str, timeout: float = 60.0):
 
 @pytest.fixture(scope="module")
 def app():
-    from ray import serve
-
-    from cluster.app import build_app
-    with local_ray(num_cpus=2):
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(json.loads(json.dumps(APP_ARGS))), name="tandem", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
+    with local_serve_app(json.loads(json.dumps(APP_ARGS)), num_cpus=2) as url:
         wait_for(lambda: healthy(url), "the application to come up", 180)
         yield url
-        serve.shutdown()
 
 
 def healthy(url: str) -> bool:

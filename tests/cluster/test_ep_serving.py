@@ -173,7 +173,7 @@ def test_scale_2_to_4_to_2_and_a_forced_rebalance_under_a_steady_stream(app, wan
     stream = SteadyStream(app)
     scales = []
     try:
-        wait_until(lambda: (len(stream.results) >= 2, ""), "the stream to flow", 60)
+        stream.wait_more()                  # the stream flows
         holder = {}
         t0 = time.monotonic()
         grow = threading.Thread(target=lambda: holder.setdefault("r", scale(app, 4)), daemon=True)
@@ -203,7 +203,7 @@ def test_scale_2_to_4_to_2_and_a_forced_rebalance_under_a_steady_stream(app, wan
         assert r.status_code == 200 and r.json()["data_parallel_size"] == 2, r.text
         wait_until(lambda: ([len(g["bundles"]) for g in created_groups()] == [3], str(created_groups())),
                    "the retired ranks' group to go", 30)
-        time.sleep(1)       # a few more answers from the shrunk group
+        stream.wait_more(1)                 # an answer from the shrunk group
     finally:
         stream.finish()
     stream.check(want, during, scales)

@@ -99,14 +99,14 @@ def test_pd_decode_pool_scales_2_to_3_to_2_under_a_stream(app, default_llm):
     stream = SteadyStream(app)
     spans = []
     try:
-        wait_until(lambda: (len(stream.results) >= 2, ""), "the stream to flow", 60)
+        stream.wait_more()                  # the stream flows
         for n in (3, 2):
             t0 = time.monotonic()
             r = scale(app, n)
             spans.append((t0, time.monotonic()))
             assert r.status_code == 200 and r.json()["data_parallel_size"] == n, r.text
         during = len(stream.results)
-        time.sleep(1)       # a few more answers from the shrunk group
+        stream.wait_more(1)                 # an answer from the shrunk group
     finally:
         stream.finish()
     stream.check(want, during, spans)

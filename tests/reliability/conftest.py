@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.ray_cluster import free_port, local_ray
+from tests.ray_cluster import local_serve_app
 
 MODEL = "tandem-default"
 APP_ARGS = {
@@ -94,19 +94,11 @@ def wait_idle(url: str, timeout: float = 60.0) -> dict:
 
 @pytest.fixture(scope="session")
 def cluster():
-    from ray import serve
-
-    from cluster.app import build_app
-    with local_ray(num_cpus=2):
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(json.loads(json.dumps(APP_ARGS))), name="tandem", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
+    with local_serve_app(json.loads(json.dumps(APP_ARGS)), num_cpus=2) as url:
         wait_ready(url)
         yield url
         usage = wait_idle(url)
         REPORT.leaked_blocks = sum(1 for v in usage.values() if v)   # replicas with blocks still held
-        serve.shutdown()
     assert REPORT.leaked_blocks == 0, f"KV blocks still in use at the end: {usage}"
 
 
