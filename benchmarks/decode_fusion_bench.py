@@ -57,6 +57,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def sweep(run) -> dict:
+    """run(config) timed for GEMV tiles (1, BLOCK_N, BLOCK_K, num_warps) at one row."""
+    out = {}
+    for bn in (2, 4, 8, 16, 32, 64):
+        for bk, warps in ((256, 4), (1024, 8)):
+            cfg = (1, bn, bk, warps)
+            try:
+                out[str(cfg)] = round(bench_us(lambda: run(cfg), False), 2)
+            except Exception as e:   # a config that fails to compile must not end the run
+                out[str(cfg)] = f"error: {e}"[:80]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,64")
@@ -66,12 +79,13 @@ def main() -> None:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     record_to(args.out)
+    import triton
+
+    from engine.kernels.moe import _align_kernel, plan_alignment
     from engine.kernels.norm_linear import norm_linear_triton
     from engine.ops.norm import rms_norm
     from engine.ops.norm_linear import MAX_FUSED_TOKENS, norm_linear
     from engine.ops.router import softmax_topk, softmax_topk_physical, to_physical
-    from engine.kernels.moe import _align_kernel, plan_alignment
-    import triton
 
     dev = "cpu" if args.smoke else "cuda"
     be = "triton"
@@ -124,9 +138,12 @@ def main() -> None:
             def router_new():
                 return norm_linear(h, gate, None, norm_w, 1e-6, res, True, logits_dtype, backend=be)
 
-            emit(case="norm+router", model=model, batch=T, launches="2 (DeepSeek 4: norm, two casts, matmul) -> 1" if fits else "unfused",
+            emit(case="norm+router", model=model, batch=T,
+                 launches="2 (DeepSeek 4: norm, two casts, matmul) -> 1" if fits else "unfused",
                  rel_err=rel(router_new()[0], router_old()[0]) if fits else None,
-                 old_us=bench_us(router_old, args.smoke), new_us=bench_us(router_new, args.smoke) if fits else None)
+                 old_us=bench_us(router_old, args.smoke), new_us=bench_us(router_new, args.smoke) if fits else None,
+                 sweep_us=sweep(lambda cfg: norm_linear_triton(h, gate, None, norm_w, 1e-6, res, True, logits_dtype,
+                                                               config=cfg)) if T == 1 and not args.smoke else None)
 
             for i, (name, N, Kd, norm) in enumerate(projs):
                 w = (torch.randn(N, Kd, device=dev) * 0.02).to(dt)
@@ -148,17 +165,8 @@ def main() -> None:
                     rec.update(rel_err=rel(proj_new(), proj_old()), new_us=bench_us(proj_new, args.smoke))
                     rec["new_tbs"] = mb / rec["new_us"]
                     if T == 1 and i < 2 and not args.smoke:     # a tile sweep (compiles cost seconds each)
-                        sweep = {}
-                        for bn in (4, 8, 16, 32, 64):
-                            for bk, warps in ((256, 4), (512, 8)):
-                                cfg = (1, bn, bk, warps)
-                                try:
-                                    sweep[str(cfg)] = round(bench_us(lambda: norm_linear_triton(
-                                        x, w, None, nw if norm else None, 1e-6, r if norm else None, config=cfg),
-                                        False), 2)
-                                except Exception as e:   # a config that fails to compile must not end the run
-                                    sweep[str(cfg)] = f"error: {e}"[:80]
-                        rec["sweep_us"] = sweep
+                        rec["sweep_us"] = sweep(lambda cfg: norm_linear_triton(
+                            x, w, None, nw if norm else None, 1e-6, r if norm else None, config=cfg))
                 emit(**rec)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from engine.layers.expert_map import ExpertMap
 from engine.layers.params import param
 from engine.ops.moe import fused_moe, plan_alignment
-from engine.ops.norm_linear import fused
+from engine.ops.norm_linear import decode_fused
 from engine.ops.router import softmax_topk_physical, to_physical
 
 
@@ -90,7 +90,7 @@ class FusedMoE(nn.Module):
         in one launch on the device; at decode sizes that launch also sorts the entries
         for the experts' GEMMs (no align launch of their own). Pass it to forward:
         `self.experts(x, *routing)`."""
-        alignment = plan_alignment(x, self.w13, top_k, self.activation) if self.ep is None and fused(x) else None
+        alignment = plan_alignment(x, self.w13, top_k, self.activation) if self.ep is None and decode_fused(x) else None
         return Routing(*softmax_topk_physical(logits, top_k, renormalize, self.log2phy, self.logcnt,
                                               self.expert_load, scale, out_dtype, alignment=alignment))
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from engine.ops.norm_linear import fused, norm_linear
+from engine.ops.norm_linear import decode_fused, norm_linear
 
 Loader = Callable[[torch.Tensor, torch.Tensor, object], int]
 
@@ -59,6 +59,6 @@ class Linear(nn.Module):
         self.bias = param(out_features, loader=loader) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused(x):
+        if decode_fused(x):
             return norm_linear(x, self.weight, self.bias)[0]
         return nn.functional.linear(x, self.weight, self.bias)

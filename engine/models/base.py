@@ -16,7 +16,7 @@ from torch import nn
 from engine.layers.norm import RMSNorm
 from engine.layers.params import param
 from engine.ops.attention import AttentionMetadata
-from engine.ops.norm_linear import fused
+from engine.ops.norm_linear import decode_fused
 
 _EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<kind>gate|up|down)_proj\.weight$")
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
@@ -128,7 +128,7 @@ class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)). The residual is
     carried separately so norms see the sum exactly as the reference models do.
 
-    At decode sizes (engine/ops/norm_linear.py `fused`) each norm runs inside the
+    At decode sizes (engine/ops/norm_linear.py `decode_fused`) each norm runs inside the
     projection after it: the input norm in the attention's first projection (attention
     modules with `input_proj` and `forward_projected`; `reads_input`: whether they also
     take the normalised rows), the post-attention norm in an MoE block's router (`gate`;
@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         # Each norm adds the residual in the same launch (engine/ops/norm.py).
         attn = self.self_attn
-        if fused(h) and hasattr(attn, "forward_projected"):
+        if decode_fused(h) and hasattr(attn, "forward_projected"):
             y, res, x = self.input_layernorm.then_linear(h, residual, attn.input_proj, store_normed=attn.reads_input)
             residual = h if residual is None else res
             h = attn.forward_projected(y, x, positions, meta)
@@ -156,7 +156,7 @@ class DecoderLayer(nn.Module):
                 x, residual = self.input_layernorm(h, residual)
             h = attn(x, positions, meta)
         gate = getattr(self.mlp, "gate", None)
-        if gate is not None and fused(h):
+        if gate is not None and decode_fused(h):
             logits, residual, x = self.post_attention_layernorm.then_linear(
                 h, residual, gate, store_normed=True, out_dtype=self.mlp.logits_dtype)
             return self.mlp(x, logits), residual

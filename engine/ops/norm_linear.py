@@ -7,7 +7,7 @@ norm_linear(x, W, norm_weight=w, residual=r, ...)  -> (norm(x + r) @ W^T, x + r,
 The product is computed in out_dtype (default x's) from operands cast to it, as the
 models do (DeepSeek's router: float32 logits from float32 copies).
 
-The Triton kernel takes up to MAX_FUSED_TOKENS rows; `fused(x)` says whether the
+The Triton kernel takes up to MAX_FUSED_TOKENS rows; `decode_fused(x)` says whether the
 decoder layer uses it for activations x. TANDEM_DECODE_FUSION=0 (or `decode_fusion(False)`)
 turns every decode fusion off: the layer then runs the separate norm and projection.
 """
@@ -38,7 +38,7 @@ def decode_fusion(on: bool) -> Iterator[None]:
         _enabled = prev
 
 
-def fused(x: torch.Tensor, backend: str | None = None) -> bool:
+def decode_fused(x: torch.Tensor, backend: str | None = None) -> bool:
     """Whether the decode fusions run for activations x [T, hidden]: on, T at most
     MAX_FUSED_TOKENS (decode batches, inside their CUDA graphs), the Triton backend."""
     return _enabled and x.dim() == 2 and 0 < x.shape[0] <= MAX_FUSED_TOKENS and use_triton(x, backend)

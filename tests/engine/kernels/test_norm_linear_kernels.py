@@ -65,8 +65,8 @@ def test_interpreted_decode_fusions_match_transformers(tmp_path, monkeypatch):
     from engine.models import base
     hf = build("deepseek_v3", tmp_path)
     calls = []
-    real = base.fused
-    monkeypatch.setattr(base, "fused", lambda x: calls.append(real(x)) or calls[-1])
+    real = base.decode_fused
+    monkeypatch.setattr(base, "decode_fused", lambda x: calls.append(real(x)) or calls[-1])
     prompt, n = [5, 17, 99, 3, 41, 8], 3
     with kernel_backend("triton"), decode_fusion(True):
         llm = LLM(str(tmp_path), block_size=4, max_num_batched_tokens=MAX_FUSED_TOKENS)

@@ -81,8 +81,8 @@ def _check_route_align(device):
         x, logits = dev(torch.randn(T, H, generator=g)), dev(torch.randn(T, 6, generator=g))
         load = dev(torch.zeros(9, dtype=torch.long))
         a = plan_alignment(x, w13, k)
-        w, ids, phys, filled = softmax_topk_physical(logits, k, True, dev(log2phy), dev(logcnt), load,
-                                                     backend="triton", alignment=a)
+        w, _, phys, filled = softmax_topk_physical(logits, k, True, dev(log2phy), dev(logcnt), load,
+                                                   backend="triton", alignment=a)
         assert filled is a
         counts = torch.bincount(phys.flatten().cpu(), minlength=9)
         bm = a.config.block_m
