@@ -37,7 +37,7 @@ for job in $1; do
             TANDEM_DECODE_FUSION=$([ "$phase" = unfused ] && echo 0 || echo 1) timeout $((budget + 60)) \
               python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$budget" \
               --batches "${batches:-1,8,64,256}" --out "$OUT/$phase.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
-    fusion) timeout 200 python3 benchmarks/decode_fusion_bench.py --batches "${model:-1,8,64}" --out "$OUT/fusion.jsonl" \
+    fusion) timeout 150 python3 benchmarks/decode_fusion_bench.py --batches "${model:-1,8,64}" --out "$OUT/fusion.jsonl" \
               2>&1 | cut -c1-400 | tail -40 ;;
     idle|profile) timeout 150 python3 benchmarks/engine_bench.py "$phase" --model "$model" --batches "$arg" \
               --out "$OUT/$phase.jsonl" 2>&1 | grep -v Warning | tail -8 ;;
