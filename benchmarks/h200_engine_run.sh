@@ -8,7 +8,7 @@
 # (later phases of the same call read them; they come back as $OUT/moe_configs.tar); attn times the
 # prefill attention kernels (attn:quick without tile sweeps); tests:SECONDS[:PATHS] runs the gpu tests (of tests/engine, or of
 # the comma-separated PATHS under it); engine:MODEL:SECONDS[/BATCHES] times decode steps on load-time random weights,
-# unfused:... the same with the decode fusions off (TANDEM_DECODE_FUSION=0); fusion:BATCHES times each decode fusion
+# fused:... the same with the decode fusions on (TANDEM_DECODE_FUSION=1); fusion:BATCHES times each decode fusion
 # old against new (benchmarks/decode_fusion_bench.py).
 # Results: $OUT/*.jsonl and logs (what the device tool brings back).
 set -u
@@ -33,8 +33,8 @@ for job in $1; do
               | tee -a "$OUT/tune.log" | grep -v "^  " \
               | cut -c1-200; tar -C engine/kernels -cf "$OUT/moe_configs.tar" configs ;;
     attn)   timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/attn.jsonl" ${model:+--quick} 2>&1 | cut -c1-300 | tail -14 ;;
-    engine|unfused) IFS=/ read -r budget batches <<<"$arg"
-            TANDEM_DECODE_FUSION=$([ "$phase" = unfused ] && echo 0 || echo 1) timeout $((budget + 60)) \
+    engine|fused) IFS=/ read -r budget batches <<<"$arg"
+            TANDEM_DECODE_FUSION=$([ "$phase" = fused ] && echo 1 || echo 0) timeout $((budget + 60)) \
               python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$budget" \
               --batches "${batches:-1,8,64,256}" --out "$OUT/$phase.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
     fusion) timeout 150 python3 benchmarks/decode_fusion_bench.py --batches "${model:-1,8,64}" --out "$OUT/fusion.jsonl" \

@@ -8,8 +8,10 @@ The product is computed in out_dtype (default x's) from operands cast to it, as 
 models do (DeepSeek's router: float32 logits from float32 copies).
 
 The Triton kernel takes up to MAX_FUSED_TOKENS rows; `decode_fused(x)` says whether the
-decoder layer uses it for activations x. TANDEM_DECODE_FUSION=0 (or `decode_fusion(False)`)
-turns every decode fusion off: the layer then runs the separate norm and projection.
+decoder layer uses it for activations x. The fusions are off unless TANDEM_DECODE_FUSION=1
+(or `decode_fusion(True)`): on the H200 the GEMV-shaped kernel lost to cuBLAS at the qkv,
+router and o_proj shapes, and the batch-1 Qwen3-30B-A3B step took 4.60 ms with them against
+3.92 ms without (benchmarks/RESULTS.md); off, the layer runs the separate norm and projection.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from engine.kernels import dtype_problem, unsupported, use_triton
 from engine.ops.norm import rms_norm_ref
 
 MAX_FUSED_TOKENS = 16
-_enabled = os.environ.get("TANDEM_DECODE_FUSION", "1") != "0"
+_enabled = os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
 
 
 @contextlib.contextmanager
