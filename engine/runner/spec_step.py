@@ -139,10 +139,11 @@ class SpecDecoder:
         the K drafts of sampling requests past their known tokens. `start`: each
         request's first position this step (its computed count before the step);
         n_rows_cpu: its rows, nsched + K - 1 (a padded graph entry, with no tokens and the
-        graph's k drafts: k + K, which write nothing). Parallel drafting: one pass over all rows. Chain drafting
-        (parallel_drafting=False, for comparison): a pass over [stale | valid] gives d_1,
-        then one pass per mask row gives d_2..d_K (each reads the KV the passes before
-        wrote; the drafts are the same, the head runs K times)."""
+        graph's k drafts: k + K, which write nothing). Parallel drafting: one pass over
+        all rows. Chain drafting (parallel_drafting=False, EAGLE's drafter, for
+        comparison): a pass over [stale | valid] gives d_1, then pass j (one row per
+        request, at the j-th mask row's position) reads d_j and the head's own pre-norm
+        hidden state of the row before, and gives d_{j+1}: K passes, other drafts."""
         t, K = table, self.k
         dev = rows.device
         B = rows.shape[0]
@@ -151,26 +152,31 @@ class SpecDecoder:
         stale = torch.where(samples, ndraft.long() + 1 - emitted, 0)      # rejected drafts
         lay = _Layout(rows, real, n_rows, stale, start.long() - stale, query_start.long(), aux)
         if self.parallel:
-            normed, hq = self._pass(t, lay, torch.zeros_like(n_rows), n_rows, n_rows_cpu)
+            normed, _, hq = self._pass(t, lay, torch.zeros_like(n_rows), n_rows, n_rows_cpu)
             logits = self.head.compute_logits(normed[(hq[1:, None] - K + torch.arange(K, device=dev)).flatten()])
+            drafts = self.head.to_target_ids(logits.argmax(-1)).view(B, K)
         else:
             first_mask = n_rows - (K - 1)
-            normed, hq = self._pass(t, lay, torch.zeros_like(n_rows), first_mask, n_rows_cpu - (K - 1))
-            picked = [normed[hq[1:] - 1]]
+            normed, pre, hq = self._pass(t, lay, torch.zeros_like(n_rows), first_mask, n_rows_cpu - (K - 1))
+            normed, pre = normed[hq[1:] - 1], pre[hq[1:] - 1]
+            picked = []
             ones, ones_cpu = torch.ones_like(n_rows), np.ones(B, dtype=np.int64)
-            for k in range(1, K):
-                normed, _ = self._pass(t, lay, first_mask + k - 1, ones, ones_cpu)
-                picked.append(normed)
-            logits = self.head.compute_logits(torch.stack(picked, 1).flatten(0, 1))
-        drafts = self.head.to_target_ids(logits.argmax(-1)).view(B, K)
+            for k in range(K):
+                picked.append(self.head.to_target_ids(self.head.compute_logits(normed).argmax(-1)))
+                if k < K - 1:
+                    normed, pre, _ = self._pass(t, lay, first_mask + k, ones, ones_cpu, feed=(picked[-1], pre))
+            drafts = torch.stack(picked, 1)
         draft_pos = t.num_tokens[rows].long()[:, None] + torch.arange(K, device=dev)
         self._write_tokens(t, rows, draft_pos, drafts, samples[:, None].expand(B, K))
 
-    def _pass(self, t, lay: _Layout, first: torch.Tensor, count: torch.Tensor, count_cpu: np.ndarray
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pass(self, t, lay: _Layout, first: torch.Tensor, count: torch.Tensor, count_cpu: np.ndarray,
+              feed: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The head over rows [first, first + count) of each request's layout (the
-        earlier ones are in its KV cache) -> (normed [sum(count), H], exclusive cumsum
-        of count [B + 1])."""
+        earlier ones are in its KV cache) -> (normed [sum(count), H], pre-norm hidden
+        [sum(count), H], exclusive cumsum of count [B + 1]). feed: (token ids, hidden
+        states) of every row, in place of the table's tokens and the taps (chain
+        drafting)."""
         K, L, bs = self.k, self.max_model_len, self.block_size
         dev = lay.rows.device
         B = lay.rows.shape[0]
@@ -181,12 +187,7 @@ class SpecDecoder:
         j = first[req] + torch.arange(total, device=dev) - hq[req]
         pos = lay.base[req] + j
         is_stale = j < lay.stale[req]
-        is_mask = j >= (lay.n_rows - (K - 1))[req]
-        # Row at position i: token x_{i+1} (committed above) and the target's taps at i.
-        qs = lay.query_start
-        tgt = (qs[req] + j - lay.stale[req]).clamp(min=qs[req], max=qs[req + 1] - 1).clamp(min=0)
         rows = lay.rows.long()[req]
-        ids = t.token_ids[rows, (pos + 1).clamp(0, L - 1)].long()
         safe = pos.clamp(0, L - 1)
         block = t.block_table[rows, safe // bs].long()
         write = ~is_stale & (pos >= 0) & (pos < L) & lay.real[req]
@@ -199,8 +200,16 @@ class SpecDecoder:
                                  block_table=block_table, slot_mapping=slots, block_size=bs,
                                  query_lens_cpu=count_cpu.tolist(),
                                  seq_lens_cpu=self.exact_lengths(seq_lens, np.full(B, L + 2 * K)))
-        normed, _ = self.head(ids, lay.aux[tgt], pos.clamp(min=0), is_mask, meta)
-        return normed, hq
+        if feed is not None:
+            normed, pre = self.head(feed[0], None, pos.clamp(min=0), torch.zeros_like(write), meta, hidden=feed[1])
+            return normed, pre, hq
+        is_mask = j >= (lay.n_rows - (K - 1))[req]
+        # Row at position i: token x_{i+1} (committed above) and the target's taps at i.
+        qs = lay.query_start
+        tgt = (qs[req] + j - lay.stale[req]).clamp(min=qs[req], max=qs[req + 1] - 1).clamp(min=0)
+        ids = t.token_ids[rows, (pos + 1).clamp(0, L - 1)].long()
+        normed, pre = self.head(ids, lay.aux[tgt], pos.clamp(min=0), is_mask, meta)
+        return normed, pre, hq
 
 
 @dataclass

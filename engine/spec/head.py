@@ -78,14 +78,19 @@ class PEagleHead(nn.Module):
         """h_shared = fc(mask_hidden): the fused hidden state of every MTP row, [H]."""
         return self.fc(self.mask_hidden[None])[0]
 
-    def forward(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor, positions: torch.Tensor,
-                is_mask: torch.Tensor, meta: Meta) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (normed hidden [T, H] for logits, pre-norm hidden [T, H])."""
+    def forward(self, input_ids: torch.Tensor, aux_hidden: torch.Tensor | None, positions: torch.Tensor,
+                is_mask: torch.Tensor, meta: Meta, hidden: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (normed hidden [T, H] for logits, pre-norm hidden [T, H]). `hidden` [T, H]:
+        each row's fused hidden state given directly, in place of fc(aux_hidden) and the
+        mask rows' shared state (a chain drafter feeds back the head's own pre-norm
+        output, as EAGLE-3 does)."""
         ids = torch.where(is_mask, self.cfg.mask_token_id, input_ids)
         embeds = self.embed_tokens[ids]
-        fused = self.fc(aux_hidden.to(self.fc.weight.dtype))
-        # torch.where, not indexing: no host sync, and garbage in masked rows never leaks.
-        hidden = torch.where(is_mask[:, None], self.shared_hidden()[None], fused)
+        if hidden is None:
+            fused = self.fc(aux_hidden.to(self.fc.weight.dtype))
+            # torch.where, not indexing: no host sync, and garbage in masked rows never leaks.
+            hidden = torch.where(is_mask[:, None], self.shared_hidden()[None], fused)
         h, residual = self.layers[0](embeds, hidden, positions, meta)
         for layer in self.layers[1:]:
             h, residual = layer(h, residual, positions, meta)

@@ -15,8 +15,9 @@ class SpecDecodeSettings:
     method: str
     model: str
     num_speculative_tokens: int
-    # vLLM's key: False drafts with K sequential passes of the head (a chain drafter,
-    # for comparison: the same drafts at K times the head's cost).
+    # vLLM's key: False drafts with K sequential passes of the head (EAGLE's chain
+    # drafter, each draft and the head's own hidden state fed to the next pass; for
+    # comparison: a P-EAGLE head is not trained for it).
     parallel_drafting: bool = True
     # ((min_batch, k), ...), min_batch increasing, k decreasing: from `min_batch` running
     # requests on, each decoding request verifies k drafts (below the first, K). Large

@@ -1,0 +1,139 @@
+"""The drafts the runner proposes equal what the head predicts when run as the trainer
+evaluates it (engine/spec/train.py: the same taps, positions, tokens and mask rows,
+densely over the whole sequence so far), at every step of a Qwen3-MoE target with a
+2-layer head at K=7 (the device benchmark's shapes, tiny): with async scheduling and
+the padded graph steps, through rejections and acceptances. Every propose call is
+recorded with the known tokens it drafted after; the dense reference is computed from
+that prefix alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.spec.checkpoint import load_head, save_head
+from engine.spec.train import (TrainConfig, build_rows, generate_greedy, init_from_target, new_head, target_features,
+                               train_head)
+from tests.engine.tiny_models import build
+
+K = 7
+MASK_ID = 255
+LAYERS = [1, 2, 3]
+PROMPTS = [list(range(40, 61)), [5, 17, 99, 3, 8], [7] * 9]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A 4-layer tiny Qwen3-MoE target and a 2-layer head trained briefly on its greedy
+    text (so rounds accept some drafts and reject others)."""
+    root = tmp_path_factory.mktemp("parity")
+    from tests.engine.tiny_models import CONFIGS
+    CONFIGS["qwen3_moe_4"] = (CONFIGS["qwen3_moe"][0], CONFIGS["qwen3_moe"][1],
+                              dict(CONFIGS["qwen3_moe"][2], num_hidden_layers=4))
+    try:
+        model = build("qwen3_moe_4", root / "target")
+    finally:
+        del CONFIGS["qwen3_moe_4"]
+    prompts = torch.randint(0, MASK_ID, (24, 4), generator=torch.Generator().manual_seed(0))
+    tokens = generate_greedy(model, prompts, 20, banned=[MASK_ID])
+    aux, logits = target_features(model, tokens, LAYERS)
+    head = new_head(model.config, LAYERS, MASK_ID, depths=K, num_layers=2)
+    init_from_target(head, model)
+    train_head(head, tokens, aux, logits, TrainConfig(depths=K, steps=40, batch_size=4, lr=3e-3))
+    save_head(head, root / "head")
+    return root / "target", model, root / "head"
+
+
+def _record_proposals(llm) -> list[tuple[list[int], list[int]]]:
+    """(known tokens, the K drafts written after them) of every request at every
+    propose call (CPU: the table is host memory, reading it is no synchronisation)."""
+    runner = llm.engine.runner
+    spec, t = runner.spec, runner.table
+    propose, seen = spec.propose, []
+
+    def recording(table, rows, nsched, n_rows_cpu, ndraft, samples, *args, **kwargs):
+        propose(table, rows, nsched, n_rows_cpu, ndraft, samples, *args, **kwargs)
+        for row, s in zip(rows.tolist(), samples.tolist()):
+            if s and row != t.pad_row:
+                n = int(t.num_tokens[row])
+                seen.append((t.token_ids[row, :n].tolist(), t.token_ids[row, n:n + K].tolist()))
+    spec.propose = recording
+    return seen
+
+
+def dense_drafts(head, model, known: list[int]) -> list[int]:
+    """The trainer's view: rows for every anchor of the sequence (placeholders past its
+    end: rows after the anchor see none), the NTP row at n-2 and depth-d rows at n-2+d."""
+    n = len(known)
+    seq = torch.tensor([known])
+    aux, logits = target_features(model, seq, LAYERS)
+    ext = torch.cat([seq, torch.zeros(1, K + 1, dtype=seq.dtype)], 1)
+    aux_e = torch.cat([aux, torch.zeros(1, K + 1, aux.shape[-1])], 1)
+    rows = build_rows(ext, aux_e, torch.zeros(1, ext.shape[1], logits.shape[-1]), MASK_ID,
+                      TrainConfig(depths=K), None, ratio=1.0)
+    with torch.no_grad():
+        normed, _ = head(rows.input_ids, rows.aux, rows.positions, rows.is_mask, rows.mask)
+        ids = head.to_target_ids(head.compute_logits(normed).argmax(-1))
+    return [int(ids[(rows.depth == d) & (rows.positions == n - 2 + d)][0]) for d in range(K)]
+
+
+def chain_drafts(head, known: list[int], aux: torch.Tensor) -> list[int]:
+    """EAGLE's chain drafter, densely: context rows 0..n-2 (token x_{i+1}, fc of the taps
+    at i), then row n-2+j holds d_j and the pre-norm hidden state of row n-3+j."""
+    n = len(known)
+    ids = torch.tensor(known[1:])
+    hidden = head.fc(aux[:n - 1])
+    drafts = []
+    with torch.no_grad():
+        for _ in range(K):
+            T = ids.shape[0]
+            mask = torch.ones(T, T, dtype=torch.bool).tril()
+            normed, pre = head(ids, None, torch.arange(T), torch.zeros(T, dtype=torch.bool), mask, hidden=hidden)
+            drafts.append(int(head.to_target_ids(head.compute_logits(normed[-1:]).argmax(-1))[0]))
+            ids = torch.cat([ids, torch.tensor(drafts[-1:])])
+            hidden = torch.cat([hidden, pre[-1:]])
+    return drafts
+
+
+def _generate(folder, head_dir, parallel: bool = True, graphs: bool = False, **args):
+    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=32, max_model_len=96,
+              speculative_config={"method": "peagle", "model": str(head_dir), "num_speculative_tokens": K,
+                                  "parallel_drafting": parallel}, **args)
+    if graphs:
+        llm.engine.runner.capture_cuda_graphs(sizes=[1, 2, 4], eager=True)
+    seen = _record_proposals(llm)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (24, 30, 18)]
+    outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    return llm, outs, seen
+
+
+@pytest.mark.parametrize("async_scheduling,graphs", [(False, False), (True, True)])
+def test_runner_drafts_equal_the_trainers_view(pair, async_scheduling, graphs):
+    folder, model, head_dir = pair
+    head = load_head(head_dir)
+    llm, _, seen = _generate(folder, head_dir, graphs=graphs, async_scheduling=async_scheduling)
+    assert len(seen) >= 20
+    for known, drafts in seen:
+        assert drafts == dense_drafts(head, model, known), f"after {len(known)} tokens"
+    st = llm.engine.spec_stats
+    # Both branches of the layout ran: rounds that accepted drafts and rounds that did not.
+    assert 0 < st.num_accepted_tokens < st.num_draft_tokens
+
+
+def test_chain_drafter_feeds_each_draft_back(pair):
+    """parallel_drafting=False: d_1 from the [stale | valid] pass, then each d_{j+1} from
+    a row holding d_j and the head's own pre-norm hidden state of d_j's row (EAGLE's
+    chain), at its position; the greedy output is still the target's."""
+    folder, model, head_dir = pair
+    head = load_head(head_dir)
+    _, base, _ = _generate(folder, head_dir)
+    llm, outs, seen = _generate(folder, head_dir, parallel=False, async_scheduling=True)
+    assert outs == base
+    differ = 0
+    for known, drafts in seen[:12]:
+        seq = torch.tensor([known])
+        aux, _ = target_features(model, seq, LAYERS)
+        assert drafts == chain_drafts(head, known, aux[0]), f"after {len(known)} tokens"
+        differ += drafts != dense_drafts(head, model, known)
+    assert differ > 0, "the chain drafter gave the parallel drafter's drafts"
