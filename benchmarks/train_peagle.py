@@ -104,13 +104,14 @@ def train_target(train: torch.Tensor, seconds: float, dev: str, smoke: bool):
 
 
 @torch.no_grad()
-def greedy_data(model, train: torch.Tensor, dev: str, smoke: bool) -> torch.Tensor:
-    """The target's greedy continuations of library windows: [S, 64 + new] (rows that
-    produced the mask token are dropped: none should)."""
-    n, plen, new = (16, 16, 24) if smoke else (512, 64, 128)
-    prompts = windows(train, n, plen, torch.Generator().manual_seed(1)).to(dev)
+def greedy_data(model, source: torch.Tensor, n: int, dev: str, smoke: bool, seed: int = 1) -> torch.Tensor:
+    """The target's greedy continuations of n windows of `source`: [n', 64 + 128] (16 + 24
+    with --smoke), generated in wide batches (rows that produced the mask token are
+    dropped: none should)."""
+    plen, new = (16, 24) if smoke else (64, 128)
+    prompts = windows(source, n, plen, torch.Generator().manual_seed(seed)).to(dev)
     outs = []
-    for chunk in prompts.split(256):
+    for chunk in prompts.split(4096):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
             outs.append(model.generate(chunk, max_new_tokens=new, do_sample=False, suppress_tokens=[MASK_ID],
                                        attention_mask=torch.ones_like(chunk), pad_token_id=0))
@@ -118,35 +119,46 @@ def greedy_data(model, train: torch.Tensor, dev: str, smoke: bool) -> torch.Tens
     return seq[~(seq == MASK_ID).any(1)]
 
 
-def train_peagle_head(model, tokens: torch.Tensor, seconds: float, smoke: bool):
-    from engine.spec.train import (
-        TrainConfig,
-        acceptance_length,
-        init_from_target,
-        new_head,
-        target_features,
-        train_head,
-    )
-    depths = 7
-    head = new_head(model.config, None, MASK_ID, depths, num_layers=2).to(tokens.device)
-    init_from_target(head, model)
+@torch.no_grad()
+def features(model, tokens: torch.Tensor, layer_ids: list[int], dev: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's taps and logits over all sequences, kept on the device (bf16 on a GPU)."""
+    from engine.spec.train import target_features
+    keep = torch.bfloat16 if dev == "cuda" else torch.float32
     aux, logits = [], []
-    for chunk in tokens.split(128):
-        a, lg = target_features(model, chunk, head.cfg.aux_layer_ids)
-        aux.append(a)
-        logits.append(lg)
-    aux, logits = torch.cat(aux), torch.cat(logits)
-    held = max(1, tokens.shape[0] // 32)      # sequences kept out of training, for the offline measure
-    cfg = TrainConfig(depths=depths, steps=5, batch_size=4 if smoke else 8, lr=1e-3)
+    for chunk in tokens.split(256):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            a, lg = target_features(model, chunk, layer_ids)
+        aux.append(a.to(keep))
+        logits.append(lg.to(keep))
+    return torch.cat(aux), torch.cat(logits)
+
+
+def train_peagle_head(model, tokens: torch.Tensor, held: torch.Tensor, seconds: float, smoke: bool,
+                      layers: int = 2, batch: int = 64, lr: float = 2e-3, depths: int = 7):
+    """Trains for `seconds` on `tokens`; the offline acceptance is measured on `held`
+    (greedy continuations of held-out files, as the engine measurement's prompts)."""
+    from engine.spec.train import (TrainConfig, acceptance_length, chain_counts, init_from_target, new_head,
+                                   train_head)
+    dev = tokens.device.type
+    head = new_head(model.config, None, MASK_ID, depths, num_layers=layers).to(tokens.device)
+    init_from_target(head, model)
     t0 = time.perf_counter()
-    train_head(head, tokens[held:], aux[held:], logits[held:], cfg)
-    per_step = (time.perf_counter() - t0) / cfg.steps
-    cfg.steps = max(10, int(seconds / per_step))
-    losses = train_head(head, tokens[held:], aux[held:], logits[held:], cfg)
+    aux, logits = features(model, tokens, head.cfg.aux_layer_ids, dev)
+    feature_s = time.perf_counter() - t0
+    cfg = TrainConfig(depths=depths, seconds=seconds, batch_size=4 if smoke else batch, lr=lr,
+                      warmup_steps=5 if smoke else 50)
+    log = train_head(head, tokens, aux, logits, cfg)
+    del aux, logits
+    h_aux, h_logits = features(model, held, head.cfg.aux_layer_ids, dev)
     plen = 16 if smoke else 64
-    al, per_pos = acceptance_length(head, tokens[:held], aux[:held], logits[:held], depths, plen - 2)
-    emit(phase="head", steps=cfg.steps, step_s=round(per_step, 4), final_loss=losses[-1],
-         offline_acceptance_length_k7=round(al, 3), offline_accept_per_position=[round(float(x), 3) for x in per_pos])
+    al, per_pos = acceptance_length(head, held, h_aux, h_logits, depths, plen - 2)
+    emit(phase="head", steps=log.steps, step_s=round(log.step_s, 4), final_loss=log.losses[-1],
+         offline_acceptance_length_k7=round(al, 3), offline_accept_per_position=[round(float(x), 3) for x in per_pos],
+         seconds=round(log.seconds, 1), feature_s=round(feature_s, 1), sequences=tokens.shape[0],
+         held_out_sequences=held.shape[0], layers=layers, batch=cfg.batch_size, lr=lr,
+         rows_per_step=cfg.batch_size * sum(chain_counts(tokens.shape[1], depths, cfg.cod_ratio, cfg.cod_min_ratio)),
+         loss_every_sync=[round(x, 3) for x in log.losses[::max(1, len(log.losses) // 10)]],
+         top1_per_depth=[round(x, 3) for x in log.top1])
     return head
 
 
@@ -185,9 +197,11 @@ def measure(target_dir: Path, head_dir: Path, held_out: torch.Tensor, smoke: boo
         except Exception as e:      # noqa: BLE001 (report it and measure the rest)
             emit(phase="error", k=k, parallel_drafting=parallel, error=repr(e)[:400])
             continue
-        llm.generate(prompts[batches[0]], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))  # warm-up
         for b in batches:
             runner, core = llm.engine.runner, llm.engine
+            # Warm-up with this batch's own prompts: every shape it meets (prefill, and the
+            # prefix-cache hit the timed runs get) is compiled or planned before timing.
+            llm.generate(prompts[b], sp)
             core.spec_stats.__init__()
             best, outs = float("inf"), None
             for rep in range(2):
@@ -227,6 +241,10 @@ def main() -> None:
     ap.add_argument("--target-s", type=float, default=120.0)
     ap.add_argument("--head-s", type=float, default=90.0)
     ap.add_argument("--measure-s", type=float, default=600.0, help="stop starting new engine runs after this")
+    ap.add_argument("--sequences", type=int, default=4096, help="greedy sequences the head trains on")
+    ap.add_argument("--head-layers", type=int, default=2)
+    ap.add_argument("--head-batch", type=int, default=64, help="sequences per head training step")
+    ap.add_argument("--head-lr", type=float, default=2e-3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
@@ -242,12 +260,13 @@ def main() -> None:
     model.generation_config.eos_token_id = None
     model.save_pretrained(str(target_dir))
     t0 = time.perf_counter()
-    tokens = greedy_data(model, train, dev, a.smoke)
+    tokens = greedy_data(model, train, 16 if a.smoke else a.sequences, dev, a.smoke)
+    held = greedy_data(model, held_out, 4 if a.smoke else 64, dev, a.smoke, seed=3)
     emit(phase="data", sequences=tokens.shape[0], length=tokens.shape[1], seconds=round(time.perf_counter() - t0, 1))
-    head = train_peagle_head(model, tokens, a.head_s, a.smoke)
+    head = train_peagle_head(model, tokens, held, a.head_s, a.smoke, a.head_layers, a.head_batch, a.head_lr)
     from engine.spec.checkpoint import save_head
     save_head(head.cpu(), head_dir, "speculators", verifier=str(target_dir))
-    del model, head, tokens
+    del model, head, tokens, held
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

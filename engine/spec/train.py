@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from engine.kernels import kernel_backend
 from engine.models.loader import init_random
 from engine.spec.checkpoint import save_head
 from engine.spec.config import PEagleConfig, default_aux_layers
@@ -37,24 +39,47 @@ from engine.spec.rejection import rejection_sample
 @dataclass
 class TrainConfig:
     depths: int = 4               # K the head is trained for (NTP + depths-1 MTP rows)
-    steps: int = 300
+    steps: int = 300              # the schedule's length, unless seconds is set
+    seconds: float | None = None  # train for this long instead (cosine on elapsed time)
     lr: float = 3e-3
-    batch_size: int = 8
+    warmup_steps: int = 20
+    batch_size: int = 8           # sequences per step
     cod_ratio: float = 0.7
     cod_min_ratio: float = 0.2
     seed: int = 0
+    sync_every: int = 25          # read the loss back (the only host sync) this often
+
+
+ROW_FIELDS = ("input_ids", "aux", "positions", "is_mask", "depth", "target_logits")
 
 
 @dataclass
 class Rows:
-    """One packed training batch."""
-    input_ids: torch.Tensor      # [R]
-    aux: torch.Tensor            # [R, 3 * Ht]
-    positions: torch.Tensor      # [R]
-    is_mask: torch.Tensor        # [R] bool (depth > 0)
-    depth: torch.Tensor          # [R]
-    target_logits: torch.Tensor  # [R, V]
-    mask: torch.Tensor           # [R, R] bool
+    """Training rows of B sequences, R each, depth-major (every sequence has the same
+    number of rows at each depth, `counts`), so the per-depth loss needs no host sync."""
+    input_ids: torch.Tensor      # [B, R]
+    aux: torch.Tensor            # [B, R, 3 * Ht]
+    positions: torch.Tensor      # [B, R]
+    is_mask: torch.Tensor        # [B, R] bool (depth > 0)
+    depth: torch.Tensor          # [B, R]
+    target_logits: torch.Tensor  # [B, R, V]
+    mask: torch.Tensor           # [B, R, R] bool
+    counts: list[int]            # rows per depth in one sequence
+
+    def flat(self) -> Rows:
+        """All rows in one set ([B * R], block-diagonal [B * R, B * R] mask): the layout a
+        single dense call of the head takes."""
+        return Rows(*(getattr(self, f).flatten(0, 1) for f in ROW_FIELDS),
+                    torch.block_diag(*self.mask.unbind(0)), self.counts)
+
+
+@dataclass
+class TrainLog:
+    steps: int
+    seconds: float
+    step_s: float                # steady state: the steps after the first host sync
+    losses: list[float]          # every sync_every steps, then the last step's
+    top1: list[float]            # the last step's top-1 agreement with the target per depth
 
 
 # -- data from the target -------------------------------------------------------------
@@ -83,63 +108,86 @@ def generate_greedy(target, prompts: torch.Tensor, new_tokens: int, banned: list
 
 # -- the objective ---------------------------------------------------------------------
 
-def sample_chains(n_tokens: int, depths: int, ratio: float, min_ratio: float,
-                  gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anchor [R], depth [R]) of the rows trained on one sequence. ratio 1: all of them."""
-    anchors, ds = [torch.arange(n_tokens - 1)], [torch.zeros(n_tokens - 1, dtype=torch.long)]
-    alive = anchors[0]
+def chain_counts(n_tokens: int, depths: int, ratio: float, min_ratio: float) -> list[int]:
+    """Anchors kept at each depth of one sequence: all n-1 at depth 0; depth d keeps
+    max(r^d, r_min) of its n-1-d labelled anchors, fewer than depth d-1 keeps (so a nested
+    choice always exists and every sequence gets the same counts). ratio 1: all of them."""
+    counts = [n_tokens - 1]
     for d in range(1, depths):
         valid = n_tokens - 1 - d                        # anchors j <= N - 2 - d have a label
-        alive = alive[alive < valid]
-        keep = min(alive.numel(), math.ceil(max(ratio ** d, min_ratio) * valid))
-        if keep < alive.numel():
-            alive = alive[torch.randperm(alive.numel(), generator=gen)[:keep]].sort().values
-        if alive.numel() == 0:
+        keep = min(math.ceil(max(ratio ** d, min_ratio) * valid), counts[-1] - 1, valid)
+        if keep <= 0:
             break
-        anchors.append(alive)
-        ds.append(torch.full_like(alive, d))
-    return torch.cat(anchors), torch.cat(ds)
+        counts.append(keep)
+    return counts
+
+
+def sample_chains(batch: int, n_tokens: int, depths: int, ratio: float, min_ratio: float,
+                  gen: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchor [B, R], depth [B, R]) of the rows trained on each of `batch` sequences,
+    depth-major, anchors ascending within a depth; depth d's anchors are a random subset
+    of depth d-1's (chains never skip a depth). Drawn on `device`, no host sync."""
+    counts = chain_counts(n_tokens, depths, ratio, min_ratio)
+    idx = torch.arange(n_tokens - 1, device=device).expand(batch, -1)
+    prio = torch.rand(batch, n_tokens - 1, generator=gen, device=device)
+    alive, anchors = torch.ones_like(idx, dtype=torch.bool), [idx]
+    for d, keep in enumerate(counts[1:], 1):
+        score = torch.where(alive & (idx < n_tokens - 1 - d), prio, -1.0)
+        pick = score.topk(keep, dim=1).indices.sort(dim=1).values
+        alive = torch.zeros_like(alive).scatter_(1, pick, True)
+        anchors.append(pick)
+    depth = torch.cat([torch.full((c,), d, device=device) for d, c in enumerate(counts)])
+    return torch.cat(anchors, 1), depth.expand(batch, -1)
 
 
 def training_mask(anchor: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-    """[R, R]: query row may see key row (the inference-time causal view, see module doc)."""
-    aq, dq = anchor[:, None], depth[:, None]
-    ak, dk = anchor[None, :], depth[None, :]
+    """[..., R, R]: query row may see key row (the inference-time causal view, see module doc)."""
+    aq, dq = anchor[..., :, None], depth[..., :, None]
+    ak, dk = anchor[..., None, :], depth[..., None, :]
     return ((dk == 0) & (ak <= aq)) | ((ak == aq) & (dk <= dq))
+
+
+def batch_rows(tokens: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor, mask_token_id: int, depths: int,
+               ratio: float, min_ratio: float, gen: torch.Generator | None) -> Rows:
+    """The rows of each sequence (tokens [B, N], aux [B, N, 3Ht], logits [B, N, V]), on
+    their device."""
+    n = tokens.shape[1]
+    anchor, depth = sample_chains(tokens.shape[0], n, depths, ratio, min_ratio, gen, tokens.device)
+
+    def at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    ids = torch.where(depth == 0, tokens.gather(1, (anchor + 1).clamp(max=n - 1)), mask_token_id)
+    return Rows(ids, at(aux, anchor), anchor + depth, depth > 0, depth, at(logits, anchor + depth + 1),
+                training_mask(anchor, depth), chain_counts(n, depths, ratio, min_ratio))
 
 
 def build_rows(tokens: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor, mask_token_id: int,
                cfg: TrainConfig, gen: torch.Generator | None, ratio: float | None = None) -> Rows:
-    """Pack one row set per sequence (tokens [B, N], aux [B, N, 3Ht], logits [B, N, V])
-    with a block-diagonal mask."""
-    parts = []
-    for b in range(tokens.shape[0]):
-        anchor, depth = sample_chains(tokens.shape[1], cfg.depths, cfg.cod_ratio if ratio is None else ratio,
-                                      cfg.cod_min_ratio if ratio is None else ratio, gen)
-        anchor, depth = anchor.to(tokens.device), depth.to(tokens.device)
-        ids = torch.where(depth == 0, tokens[b, (anchor + 1).clamp(max=tokens.shape[1] - 1)], mask_token_id)
-        parts.append(Rows(ids, aux[b, anchor], anchor + depth, depth > 0, depth,
-                          logits[b, anchor + depth + 1], training_mask(anchor, depth)))
-    return Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                  ("input_ids", "aux", "positions", "is_mask", "depth", "target_logits")),
-                torch.block_diag(*[p.mask for p in parts]))
+    """batch_rows as one flat row set (see Rows.flat)."""
+    r, r_min = (cfg.cod_ratio, cfg.cod_min_ratio) if ratio is None else (ratio, ratio)
+    return batch_rows(tokens, aux, logits, mask_token_id, cfg.depths, r, r_min, gen).flat()
 
 
 def head_logits(head: PEagleHead, rows: Rows) -> torch.Tensor:
-    normed, _ = head(rows.input_ids, rows.aux, rows.positions, rows.is_mask, rows.mask)
-    return head.compute_logits(normed)
+    """[B, R, draft_V]: the head over each sequence's rows, batched with vmap. Torch ops
+    only: the Triton kernels neither batch under vmap nor have a backward."""
+    def one(ids, aux, positions, is_mask, mask):
+        return head.compute_logits(head(ids, aux, positions, is_mask, mask)[0])
+    with kernel_backend("torch"):
+        return torch.func.vmap(one)(rows.input_ids, rows.aux, rows.positions, rows.is_mask, rows.mask)
 
 
-def loss_fn(head: PEagleHead, rows: Rows) -> tuple[torch.Tensor, list[float]]:
-    """Per-depth mean cross-entropy to the target's distribution, averaged over depths;
-    also each depth's top-1 agreement with the target."""
-    logits = head_logits(head, rows)
-    target_p = torch.softmax(rows.target_logits, dim=-1)
-    ce = -(target_p * torch.log_softmax(logits, dim=-1)).sum(-1)
-    hit = (logits.argmax(-1) == rows.target_logits.argmax(-1)).float()
-    depths = [d for d in range(int(rows.depth.max()) + 1) if bool((rows.depth == d).any())]
-    loss = sum(ce[rows.depth == d].mean() for d in depths) / len(depths)
-    return loss, [float(hit[rows.depth == d].mean()) for d in depths]
+def loss_fn(head: PEagleHead, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy to the target's distribution, mean per depth then over depths, and
+    each depth's top-1 agreement with the target [depths]; both stay on the device."""
+    logits = head_logits(head, rows).float()
+    target = rows.target_logits.float()
+    ce = -(torch.softmax(target, dim=-1) * torch.log_softmax(logits, dim=-1)).sum(-1)     # [B, R]
+    hit = (logits.argmax(-1) == target.argmax(-1)).float().mean(0)                       # [R]
+    ends = torch.tensor(rows.counts).cumsum(0).tolist()
+    spans = list(zip([0] + ends[:-1], ends))
+    loss = torch.stack([ce[:, a:b].mean() for a, b in spans]).mean()
+    return loss, torch.stack([hit[a:b].mean() for a, b in spans])
 
 
 # -- building, training, measuring -----------------------------------------------------
@@ -165,61 +213,76 @@ def new_head(target_config, layer_ids: list[int] | None, mask_token_id: int, dep
 
 @torch.no_grad()
 def init_from_target(head: PEagleHead, target) -> None:
-    """Start the embedding and LM head from the target's (P-EAGLE then trains both)."""
+    """Start the embedding, final norm and LM head from the target's (P-EAGLE then
+    trains all of them)."""
     head.embed_tokens.copy_(target.get_input_embeddings().weight.float())
     head.lm_head.copy_(target.get_output_embeddings().weight.float())
+    norm = getattr(target.base_model, "norm", None)
+    if norm is not None and norm.weight.shape == head.norm.weight.shape:
+        head.norm.weight.copy_(norm.weight.float())
 
 
 def train_head(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor,
-               cfg: TrainConfig, log_every: int = 0) -> list[float]:
-    """Adam on minibatches of the given sequences; returns the loss per step."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+               cfg: TrainConfig, log_every: int = 0) -> TrainLog:
+    """AdamW on random minibatches of the given sequences (all on one device; bf16
+    autocast on a GPU), for cfg.steps or, with cfg.seconds, until that much time has
+    passed; warm-up then cosine decay over the same measure."""
+    dev = tokens.device
+    cuda = dev.type == "cuda"
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     head.train().requires_grad_(True)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    losses = []
-    for step in range(cfg.steps):
-        pick = torch.randperm(tokens.shape[0], generator=gen)[:cfg.batch_size]
-        rows = build_rows(tokens[pick], aux[pick], logits[pick], head.mask_token_id, cfg, gen)
-        loss, acc = loss_fn(head, rows)
-        opt.zero_grad()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                            **({"fused": True} if cuda else {}))
+    losses: list[float] = []
+    t0, step, steady = time.perf_counter(), 0, None
+    while True:
+        frac = (time.perf_counter() - t0) / cfg.seconds if cfg.seconds else step / cfg.steps
+        if frac >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+        pick = torch.randint(tokens.shape[0], (cfg.batch_size,), generator=gen, device=dev)
+        rows = batch_rows(tokens[pick], aux[pick], logits[pick], head.mask_token_id, cfg.depths,
+                          cfg.cod_ratio, cfg.cod_min_ratio, gen)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss, top1 = loss_fn(head, rows)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log_every and step % log_every == 0:
-            print(f"step {step} loss {losses[-1]:.3f} top-1 per depth {[round(a, 2) for a in acc]}")
+        step += 1
+        if step % cfg.sync_every == 0:
+            losses.append(float(loss.detach()))   # waits for the device: the loop's only sync
+            steady = steady or (step, time.perf_counter())
+            if log_every and step % log_every < cfg.sync_every:
+                print(f"step {step} loss {losses[-1]:.3f} top-1 per depth {[round(a, 2) for a in top1.tolist()]}")
+    losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - t0
     head.eval().requires_grad_(False)
-    return losses
+    step_s = (time.perf_counter() - steady[1]) / (step - steady[0]) if steady and step > steady[0] else seconds / step
+    return TrainLog(step, seconds, step_s, losses, top1.tolist())
 
 
 @torch.no_grad()
 def acceptance_length(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor,
-                      num_spec: int, first_anchor: int = 0, chunk: int = 4) -> tuple[float, torch.Tensor]:
+                      num_spec: int, first_anchor: int = 0, chunk: int = 16) -> tuple[float, torch.Tensor]:
     """Greedy speculation on sequences the target generated greedily from index
     first_anchor + 2 on: for each anchor j the head drafts K tokens (its dense view
     equals inference's), the rejection sampler verifies them against the target's
     logits at j+1..j+K+1. -> (mean acceptance length, accepted-per-position rates [K]).
     `chunk` sequences at a time (the dense mask grows with the square of the rows)."""
-    cfg = TrainConfig(depths=num_spec)
     N = tokens.shape[1]
     dev = tokens.device
-    per_seq = [N - 1 - d for d in range(num_spec)]          # rows per depth in one sequence
-    offsets = torch.tensor([0] + per_seq).cumsum(0).tolist()
+    starts = [0] + torch.tensor(chain_counts(N, num_spec, 1.0, 1.0)).cumsum(0).tolist()
     anchors = torch.arange(first_anchor, N - 1 - num_spec, device=dev)
     accepted = []
     for at in range(0, tokens.shape[0], chunk):
-        tok, ax, lg = tokens[at:at + chunk], aux[at:at + chunk], logits[at:at + chunk]
-        rows = build_rows(tok, ax, lg, head.mask_token_id, cfg, None, ratio=1.0)
-        pred = head.to_target_ids(head_logits(head, rows).argmax(-1))
-        drafts, targets = [], []
-        for b in range(tok.shape[0]):
-            base = b * offsets[-1]
-            drafts.append(torch.stack([pred[base + offsets[d] + anchors] for d in range(num_spec)], 1))
-            targets.append(lg[b, anchors[:, None] + 1 + torch.arange(num_spec + 1, device=dev)])
-        drafts = torch.cat(drafts)
-        target_rows = torch.cat(targets).reshape(-1, lg.shape[-1])
+        tok, ax, lg = tokens[at:at + chunk], aux[at:at + chunk], logits[at:at + chunk].float()
+        rows = batch_rows(tok, ax, lg, head.mask_token_id, num_spec, 1.0, 1.0, None)
+        pred = head.to_target_ids(head_logits(head, rows).argmax(-1))                  # [b, R]
+        # With ratio 1, depth d's rows are anchors 0, 1, ... in order, from starts[d].
+        drafts = torch.stack([pred[:, starts[d] + anchors] for d in range(num_spec)], -1).reshape(-1, num_spec)
+        target_rows = lg[:, anchors[:, None] + 1 + torch.arange(num_spec + 1, device=dev)].reshape(-1, lg.shape[-1])
         n = drafts.shape[0]
         zeros = torch.zeros(n, dtype=torch.int64, device=dev)
         out = rejection_sample(target_rows, drafts, torch.full((n,), num_spec, device=dev),
@@ -243,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=56)
     for f, v in asdict(TrainConfig()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+        p.add_argument(f"--{f.replace('_', '-')}", type=float if v is None else type(v), default=v)
     a = p.parse_args(argv)
     cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(TrainConfig())})
     target = AutoModelForCausalLM.from_pretrained(a.target).eval()
@@ -253,11 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     head = new_head(target.config, a.layers, a.mask_token_id, cfg.depths, a.num_layers)
     init_from_target(head, target)
     aux, logits = target_features(target, tokens, head.cfg.aux_layer_ids)
-    losses = train_head(head, tokens, aux, logits, cfg, log_every=max(1, cfg.steps // 20))
+    log = train_head(head, tokens, aux, logits, cfg, log_every=cfg.sync_every)
     al, _ = acceptance_length(head, tokens, aux, logits, cfg.depths, a.prompt_len - 2)
     print(f"training-set acceptance length at K={cfg.depths}: {al:.2f}")
     save_head(head, Path(a.out), "speculators", verifier=a.target,
-              extra_config={"tandem_training": dict(asdict(cfg), final_loss=losses[-1])})
+              extra_config={"tandem_training": dict(asdict(cfg), steps=log.steps, final_loss=log.losses[-1])})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.spec.checkpoint import load_head, save_head
-from engine.spec.train import (TrainConfig, acceptance_length, build_rows, generate_greedy, init_from_target,
+from engine.spec.train import (TrainConfig, acceptance_length, build_rows, chain_counts, generate_greedy, init_from_target,
                                main, new_head, sample_chains, target_features, train_head, training_mask)
 from tests.engine.spec.helpers import block_causal_mask, random_head
 
@@ -17,16 +17,20 @@ V, MASK, LAYERS, K = 48, 47, [1, 2, 3], 3
 
 
 def test_chains_are_nested_and_labelled():
-    anchor, depth = sample_chains(20, 4, 0.7, 0.2, torch.Generator().manual_seed(0))
-    assert (anchor[depth == 0] == torch.arange(19)).all()
-    for d in range(1, 4):
-        deeper = set(anchor[depth == d].tolist())
-        assert deeper <= set(anchor[depth == d - 1].tolist())       # chains never skip a depth
-        assert max(deeper) + d + 1 <= 19                              # label row exists
-        assert len(deeper) == -(-max(0.7 ** d, 0.2) * (19 - d) // 1)
-    # ratio 1: every anchor at every depth.
-    anchor, depth = sample_chains(10, 3, 1.0, 1.0, None)
+    anchor, depth = sample_chains(3, 20, 4, 0.7, 0.2, torch.Generator().manual_seed(0))
+    for b in range(3):
+        a, d_ = anchor[b], depth[b]
+        assert (a[d_ == 0] == torch.arange(19)).all()
+        for d in range(1, 4):
+            deeper = set(a[d_ == d].tolist())
+            assert deeper <= set(a[d_ == d - 1].tolist())             # chains never skip a depth
+            assert max(deeper) + d + 1 <= 19                           # label row exists
+            assert len(deeper) == -(-max(0.7 ** d, 0.2) * (19 - d) // 1)
+    assert not torch.equal(anchor[0], anchor[1])                       # each sequence draws its own
+    # ratio 1: every anchor at every depth; at the floor, each depth keeps fewer than the last.
+    anchor, depth = sample_chains(1, 10, 3, 1.0, 1.0)
     assert [int((depth == d).sum()) for d in range(3)] == [9, 8, 7]
+    assert chain_counts(40, 8, 0.7, 0.2) == [39, 27, 19, 13, 9, 7, 6, 5]
 
 
 def test_rows_are_shifted_by_one_and_deeper_rows_are_masked():
@@ -86,10 +90,10 @@ def test_trained_head_is_accepted_far_more_often_and_loads(target_and_data, tmp_
     init_from_target(head, target)
     # Measured on held-out sequences from their first generated token on (prompt 3).
     before, _ = acceptance_length(head, tokens[held_out], aux[held_out], logits[held_out], K, first_anchor=1)
-    losses = train_head(head, tokens[train], aux[train], logits[train],
-                        TrainConfig(depths=K, steps=300, batch_size=4, lr=3e-3))
+    log = train_head(head, tokens[train], aux[train], logits[train],
+                     TrainConfig(depths=K, steps=300, batch_size=4, lr=3e-3, sync_every=10))
     after, per_position = acceptance_length(head, tokens[held_out], aux[held_out], logits[held_out], K, 1)
-    assert sum(losses[-20:]) < sum(losses[:20])
+    assert log.steps == 300 and len(log.losses) == 31 and log.losses[-1] < log.losses[0]
     print(f"acceptance length at K={K}: untrained {before:.2f}, trained {after:.2f}; per position {per_position.tolist()}")
     assert before < 1.2 and after > before + 0.8, (before, after, per_position)
     assert per_position[0] > 0.5
