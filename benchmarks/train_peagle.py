@@ -137,8 +137,14 @@ def train_peagle_head(model, tokens: torch.Tensor, held: torch.Tensor, seconds: 
                       layers: int = 2, batch: int = 64, lr: float = 2e-3, depths: int = 7):
     """Trains for `seconds` on `tokens`; the offline acceptance is measured on `held`
     (greedy continuations of held-out files, as the engine measurement's prompts)."""
-    from engine.spec.train import (TrainConfig, acceptance_length, chain_counts, init_from_target, new_head,
-                                   train_head)
+    from engine.spec.train import (
+        TrainConfig,
+        acceptance_length,
+        chain_counts,
+        init_from_target,
+        new_head,
+        train_head,
+    )
     dev = tokens.device.type
     head = new_head(model.config, None, MASK_ID, depths, num_layers=layers).to(tokens.device)
     init_from_target(head, model)

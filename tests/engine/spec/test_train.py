@@ -8,9 +8,24 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from engine.kernels import kernel_backend
 from engine.spec.checkpoint import load_head, save_head
-from engine.spec.train import (TrainConfig, acceptance_length, build_rows, chain_counts, generate_greedy, init_from_target,
-                               main, new_head, sample_chains, target_features, train_head, training_mask)
+from engine.spec.train import (
+    TrainConfig,
+    acceptance_length,
+    batch_rows,
+    build_rows,
+    chain_counts,
+    generate_greedy,
+    init_from_target,
+    loss_fn,
+    main,
+    new_head,
+    sample_chains,
+    target_features,
+    train_head,
+    training_mask,
+)
 from tests.engine.spec.helpers import block_causal_mask, random_head
 
 V, MASK, LAYERS, K = 48, 47, [1, 2, 3], 3
@@ -67,6 +82,21 @@ def test_training_view_equals_inference_view():
         anchor = rows.positions - rows.depth
         want = [int(train_ids[(anchor == j) & (rows.depth == d)]) for d in range(K)]
         assert out.draft_ids[0].tolist() == want
+
+
+def test_every_parameter_learns_whatever_kernels_serve():
+    """Training runs the head on torch ops even where the engine serves with Triton
+    kernels (they have no backward: on a GPU only the LM head used to learn)."""
+    head = random_head(2, vocab_size=V, draft_vocab_size=V, mask_token_id=MASK).train().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    tokens, aux, logits = torch.randint(0, V - 1, (3, 12), generator=g), torch.randn(3, 12, 72), torch.randn(3, 12, V)
+    rows = batch_rows(tokens, aux, logits, MASK, K, 0.7, 0.2, g)
+    assert rows.input_ids.shape == (3, sum(rows.counts)) and rows.mask.shape == (3, sum(rows.counts), sum(rows.counts))
+    with kernel_backend("triton"):
+        loss, top1 = loss_fn(head, rows)
+    loss.backward()
+    assert top1.shape == (K,)
+    assert [n for n, p in head.named_parameters() if p.grad is None or not p.grad.any()] == []
 
 
 @pytest.fixture(scope="module")
