@@ -1,6 +1,7 @@
 """Train a small target and its P-EAGLE head on one GPU, then measure speculative decoding.
 
     python benchmarks/train_peagle.py [--dir /tmp/peagle] [--target-s 120] [--head-s 90] [--measure-s 600]
+                                      [--sequences 4096] [--head-layers 2] [--head-batch 64] [--head-lr 2e-3]
                                       [--out FILE] [--smoke]
 
 Nothing can be downloaded, so the pair is trained here, on text every machine has: the
@@ -8,15 +9,19 @@ Python standard library's source, byte-level (token = byte, vocabulary 320, the 
 token 256 never occurs in the text).
 1. target: a Qwen3-MoE (8 layers, hidden 512, 16 experts top-2; ~57M parameters) trained
    for --target-s seconds (AdamW, bf16 autocast), saved in Hugging Face layout;
-2. data: the target's own greedy continuations of 64-byte windows of the library
-   (P-EAGLE trains on what the target generates), and its taps and logits over them;
-3. head: 2 layers, trained for --head-s seconds with engine/spec/train.py's parallel-
-   drafting objective for K up to 7, saved in the speculators `peagle` layout;
+2. data: the target's own greedy continuations (64 + 128 bytes) of --sequences windows
+   of the library, generated in one wide batch (P-EAGLE trains on what the target
+   generates), and its taps and logits over them, kept on the GPU;
+3. head: --head-layers layers, trained for --head-s seconds (bf16 autocast, --head-batch
+   sequences a step, cosine schedule on elapsed time) with engine/spec/train.py's
+   parallel-drafting objective for K up to 7, saved in the speculators `peagle` layout;
+   its offline acceptance is measured on the target's continuations of held-out files;
 4. engine.LLM (CUDA graphs, async scheduling), greedy, 128 new tokens from held-out
    windows (files the target never saw): decode tokens/s without speculation and with
    it at K = 1, 3, 5, 7 and batch 1, 8, 64 (every output checked equal to the plain
-   one), acceptance length, the same head as a chain drafter (K sequential passes), and
-   the GPU idle time between steps with speculation on.
+   one; each batch warmed up on its own prompts before two timed runs), acceptance
+   length, the same head as a chain drafter (K sequential passes), and the GPU idle
+   time between steps with speculation on.
 Each result is a JSON line printed and appended to --out. --smoke: tiny sizes on the CPU.
 """
 
@@ -104,19 +109,16 @@ def train_target(train: torch.Tensor, seconds: float, dev: str, smoke: bool):
 
 
 @torch.no_grad()
-def greedy_data(model, source: torch.Tensor, n: int, dev: str, smoke: bool, seed: int = 1) -> torch.Tensor:
-    """The target's greedy continuations of n windows of `source`: [n', 64 + 128] (16 + 24
-    with --smoke), generated in wide batches (rows that produced the mask token are
-    dropped: none should)."""
-    plen, new = (16, 24) if smoke else (64, 128)
-    prompts = windows(source, n, plen, torch.Generator().manual_seed(seed)).to(dev)
+def greedy_data(model, prompts: torch.Tensor, dev: str, smoke: bool) -> torch.Tensor:
+    """The target's greedy continuations of the prompts (+128 bytes, +24 with --smoke),
+    generated in wide batches; the mask token is never generated."""
     outs = []
-    for chunk in prompts.split(4096):
+    for chunk in prompts.to(dev).split(8192):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            outs.append(model.generate(chunk, max_new_tokens=new, do_sample=False, suppress_tokens=[MASK_ID],
-                                       attention_mask=torch.ones_like(chunk), pad_token_id=0))
-    seq = torch.cat(outs)
-    return seq[~(seq == MASK_ID).any(1)]
+            outs.append(model.generate(chunk, max_new_tokens=24 if smoke else 128, do_sample=False,
+                                       suppress_tokens=[MASK_ID], attention_mask=torch.ones_like(chunk),
+                                       pad_token_id=0))
+    return torch.cat(outs)
 
 
 @torch.no_grad()
@@ -266,8 +268,13 @@ def main() -> None:
     model.generation_config.eos_token_id = None
     model.save_pretrained(str(target_dir))
     t0 = time.perf_counter()
-    tokens = greedy_data(model, train, 16 if a.smoke else a.sequences, dev, a.smoke)
-    held = greedy_data(model, held_out, 4 if a.smoke else 64, dev, a.smoke, seed=3)
+    # Training sequences from the library, held-out ones (for the offline acceptance) from
+    # the files the engine measurement prompts with; one generate call for both.
+    plen, n = (16, 16) if a.smoke else (64, a.sequences)
+    prompts = torch.cat([windows(train, n, plen, torch.Generator().manual_seed(1)),
+                         windows(held_out, 4 if a.smoke else 64, plen, torch.Generator().manual_seed(3))])
+    seq = greedy_data(model, prompts, dev, a.smoke)
+    tokens, held = (x[~(x == MASK_ID).any(1)] for x in (seq[:n], seq[n:]))   # none should have it
     emit(phase="data", sequences=tokens.shape[0], length=tokens.shape[1], seconds=round(time.perf_counter() - t0, 1))
     head = train_peagle_head(model, tokens, held, a.head_s, a.smoke, a.head_layers, a.head_batch, a.head_lr)
     from engine.spec.checkpoint import save_head
