@@ -13,8 +13,15 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.spec.checkpoint import load_head, save_head
-from engine.spec.train import (TrainConfig, build_rows, generate_greedy, init_from_target, new_head, target_features,
-                               train_head)
+from engine.spec.train import (
+    TrainConfig,
+    build_rows,
+    generate_greedy,
+    init_from_target,
+    new_head,
+    target_features,
+    train_head,
+)
 from tests.engine.tiny_models import build
 
 K = 7
@@ -128,7 +135,7 @@ def test_chain_drafter_feeds_each_draft_back(pair):
     folder, model, head_dir = pair
     head = load_head(head_dir)
     _, base, _ = _generate(folder, head_dir)
-    llm, outs, seen = _generate(folder, head_dir, parallel=False, async_scheduling=True)
+    _, outs, seen = _generate(folder, head_dir, parallel=False, async_scheduling=True)
     assert outs == base
     differ = 0
     for known, drafts in seen[:12]:
