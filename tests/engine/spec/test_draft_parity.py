@@ -35,13 +35,7 @@ def pair(tmp_path_factory):
     """A 4-layer tiny Qwen3-MoE target and a 2-layer head trained briefly on its greedy
     text (so rounds accept some drafts and reject others)."""
     root = tmp_path_factory.mktemp("parity")
-    from tests.engine.tiny_models import CONFIGS
-    CONFIGS["qwen3_moe_4"] = (CONFIGS["qwen3_moe"][0], CONFIGS["qwen3_moe"][1],
-                              dict(CONFIGS["qwen3_moe"][2], num_hidden_layers=4))
-    try:
-        model = build("qwen3_moe_4", root / "target")
-    finally:
-        del CONFIGS["qwen3_moe_4"]
+    model = build("qwen3_moe", root / "target", num_hidden_layers=4)
     prompts = torch.randint(0, MASK_ID, (24, 4), generator=torch.Generator().manual_seed(0))
     tokens = generate_greedy(model, prompts, 20, banned=[MASK_ID])
     aux, logits = target_features(model, tokens, LAYERS)
@@ -131,11 +125,12 @@ def test_runner_drafts_equal_the_trainers_view(pair, async_scheduling, graphs):
 def test_chain_drafter_feeds_each_draft_back(pair):
     """parallel_drafting=False: d_1 from the [stale | valid] pass, then each d_{j+1} from
     a row holding d_j and the head's own pre-norm hidden state of d_j's row (EAGLE's
-    chain), at its position; the greedy output is still the target's."""
+    chain), at its position (async scheduling, padded graph steps); the greedy output is
+    still the target's."""
     folder, model, head_dir = pair
     head = load_head(head_dir)
     _, base, _ = _generate(folder, head_dir)
-    _, outs, seen = _generate(folder, head_dir, parallel=False, async_scheduling=True)
+    _, outs, seen = _generate(folder, head_dir, parallel=False, graphs=True, async_scheduling=True)
     assert outs == base
     differ = 0
     for known, drafts in seen[:12]:
