@@ -26,12 +26,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.records import emit, record_to
 
 
-def profile_one(target: Path, head: Path, k: int, batch: int, steps: int = 24) -> dict:
+def profile_one(target: Path, head: Path, k: int, batch: int, device: str = "cuda", steps: int = 24) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from engine import LLM, SamplingParams, kernels
     spec = None if k == 0 else {"method": "peagle", "model": str(head), "num_speculative_tokens": k}
-    llm = LLM(str(target), device="cuda", max_num_seqs=64, max_model_len=512, block_size=16, num_kv_blocks=64 * 32 + 64,
+    llm = LLM(str(target), device=device, max_num_seqs=64, max_model_len=512, block_size=16, num_kv_blocks=64 * 32 + 64,
               speculative_config=spec)
     runner = llm.engine.runner
     prompts = [[(7 * i + j) % 250 for j in range(64)] for i in range(batch)]
@@ -45,10 +45,13 @@ def profile_one(target: Path, head: Path, k: int, batch: int, steps: int = 24) -
         fwd = runner._spec_forward
         runner._spec_forward = lambda *a, **kw: seen.update(eager_spec_steps=1) or fwd(*a, **kw)
     fallbacks = kernels.num_fallbacks
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        llm.generate(prompts, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+    cuda = device == "cuda"
+    if cuda:
         torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        llm.generate(prompts, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+        if cuda:
+            torch.cuda.synchronize()
     n_steps = runner.num_forwards
     # Kernels: the entries with device time of their own and no host time (graph
     # replays included: CUPTI traces the kernels inside them).
@@ -63,7 +66,8 @@ def profile_one(target: Path, head: Path, k: int, batch: int, steps: int = 24) -
                kernels_per_step=round(total_n / steps_run, 1), device_us_per_step=round(total_us / steps_run, 1),
                top=[(name, n, round(us, 1)) for name, (n, us) in top])
     del llm
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rec
 
 
@@ -73,13 +77,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 1, 7])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (no kernels to count)")
     a = ap.parse_args()
     record_to(a.out)
     root = Path(a.dir)
     for k in a.ks:
         for b in a.batches:
             try:
-                emit(**profile_one(root / "target", root / "head", k, b))
+                emit(**profile_one(root / "target", root / "head", k, b, a.device))
             except Exception as e:     # noqa: BLE001 (report it and profile the rest)
                 emit(phase="error", k=k, batch=b, error=repr(e)[:400])
 
