@@ -256,7 +256,8 @@ def train_head(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor, logits
             steady = steady or (step, time.perf_counter())
             if log_every and step % log_every < cfg.sync_every:
                 print(f"step {step} loss {losses[-1]:.3f} top-1 per depth {[round(a, 2) for a in top1.tolist()]}")
-    losses.append(float(loss.detach()))
+    if step % cfg.sync_every:
+        losses.append(float(loss.detach()))
     seconds = time.perf_counter() - t0
     head.eval().requires_grad_(False)
     step_s = (time.perf_counter() - steady[1]) / (step - steady[0]) if steady and step > steady[0] else seconds / step
