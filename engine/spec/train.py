@@ -224,9 +224,11 @@ def init_from_target(head: PEagleHead, target) -> None:
 
 def train_head(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor,
                cfg: TrainConfig, log_every: int = 0) -> TrainLog:
-    """AdamW on random minibatches of the given sequences (all on one device; bf16
-    autocast on a GPU), for cfg.steps or, with cfg.seconds, until that much time has
-    passed; warm-up then cosine decay over the same measure."""
+    """AdamW on random minibatches of the given sequences (all on one device, float32:
+    features kept in bf16 are widened per batch; bf16 autocast is not used because the
+    backward of the vmapped attention's softmax refuses bf16 on CUDA), for cfg.steps or,
+    with cfg.seconds, until that much time has passed; warm-up then cosine decay over
+    the same measure."""
     dev = tokens.device
     cuda = dev.type == "cuda"
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -242,10 +244,9 @@ def train_head(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor, logits
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
         pick = torch.randint(tokens.shape[0], (cfg.batch_size,), generator=gen, device=dev)
-        rows = batch_rows(tokens[pick], aux[pick], logits[pick], head.mask_token_id, cfg.depths,
+        rows = batch_rows(tokens[pick], aux[pick].float(), logits[pick].float(), head.mask_token_id, cfg.depths,
                           cfg.cod_ratio, cfg.cod_min_ratio, gen)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, top1 = loss_fn(head, rows)
+        loss, top1 = loss_fn(head, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -278,7 +279,7 @@ def acceptance_length(head: PEagleHead, tokens: torch.Tensor, aux: torch.Tensor,
     anchors = torch.arange(first_anchor, N - 1 - num_spec, device=dev)
     accepted = []
     for at in range(0, tokens.shape[0], chunk):
-        tok, ax, lg = tokens[at:at + chunk], aux[at:at + chunk], logits[at:at + chunk].float()
+        tok, ax, lg = tokens[at:at + chunk], aux[at:at + chunk].float(), logits[at:at + chunk].float()
         rows = batch_rows(tok, ax, lg, head.mask_token_id, num_spec, 1.0, 1.0, None)
         pred = head.to_target_ids(head_logits(head, rows).argmax(-1))                  # [b, R]
         # With ratio 1, depth d's rows are anchors 0, 1, ... in order, from starts[d].

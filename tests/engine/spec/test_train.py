@@ -99,6 +99,19 @@ def test_every_parameter_learns_whatever_kernels_serve():
     assert [n for n, p in head.named_parameters() if p.grad is None or not p.grad.any()] == []
 
 
+def test_features_kept_in_bf16_train_a_float32_head(target_and_data):
+    """The device script keeps the target's taps and logits in bf16 on the GPU; the
+    trainer and the acceptance measure widen each batch to the head's float32."""
+    target, tokens, aux, logits = target_and_data
+    head = new_head(target.config, LAYERS, MASK, depths=K)
+    init_from_target(head, target)
+    aux16, logits16 = aux[:8].bfloat16(), logits[:8].bfloat16()
+    log = train_head(head, tokens[:8], aux16, logits16, TrainConfig(depths=K, steps=4, batch_size=2, sync_every=2))
+    assert log.steps == 4 and all(x == x for x in log.losses)     # finite losses
+    al, per_position = acceptance_length(head, tokens[:4], aux16[:4], logits16[:4], K, 1)
+    assert 1.0 <= al <= K + 1 and per_position.shape == (K,)
+
+
 @pytest.fixture(scope="module")
 def target_and_data():
     torch.manual_seed(0)
