@@ -182,15 +182,16 @@ class Scheduler:
     def _num_drafts(self, req: Request, n: int, pending: int, budget: int, new: bool, step_k: int) -> int:
         """Drafts to verify this step: a decoding request (its one new token is the last
         sampled, or under async scheduling the one the step in flight samples last) gets
-        up to step_k (K, or fewer at large batches), fewer near its token budget,
-        max_tokens or max_model_len (every emitted token must fit: k accepted + 1, after
-        the `pending` tokens of the step in flight, counted as if all its drafts were
-        accepted). A request new to the runner has no
-        drafts on the device yet."""
+        up to step_k (K, or fewer at large batches), fewer near its token budget or
+        max_model_len (every position must fit: k accepted + 1, after the `pending`
+        tokens of the step in flight, counted as if all its drafts were accepted). Not
+        fewer near max_tokens: tokens past it are dropped by the stop rule, and a batch
+        whose requests verify the same k replays that k's CUDA graph, where one request
+        with fewer drafts would send the whole step down the eager path. A request new
+        to the runner has no drafts on the device yet."""
         if not step_k or n != 1 or new:
             return 0
-        left = min(req.sampling_params.max_tokens - len(req.output_token_ids),
-                   self.config.max_model_len - req.num_tokens) - pending
+        left = self.config.max_model_len - req.num_tokens - pending
         return max(0, min(step_k, budget - 1, left - 1))
 
     def _lookahead(self, num_tokens: int) -> int:

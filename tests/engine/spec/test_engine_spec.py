@@ -314,10 +314,10 @@ def test_drafts_shrink_as_the_batch_grows(target, heads, async_scheduling):
     running batch, the padded graph steps of every k (run eagerly) replay, and the greedy
     tokens equal the target's own; nothing stays pending and no block leaks."""
     folder, _ = target
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 30, 9, 1, 12)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 30, 9, 2, 12)]
     _, base = _run(folder, PROMPTS, params)
     rule = [[3, 2], [5, 1]]
-    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=16, async_scheduling=async_scheduling,
+    llm = LLM(str(folder), block_size=4, max_num_batched_tokens=40, async_scheduling=async_scheduling,
               speculative_config={"method": "peagle", "model": str(heads[1]), "num_speculative_tokens": 3,
                                   "num_speculative_tokens_per_batch": rule})
     runner, sched = llm.engine.runner, llm.engine.scheduler
@@ -342,7 +342,7 @@ def test_drafts_shrink_as_the_batch_grows(target, heads, async_scheduling):
     allowed = {1: 3, 2: 3, 3: 2, 4: 2, 5: 1}
     assert all(k <= allowed[n] for n, k in steps if n), steps
     assert {k for _, k in steps} >= {1, 2, 3}, steps
-    assert set(launched) >= {1, 3}, launched
+    assert set(launched) >= {1, 3}, (launched, steps)
     pad = runner.table.pad_row
     assert int(runner.table.num_computed[pad]) == 0 and not runner.table.token_ids[pad].any()
     assert llm.engine.spec_stats.num_accepted_tokens > 0
