@@ -59,3 +59,23 @@ class PagedCache:
                                  block_table=self.block_table, slot_mapping=slots, block_size=self.block_size,
                                  query_lens_cpu=lens, seq_lens_cpu=seq_lens)
         return meta, pos, qsl
+
+
+def dense_drafts(head: PEagleHead, model, known: list[int], k: int, mask_id: int, layers: list[int]) -> list[int]:
+    """The head's k drafts after `known` as the trainer sees them (engine/spec/train.py):
+    rows for every anchor of the whole sequence, densely. The NTP row sits at n-2 (token
+    x_{n-1}, taps at n-2) and depth-d rows at n-2+d, drafting x_n..x_{n+k-1}; the trainer
+    builds rows only for anchors with labels, so placeholders extend the sequence (rows
+    past the anchor see none)."""
+    from engine.spec.train import TrainConfig, build_rows, target_features
+    n = len(known)
+    seq = torch.tensor([known])
+    aux, logits = target_features(model, seq, layers)
+    ext = torch.cat([seq, torch.zeros(1, k + 1, dtype=seq.dtype)], 1)
+    aux_e = torch.cat([aux, torch.zeros(1, k + 1, aux.shape[-1])], 1)
+    rows = build_rows(ext, aux_e, torch.zeros(1, ext.shape[1], logits.shape[-1]), mask_id,
+                      TrainConfig(depths=k), None, ratio=1.0)
+    with torch.no_grad():
+        normed, _ = head(rows.input_ids, rows.aux, rows.positions, rows.is_mask, rows.mask)
+        ids = head.to_target_ids(head.compute_logits(normed).argmax(-1))
+    return [int(ids[(rows.depth == d) & (rows.positions == n - 2 + d)][0]) for d in range(k)]

@@ -15,13 +15,13 @@ from engine import LLM, SamplingParams
 from engine.spec.checkpoint import load_head, save_head
 from engine.spec.train import (
     TrainConfig,
-    build_rows,
     generate_greedy,
     init_from_target,
     new_head,
     target_features,
     train_head,
 )
+from tests.engine.spec.helpers import dense_drafts
 from tests.engine.tiny_models import build
 
 K = 7
@@ -63,22 +63,6 @@ def _record_proposals(llm) -> list[tuple[list[int], list[int]]]:
     return seen
 
 
-def dense_drafts(head, model, known: list[int]) -> list[int]:
-    """The trainer's view: rows for every anchor of the sequence (placeholders past its
-    end: rows after the anchor see none), the NTP row at n-2 and depth-d rows at n-2+d."""
-    n = len(known)
-    seq = torch.tensor([known])
-    aux, logits = target_features(model, seq, LAYERS)
-    ext = torch.cat([seq, torch.zeros(1, K + 1, dtype=seq.dtype)], 1)
-    aux_e = torch.cat([aux, torch.zeros(1, K + 1, aux.shape[-1])], 1)
-    rows = build_rows(ext, aux_e, torch.zeros(1, ext.shape[1], logits.shape[-1]), MASK_ID,
-                      TrainConfig(depths=K), None, ratio=1.0)
-    with torch.no_grad():
-        normed, _ = head(rows.input_ids, rows.aux, rows.positions, rows.is_mask, rows.mask)
-        ids = head.to_target_ids(head.compute_logits(normed).argmax(-1))
-    return [int(ids[(rows.depth == d) & (rows.positions == n - 2 + d)][0]) for d in range(K)]
-
-
 def chain_drafts(head, known: list[int], aux: torch.Tensor) -> list[int]:
     """EAGLE's chain drafter, densely: context rows 0..n-2 (token x_{i+1}, fc of the taps
     at i), then row n-2+j holds d_j and the pre-norm hidden state of row n-3+j."""
@@ -116,7 +100,7 @@ def test_runner_drafts_equal_the_trainers_view(pair, async_scheduling, graphs):
     llm, _, seen = _generate(folder, head_dir, graphs=graphs, async_scheduling=async_scheduling)
     assert len(seen) >= 20
     for known, drafts in seen:
-        assert drafts == dense_drafts(head, model, known), f"after {len(known)} tokens"
+        assert drafts == dense_drafts(head, model, known, K, MASK_ID, LAYERS), f"after {len(known)} tokens"
     st = llm.engine.spec_stats
     # Both branches of the layout ran: rounds that accepted drafts and rounds that did not.
     assert 0 < st.num_accepted_tokens < st.num_draft_tokens
@@ -137,5 +121,5 @@ def test_chain_drafter_feeds_each_draft_back(pair):
         seq = torch.tensor([known])
         aux, _ = target_features(model, seq, LAYERS)
         assert drafts == chain_drafts(head, known, aux[0]), f"after {len(known)} tokens"
-        differ += drafts != dense_drafts(head, model, known)
+        differ += drafts != dense_drafts(head, model, known, K, MASK_ID, LAYERS)
     assert differ > 0, "the chain drafter gave the parallel drafter's drafts"

@@ -16,13 +16,13 @@ from engine.config import EngineConfig
 from engine.spec.checkpoint import save_head
 from engine.spec.train import (
     TrainConfig,
-    build_rows,
     generate_greedy,
     init_from_target,
     new_head,
     target_features,
     train_head,
 )
+from tests.engine.spec.helpers import dense_drafts
 from tests.engine.tiny_models import CONFIGS
 
 MASK_ID = 255
@@ -171,19 +171,7 @@ def test_engine_drafts_equal_the_heads_dense_drafts(target, heads):
         row = t.rows["r"]
         n = req.num_tokens
         drafts = t.token_ids[row, n:n + k].tolist()
-        # The NTP row sits at n-2 (token x_{n-1}, the bonus; taps at n-2) and depth-d rows
-        # at n-2+d: they draft x_n..x_{n+k-1}. The trainer builds rows only for anchors
-        # with labels, so placeholders extend the sequence (rows past the anchor see none).
-        seq = torch.tensor([req.all_token_ids])
-        aux, logits = target_features(model, seq, LAYERS)
-        ext = torch.cat([seq, torch.zeros(1, k + 1, dtype=seq.dtype)], 1)
-        aux_e = torch.cat([aux, torch.zeros(1, k + 1, aux.shape[-1])], 1)
-        rows = build_rows(ext, aux_e, torch.zeros(1, ext.shape[1], logits.shape[-1]), MASK_ID,
-                          TrainConfig(depths=k), None, ratio=1.0)
-        with torch.no_grad():
-            normed, _ = head(rows.input_ids, rows.aux, rows.positions, rows.is_mask, rows.mask)
-            ids = head.to_target_ids(head.compute_logits(normed).argmax(-1))
-        want = [int(ids[(rows.depth == d) & (rows.positions == n - 2 + d)][0]) for d in range(k)]
+        want = dense_drafts(head, model, req.all_token_ids, k, MASK_ID, LAYERS)
         assert drafts == want, f"after {n} tokens"
         checked += 1
     assert checked >= 3
