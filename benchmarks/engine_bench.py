@@ -384,7 +384,7 @@ def idle_phase(model: str, batches: list[int], smoke: bool) -> None:
             llm.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
             sync()
             wall = time.perf_counter() - t
-            events = runner.step_events[-keep - 2:-2]   # decode steps (the last ones may be empty)
+            events = runner.step_events[-keep - 2:-2]   # steady decode steps
             runner.step_events = None
             if not torch.cuda.is_available():
                 emit(phase="idle", model=model, batch=b, async_scheduling=async_on, steps=len(events), wall_s=wall)

@@ -8,7 +8,8 @@ scheduling, greedy), a warm-up, then torch.profiler (CUDA activity) over 24 deco
 steps. Each JSON line: graph replays and eager steps seen (a decode step that misses its
 graph runs eagerly and pays one launch per kernel), kernel fallbacks to torch
 references, kernels per step, device microseconds per step, and the 15 kernels with the
-most device time. K=0: no speculation.
+most device time, and the wall time per step of the same run unprofiled (host-bound
+when it is well above the device time). K=0: no speculation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +55,16 @@ def profile_one(target: Path, head: Path, k: int, batch: int, device: str = "cud
         if cuda:
             torch.cuda.synchronize()
     n_steps = runner.num_forwards
+    # The same run unprofiled, on the wall clock: against device_us_per_step it says
+    # whether the step is bound by the device or by the host.
+    before = runner.num_forwards
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+    if cuda:
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t0) * 1e6 / max(runner.num_forwards - before, 1)
     # Kernels: the entries with device time of their own and no host time (graph
     # replays included: CUPTI traces the kernels inside them).
     per_kernel = {e.key[:90]: (e.count, e.self_device_time_total) for e in prof.key_averages()
@@ -64,6 +76,7 @@ def profile_one(target: Path, head: Path, k: int, batch: int, device: str = "cud
     rec = dict(phase="profile", k=k, batch=batch, graphs_on=runner.graphs is not None, **seen,
                fallbacks=kernels.num_fallbacks - fallbacks, forwards_total=n_steps,
                kernels_per_step=round(total_n / steps_run, 1), device_us_per_step=round(total_us / steps_run, 1),
+               wall_us_per_step=round(wall_us, 1),
                top=[(name, n, round(us, 1)) for name, (n, us) in top])
     del llm
     if cuda:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from engine import kernels
+from engine.runner.host_copy import pinned
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -117,7 +118,7 @@ class DecodeGraphs:
         """Run the decode step of the batch; returns (logits, sampled) of the graph's
         static outputs (padded to `size`) and the host array the input copy reads."""
         host = pad_step_inputs(rows, samples, size, self.pad_row, self.query_len)
-        self.inputs[size].copy_(torch.from_numpy(host), non_blocking=True)
+        self.inputs[size].copy_(pinned(host), non_blocking=True)
         logits, sampled = self._launch(size, seq_lens)
         return logits, sampled, host
 

@@ -25,6 +25,7 @@ from engine.ops.penalties import apply_penalties, count_sampled
 from engine.ops.router import counting_tokens
 from engine.ops.sampling import sample, topn_logprobs
 from engine.runner.cuda_graphs import DecodeGraphs, EagerPaddedSteps, GraphUnsafe, graph_batch_sizes
+from engine.runner.host_copy import to_device
 from engine.runner.inputs import commit_step, prepare_inputs
 from engine.runner.spec_step import SpecDecoder
 from engine.runner.state import RequestStateTable
@@ -91,7 +92,7 @@ class ModelRunner:
         self.spec_graphs: dict[int, DecodeGraphs] = {}
         self.spec: SpecDecoder | None = None     # P-EAGLE drafting (enable_spec)
         self.num_forwards = 0     # steps that ran the model (graph replays included)
-        # When a list, each step appends (start, end) CUDA events around its device work
+        # When a list, each step appends (start, end) CUDA events around its launch
         # (benchmarks measure the idle time between steps with them).
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
@@ -122,7 +123,7 @@ class ModelRunner:
         self.spec_draft_counts = sorted(set(draft_counts or [num_spec]))
 
     def _execute_spec(self, out: SchedulerOutput) -> PendingOutput:
-        t, spec, K = self.table, self.spec, self.spec.k
+        t, K = self.table, self.spec.k
         req_ids = list(out.num_scheduled_tokens)
         batch = len(req_ids)
         rows = np.fromiter((t.rows[r] for r in req_ids), dtype=np.int64, count=batch)
@@ -139,19 +140,20 @@ class ModelRunner:
                   and samples.all() and want.max() < 0 and prompt is None and not penalties else None)
         size = graphs.size_for(batch) if graphs is not None else None
         lp = plp = None
+        self._mark_start()
         if size is not None:
             tokens, _, host = graphs.replay(rows, samples, size, seq_lens)
             tokens = tokens[:batch]
         else:
             host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
-            dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+            dev = to_device(host, self.device)
             tokens, _, logits, hidden = self._spec_forward(
                 dev[0], dev[1], dev[2].bool(), dev[3], int(nsched.sum()), nsched.tolist(), seq_lens,
                 int(batch + ndraft.sum()), nsched + K - 1, penalties=penalties)
             lp = self._spec_logprobs(tokens, logits, ndraft, want[samples])
             if prompt is not None:
                 host = (host, prompt[1])
-                extra = torch.from_numpy(prompt[1]).to(self.device, non_blocking=True)
+                extra = to_device(prompt[1], self.device)
                 plp = self._prompt_logprobs(rows, prompt, extra, self.model.compute_logits(hidden[extra[0]]))
         # Host mirrors are optimistic (every draft accepted) until the output arrives.
         t.num_computed_cpu[rows] = seq_lens
@@ -178,7 +180,7 @@ class ModelRunner:
         n = ndraft + 1
         req = np.repeat(np.arange(n.shape[0]), n)
         j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        idx = torch.from_numpy(np.stack([req, j])).to(self.device, non_blocking=True)
+        idx = to_device(np.stack([req, j]), self.device)
         return topn_logprobs(logits, tokens[idx[0], idx[1]].clamp(min=0), int(wanted.max()))
 
     def _prompt_logprobs(self, rows: np.ndarray, prompt: tuple[np.ndarray, np.ndarray], idx: torch.Tensor,
@@ -315,22 +317,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> PendingOutput:
-        events = None
-        if self.step_events is not None and self.device.type == "cuda":
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
         self._update_table(out)
         if out.is_empty:
-            if events is not None:
-                self.step_events.append((events[0], events[0]))
             return PendingOutput()
         self.num_forwards += 1
-        if self.spec is not None:
-            pending = self._execute_spec(out)
-            if events is not None:
-                events[1].record()
-                self.step_events.append(events)
-            return pending
+        pending = self._execute_spec(out) if self.spec is not None else self._execute_plain(out)
+        if self.step_events is not None and self.device.type == "cuda":
+            self.step_events[-1][1].record()
+        return pending
+
+    def _mark_start(self) -> None:
+        """Record the start of the step's device work, right before its launch (with
+        step_events on): a host that launches late shows as idle between steps."""
+        if self.step_events is not None and self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.step_events.append((start, torch.cuda.Event(enable_timing=True)))
+
+    def _execute_plain(self, out: SchedulerOutput) -> PendingOutput:
         t = self.table
         batch = len(out.num_scheduled_tokens)
         req_ids = list(out.num_scheduled_tokens)
@@ -347,16 +351,17 @@ class ModelRunner:
         size = (self.graphs.size_for(batch) if self.graphs is not None and num_tokens == batch and prompt is None
                 else None)
         prompt_logits = None
+        self._mark_start()
         if size is not None:
             logits, sampled, host = self.graphs.replay(rows, samples, size, seq_lens)
             logits, sampled = logits[:batch], sampled[:batch]
         else:
             host = np.stack([rows, nsched, samples.astype(np.int64)])
-            dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+            dev = to_device(host, self.device)
             extra = None
             if prompt is not None:
                 host = (host, prompt[1])
-                extra = torch.from_numpy(prompt[1]).to(self.device, non_blocking=True)
+                extra = to_device(prompt[1], self.device)
             # Without bias or penalties in the batch, neither of their kernels runs.
             logits, sampled, prompt_logits = self._forward_sample(
                 dev[0], dev[1], dev[2], num_tokens, nsched.tolist(), seq_lens.tolist(),
@@ -366,8 +371,4 @@ class ModelRunner:
         if wanted.size and wanted.max() >= 0:
             lp = topn_logprobs(logits, sampled, int(wanted.max()))
         plp = None if prompt is None else self._prompt_logprobs(rows, prompt, extra, prompt_logits)
-        pending = PendingOutput(req_ids, samples, want, sampled, lp, keep_alive=host, prompt_logprobs=plp)
-        if events is not None:
-            events[1].record()
-            self.step_events.append(events)
-        return pending
+        return PendingOutput(req_ids, samples, want, sampled, lp, keep_alive=host, prompt_logprobs=plp)

@@ -24,6 +24,7 @@ import torch
 
 from engine.core.scheduler_output import NewRequestData
 from engine.ops.penalties import PenaltyTables
+from engine.runner.host_copy import to_device
 
 
 class RequestStateTable:
@@ -171,9 +172,7 @@ class RequestStateTable:
         p.num_bias[pidx] = self._to_device(np.array([len(s.logit_bias or {}) for s in sp], dtype=np.int32))
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        # A fresh host array per call, never written again: the non-blocking copy is
-        # staged by the driver (pageable memory) and cannot race the next step's writes.
-        return torch.from_numpy(a).to(self.device, non_blocking=True)
+        return to_device(a, self.device)
 
     def _scatter(self, dst: torch.Tensor, flat_idx: np.ndarray, values: np.ndarray, vocab: int | None = None,
                  value: int | None = None) -> None:
