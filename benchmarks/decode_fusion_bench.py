@@ -1,6 +1,6 @@
 """The decode fusions, old against new, per kernel at batch 1, 8 and 64 on one GPU.
 
-    python benchmarks/decode_fusion_bench.py [--batches 1,8,64] [--out FILE] [--smoke]
+    python benchmarks/decode_fusion_bench.py [--batches 1,8,64] [--out FILE] [--smoke] [--rope-kv-only]
 
 Each case times the separate launches the decoder layer ran before (old) and the fused
 launch it runs now (new), at the real shapes of Qwen3-30B-A3B and DeepSeek-V2-Lite,
@@ -11,6 +11,8 @@ runs them: launch latency inside a graph is what the fusions remove. Cases:
   norm+router  add + RMSNorm, then the router matmul (DeepSeek: float32 copies) | one launch
   norm+qkv     add + RMSNorm, then the qkv projection | one launch
   gemv         a plain projection: cuBLAS | the GEMV kernel, with a tile sweep at batch 1
+  rope+kv      rotary (Qwen3: with its qk-norm), then the paged-cache store of K and V (MLA:
+               [latent | k_pe] as one entry, after a cat) | one launch; same: bitwise
 The new column is empty where the fusion does not apply (more than 16 tokens). Each
 record also says whether the outputs agree (ids exact, values by relative error).
 --smoke: tiny shapes on CPU through the Triton interpreter, plain timing (checks the script).
@@ -39,6 +41,9 @@ MODELS = {
                           ("o_proj", 2048, 2048, False), ("shared gate_up", 5632, 2048, False),
                           ("shared down", 2048, 2816, False)]),
 }
+# model: (q heads, kv heads, rope dims, V width (MLA: the latent), qk-norm, MLA)
+ROPE = {"qwen3-30b-a3b": (32, 4, 128, 128, True, False), "deepseek-v2-lite": (16, 1, 64, 512, False, True)}
+ROPE_SMOKE = {"qwen3-30b-a3b": (4, 2, 16, 16, True, False), "deepseek-v2-lite": (4, 1, 8, 32, False, True)}
 SMOKE = {"qwen3-30b-a3b": (64, 16, 4, True, None, [("qkv", 96, 64, True), ("o_proj", 64, 128, False)]),
          "deepseek-v2-lite": (64, 8, 2, False, torch.float32, [("o_proj", 64, 64, False)])}
 
@@ -75,6 +80,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--rope-kv-only", action="store_true", help="only the rope+kv case (seconds, no tile sweeps)")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -97,6 +103,9 @@ def main() -> None:
         norm_w = (1 + torch.randn(H, device=dev) / 4).to(dt)
         gate = (torch.randn(E, H, device=dev) * 0.02).to(dt)
         for T in (int(b) for b in args.batches.split(",")):
+            rope_kv(model, T, (ROPE_SMOKE if args.smoke else ROPE)[model], dev, dt, args.smoke)
+            if args.rope_kv_only:
+                continue
             fits = T <= MAX_FUSED_TOKENS
             h, res = torch.randn(T, H, device=dev).to(dt), torch.randn(T, H, device=dev).to(dt)
             logits = torch.randn(T, E, device=dev, dtype=logits_dtype or dt)
@@ -168,6 +177,42 @@ def main() -> None:
                         rec["sweep_us"] = sweep(lambda cfg: norm_linear_triton(
                             x, w, None, nw if norm else None, 1e-6, r if norm else None, config=cfg))
                 emit(**rec)
+
+
+def rope_kv(model: str, T: int, shape: tuple, dev: str, dt: torch.dtype, smoke: bool) -> None:
+    """rotary + the cache store: the two launches (MLA: three, with the cat) | one."""
+    from engine.ops.attention import KVWrite, write_kv, write_kv_pair
+    from engine.ops.rotary import rotary
+    hq, hk, d, dv, norm, mla = shape
+    bs, blocks = 16, max(4, 2 * T)
+    pos = torch.arange(T, device=dev) * 7 + 100
+    slots = torch.randperm(blocks * bs, device=dev)[:T]
+    freqs = torch.arange(4096, device=dev).float()[:, None] / (10000 ** (torch.arange(0, d, 2, device=dev) / d))
+    cos, sin = freqs.cos(), freqs.sin()
+    x = torch.randn(T, hq * d + hk * d + hk * dv, device=dev).to(dt)     # a fused projection's output
+    q, k, v = x.split([hq * d, hk * d, hk * dv], -1)
+    q, k, v = q.view(T, hq, d), k.view(T, hk, d), v.view(T, hk, dv)
+    nw = ((1 + torch.randn(d, device=dev) / 4).to(dt), (1 + torch.randn(d, device=dev) / 4).to(dt)) if norm \
+        else (None, None)
+    caches = [torch.zeros(blocks, 2, bs, hk, d + dv if mla else d, device=dev, dtype=dt) for _ in range(2)]
+    be = "triton"
+
+    def old(c=caches[0]):
+        qo, ko = rotary(pos, q, k, cos, sin, mla, *nw, 1e-6, backend=be)
+        if mla:
+            write_kv(c[:, 0], torch.cat([v, ko], -1), slots, bs, backend=be)
+        else:
+            write_kv_pair(c[:, 0], c[:, 1], ko, v, slots, bs, backend=be)
+        return qo, ko
+
+    def new(c=caches[1]):
+        w = KVWrite(c[:, 0, ..., dv:], c[:, 0, ..., :dv], v, slots, bs) if mla else KVWrite(c[:, 0], c[:, 1], v, slots, bs)
+        return rotary(pos, q, k, cos, sin, mla, *nw, 1e-6, write=w, backend=be)
+
+    (qa, ka), (qb, kb) = old(), new()
+    same = torch.equal(qa, qb) and torch.equal(ka, kb) and torch.equal(caches[0], caches[1])
+    emit(case="rope+kv", model=model, batch=T, launches="3 (rope, cat, store) -> 1" if mla else "2 -> 1", same=same,
+         old_us=bench_us(old, smoke), new_us=bench_us(new, smoke))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.ops.attention import AttentionMetadata, paged_attention, write_kv, write_kv_pair
+from engine.ops.attention import AttentionMetadata, KVWrite, paged_attention, write_kv, write_kv_pair
 from engine.ops.packed_attention import packed_attention, sdpa_step
 
 
@@ -27,10 +27,12 @@ class PagedAttention(nn.Module):
         self.sdpa_prompts = True     # whole-prompt steps through SDPA on CUDA (off: TRITON_ATTN)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, written: bool = False) -> torch.Tensor:
         """q [T, Hq, D]; k [T, Hkv, D]; v [T, Hkv, Dv], or None when V is a prefix of
-        the K entry (MLA latent cache) -> [T, Hq, Dv]."""
-        self.write(k, v, meta)
+        the K entry (MLA latent cache) -> [T, Hq, Dv]. written: the rotary kernel already
+        stored k and v (cache_write)."""
+        if not written:
+            self.write(k, v, meta)
         if v is not None:
             if self.flashinfer is not None:
                 return self.flashinfer.attend(q, self.k_cache, self.v_cache, meta)
@@ -38,6 +40,11 @@ class PagedAttention(nn.Module):
             if packed is not None:     # prompts with no cached context: their K/V are this step's
                 return packed_attention(q, k, v, packed, self.scale, impl="sdpa")
         return self.attend(q, meta)
+
+    def cache_write(self, v: torch.Tensor, meta) -> KVWrite | None:
+        """This step's K/V store for the rotary kernel to fuse (None: this call writes no
+        paged cache)."""
+        return KVWrite(self.k_cache, self.v_cache, v, meta.slot_mapping, meta.block_size)
 
     def write(self, k: torch.Tensor, v: torch.Tensor | None, meta: AttentionMetadata) -> None:
         if v is None:

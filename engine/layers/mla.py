@@ -23,7 +23,7 @@ from engine.layers.attention import PagedAttention
 from engine.layers.norm import RMSNorm
 from engine.layers.params import Linear
 from engine.layers.rotary import RotaryEmbedding, rope_parameters, yarn_mscale
-from engine.ops.attention import AttentionMetadata
+from engine.ops.attention import AttentionMetadata, KVWrite
 from engine.ops.packed_attention import context_slots, packed_attention, packed_metadata, subset_metadata
 
 # A request with at least this many query tokens attends in the expanded form. Per
@@ -114,9 +114,11 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
-        entry = torch.cat([latent[:, None, :], k_pe], dim=-1)           # [T, 1, rank + rope]
-        self.attn.write(entry, None, meta)
+        # The cache entry [latent | rotated k_pe] is stored by the rotary kernel itself.
+        cache = self.attn.k_cache
+        write = KVWrite(cache[..., self.rank:], cache[..., :self.rank], latent[:, None, :], meta.slot_mapping,
+                        meta.block_size)
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :], write=write)
 
         split = meta.plans.get("mla")
         if split is None:
@@ -129,6 +131,7 @@ class MLAAttention(nn.Module):
         if split.expanded is not None:
             rows = split.expanded.group.rows
             q = torch.cat([q_nope, q_pe], dim=-1)                        # the rope part rotated
+            entry = torch.cat([latent[:, None, :], k_pe], dim=-1)       # [T, 1, rank + rope]
             parts.append((rows, self._expanded(q if rows is None else q[rows],
                                                entry if rows is None else entry[rows], split.expanded)))
         if len(parts) == 1:

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from engine.ops.attention import KVWrite
 from engine.ops.rotary import rotary
 
 
@@ -109,12 +110,14 @@ class RotaryEmbedding(nn.Module):
         self._table = table
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                write: KVWrite | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, dim] and k [T, Hk, dim] by their token's position; with
-        q_norm/k_norm (RMSNorm modules), normalise each head first (one fused launch)."""
+        q_norm/k_norm (RMSNorm modules), normalise each head first; with `write`, store
+        the rotated k and write.v in the paged cache (all one fused launch)."""
         if self._table is None or self._table[0].device != self.inv_freq.device:
             self.reserve(self.max_position)
         cos, sin = self._table
         if q_norm is None:
-            return rotary(positions, q, k, cos, sin, self.interleaved)
-        return rotary(positions, q, k, cos, sin, self.interleaved, q_norm.weight, k_norm.weight, q_norm.eps)
+            return rotary(positions, q, k, cos, sin, self.interleaved, write=write)
+        return rotary(positions, q, k, cos, sin, self.interleaved, q_norm.weight, k_norm.weight, q_norm.eps, write)

@@ -54,11 +54,11 @@ class GQAAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
-        else:
-            q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta).reshape(t, -1))
+        # Rotary and the cache store in one launch (the attention then skips its store).
+        write = self.attn.cache_write(v, meta)
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+        q, k = self.rotary(positions, q, k, *norms, write=write)
+        return self.o_proj(self.attn(q, k, v, meta, written=write is not None).reshape(t, -1))
 
 
 def gqa_cache_layout(config) -> CacheLayout:

@@ -9,6 +9,7 @@ kv_heads, dim] with arbitrary strides (the engine keeps a block's layers togethe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -65,6 +66,19 @@ class AttentionMetadata:
             self.max_seq_len = max(self.seq_lens_cpu, default=0)
 
 
+class KVWrite(NamedTuple):
+    """A step's store into the paged cache that a rotary kernel can do in its own launch:
+    the rotated K goes to k_cache, `v` to v_cache (write_kv_pair's arguments)."""
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    v: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_size: int
+
+    def problem(self, k: torch.Tensor) -> str | None:
+        return _cache_problem(self.k_cache, k) or _cache_problem(self.v_cache, self.v)
+
+
 def write_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
              backend: str | None = None) -> None:
     if use_triton(values, backend) and not unsupported("write_kv", _cache_problem(cache, values)):
@@ -78,7 +92,7 @@ def write_kv_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
                   slot_mapping: torch.Tensor, block_size: int, backend: str | None = None) -> None:
     """write_kv of K and of V; on the device one launch for both."""
     if use_triton(k, backend) and not unsupported(
-            "write_kv", _cache_problem(k_cache, k) or _cache_problem(v_cache, v)):
+            "write_kv", KVWrite(k_cache, v_cache, v, slot_mapping, block_size).problem(k)):
         from engine.kernels.attention import write_kv_triton
         write_kv_triton(k_cache, k, slot_mapping, block_size, v_cache, v)
         return

@@ -1,5 +1,7 @@
 """Rotary position embedding of q and k from a cos/sin cache, optionally preceded by
-per-head RMSNorm of q and k (Qwen3's qk-norm): one launch on the device.
+per-head RMSNorm of q and k (Qwen3's qk-norm), optionally followed by the paged-cache
+store of the rotated k and of v (write_kv_pair): one launch on the device. The fused
+store runs the same float ops as the two launches, so the cache holds the same bits.
 
 cos, sin: [max positions, dim/2] float32 (scaling folded in). Returns new tensors
 [T, heads, dim] laid out [rotated first | rotated second] elements of each pair.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels import dtype_problem, unsupported, use_triton
+from engine.ops.attention import KVWrite, write_kv_pair
 from engine.ops.norm import rms_norm_ref
 
 
@@ -43,9 +46,19 @@ def _problem(q: torch.Tensor, k: torch.Tensor, q_norm: torch.Tensor | None) -> s
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
            sin_cache: torch.Tensor, interleaved: bool, q_norm: torch.Tensor | None = None,
-           k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+           k_norm: torch.Tensor | None = None, eps: float = 1e-6, write: KVWrite | None = None,
            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotated q, rotated k); with `write`, the rotated k and write.v also go into the
+    paged cache (slot -1: not written)."""
     if use_triton(q, backend) and not unsupported("rotary", _problem(q, k, q_norm)):
         from engine.kernels.rotary import rotary_triton
-        return rotary_triton(positions, q, k, cos_cache, sin_cache, interleaved, q_norm, k_norm, eps)
-    return rotary_ref(positions, q, k, cos_cache, sin_cache, interleaved, q_norm, k_norm, eps)
+        fused = write is not None and not unsupported("write_kv", write.problem(k))
+        q, k = rotary_triton(positions, q, k, cos_cache, sin_cache, interleaved, q_norm, k_norm, eps,
+                             write if fused else None)
+        if fused or write is None:
+            return q, k
+    else:
+        q, k = rotary_ref(positions, q, k, cos_cache, sin_cache, interleaved, q_norm, k_norm, eps)
+    if write is not None:
+        write_kv_pair(write.k_cache, write.v_cache, k, write.v, write.slot_mapping, write.block_size, backend)
+    return q, k

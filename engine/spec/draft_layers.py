@@ -26,9 +26,12 @@ Meta = object   # AttentionMetadata or a bool [T, T] mask
 
 
 class PagedOrDenseAttention(PagedAttention):
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
+    def cache_write(self, v: torch.Tensor, meta):
+        return None if isinstance(meta, torch.Tensor) else super().cache_write(v, meta)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta, written: bool = False) -> torch.Tensor:
         if not isinstance(meta, torch.Tensor):
-            return super().forward(q, k, v, meta)
+            return super().forward(q, k, v, meta, written)
         rep = self.num_heads // self.num_kv_heads
         qh = q.transpose(0, 1)                                   # [H, T, D]
         kh = k.repeat_interleave(rep, dim=1).transpose(0, 1)

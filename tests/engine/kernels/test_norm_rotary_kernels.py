@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.kernels import _warned
+from engine.ops.attention import KVWrite, write_kv_pair
 from engine.ops.norm import rms_norm, rms_norm_ref
 from engine.ops.rotary import rotary, rotary_ref
 from tests.engine.kernels.cases import TOL, interpreted, rel_err
@@ -76,6 +77,43 @@ def _check_rope(dtype, device):
             assert rel_err(qo, qr) < tol and rel_err(ko, kr) < tol
 
 
+def _check_rope_write(dtype, device):
+    """rotary with the cache store fused against the two launches it replaces (rotary,
+    then write_kv_pair) on the same backend: the same bits in q, k and the whole cache.
+    GQA with one and two KV heads, MLA's single entry [latent | k_pe] written as two
+    column ranges, a float32 model over a bf16 cache, padding slots (-1)."""
+    bs, T = 4, 6
+    slots = torch.tensor([5, -1, 1, 13, -1, 2], device=device)     # slot 0 stays unwritten
+    g = torch.Generator().manual_seed(2)
+    for interleaved, mla in ((False, False), (True, True), (True, False)):
+        pos, q, k, cos, sin, qw, kw = _rope_inputs(dtype, device, mla)
+        for hk, cache_dtype in ((k.shape[1], dtype), (1, dtype), (k.shape[1], torch.bfloat16)):
+            if mla and (hk != 1 or cache_dtype != dtype):
+                continue
+            kk = k[:, :hk]
+            dv = 32 if mla else k.shape[-1]
+            entries, width = (1, dv + k.shape[-1]) if mla else (2, k.shape[-1])
+            cache = torch.randn(5, 2, entries, bs, hk, width, generator=g).to(cache_dtype).to(device)
+            v = torch.randn(T, hk, dv, generator=g).to(dtype).to(device)
+            nw = (qw, kw) if not mla else (None, None)
+            for backend in ("triton", "torch"):
+                caches = [cache.clone(), cache.clone()]
+                writes = [KVWrite(c[:, 1, 0, ..., dv:], c[:, 1, 0, ..., :dv], v, slots, bs) if mla else
+                          KVWrite(c[:, 1, 0], c[:, 1, 1], v, slots, bs) for c in caches]
+                fused = rotary(pos, q, kk, cos, sin, interleaved, *nw, eps=1e-6, write=writes[0], backend=backend)
+                qo, ko = rotary(pos, q, kk, cos, sin, interleaved, *nw, eps=1e-6, backend=backend)
+                w = writes[1]
+                write_kv_pair(w.k_cache, w.v_cache, ko, v, slots, bs, backend=backend)
+                assert torch.equal(fused[0], qo) and torch.equal(fused[1], ko)
+                assert torch.equal(caches[0], caches[1]) and not torch.equal(caches[0], cache)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_with_cache_write_is_exact(dtype):
+    _check_rope_write(dtype, "cpu")
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm(dtype):
@@ -119,6 +157,7 @@ def test_rotary_odd_head_dim_falls_back():
 def test_norm_and_rotary_gpu(dtype):
     _check_norm(dtype, "cuda")
     _check_rope(dtype, "cuda")
+    _check_rope_write(dtype, "cuda")
 
 
 @interpreted
