@@ -18,10 +18,10 @@ token 256 never occurs in the text).
    its offline acceptance is measured on the target's continuations of held-out files;
 4. engine.LLM (CUDA graphs, async scheduling), greedy, 128 new tokens from held-out
    windows (files the target never saw): decode tokens/s without speculation and with
-   it at K = 1, 3, 5, 7 and batch 1, 8, 64 (every output checked equal to the plain
-   one; each batch warmed up on its own prompts before two timed runs), acceptance
-   length, the same head as a chain drafter (K sequential passes), and the GPU idle
-   time between steps with speculation on.
+   it at K = 1, 3, 5, 7 and batch 1 (8 requests in turn), 8, 64 (every output checked
+   equal to the plain one; each batch warmed up on its own prompts before two timed
+   runs), acceptance length, speed-up end to end and in steady decoding, the same head
+   as a chain drafter (K sequential passes), and the GPU idle time between steps.
 Each result is a JSON line printed and appended to --out. --smoke: tiny sizes on the CPU.
 """
 
@@ -40,9 +40,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine_bench import copy_bandwidth  # noqa: E402
+from benchmarks.engine_bench import copy_bandwidth, sync  # noqa: E402
 
 MASK_ID, VOCAB = 256, 320
+SINGLE_REQUESTS = 8    # batch 1: this many requests, one at a time
 from benchmarks.records import emit, record_to  # noqa: E402
 
 
@@ -170,25 +171,50 @@ def train_peagle_head(model, tokens: torch.Tensor, held: torch.Tensor, seconds: 
     return head
 
 
-def idle_fraction(events) -> dict:
-    """GPU idle between steps from the runner's per-step CUDA events (benchmarks/engine_bench.py idle)."""
-    events = events[2:-2]     # steady decode steps
-    if len(events) < 3:
-        return {}
+def step_times(events) -> tuple[list[float], list[float]]:
+    """(device span of each steady decode step, gap before each but the first) in ms,
+    from the runner's per-step CUDA events of one generate call (the first two steps,
+    prefill among them, and the last two are left out)."""
+    events = events[2:-2]
+    spans = [s.elapsed_time(e) for s, e in events]
     gaps = [max(0.0, e1.elapsed_time(s2)) for (_, e1), (s2, _) in zip(events, events[1:])]
-    span = events[0][0].elapsed_time(events[-1][1])
-    return dict(idle_fraction=round(sum(gaps) / span, 4), step_ms=round(span / len(events), 3), steps=len(events))
+    return spans, gaps
+
+
+def timed_generate(llm, groups: list[list[list[int]]], sp, events: bool) -> tuple[float, list, list, list]:
+    """Run each group of prompts as one generate call, in turn -> (seconds in all, the
+    outputs, steady step spans, gaps between steps), spans and gaps with `events`."""
+    runner, seconds, outs, spans, gaps = llm.engine.runner, 0.0, [], [], []
+    for group in groups:
+        runner.step_events = [] if events else None
+        sync()
+        t0 = time.perf_counter()
+        outs += [o.outputs[0].token_ids for o in llm.generate(group, sp)]
+        sync()
+        seconds += time.perf_counter() - t0
+        if events:
+            sp_, gp = step_times(runner.step_events)
+            spans, gaps = spans + sp_, gaps + gp
+    runner.step_events = None
+    return seconds, outs, spans, gaps
 
 
 def measure(target_dir: Path, head_dir: Path, held_out: torch.Tensor, smoke: bool, budget_s: float) -> None:
-    """Runs in order of interest until budget_s is spent (what ran is emitted)."""
+    """Runs in order of interest until budget_s is spent (what ran is emitted).
+
+    Batch 1 is SINGLE_REQUESTS requests one at a time (one request's 128 tokens say
+    little about acceptance). Per run: tokens/s end to end (prefill included) and its
+    speed-up over the plain run; the median device span of a steady decode step and the
+    GPU idle between steps (runner events, launch to end); the steady decode speed-up
+    = acceptance length x plain step / speculative step."""
     from engine import LLM, SamplingParams
     dev = "cpu" if smoke else "cuda"
     batches, ks, new = ([1, 4], [1, 3], 16) if smoke else ([1, 8, 64], [1, 3, 5, 7], 128)
     gen = torch.Generator().manual_seed(2)
-    prompts = {b: windows(held_out, b, 64, gen).tolist() for b in batches}
+    groups = {b: ([[p] for p in windows(held_out, SINGLE_REQUESTS, 64, gen).tolist()] if b == 1
+                  else [windows(held_out, b, 64, gen).tolist()]) for b in batches}
     sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    base: dict[int, tuple[list, float]] = {}
+    base: dict[int, tuple[list, float, float]] = {}
     # The most telling first (a run cut short by its time limit keeps them).
     runs = [(None, True)] + [(k, True) for k in reversed(ks)] + [(k, False) for k in reversed(ks[-2:])]
     t_start = time.perf_counter()
@@ -205,35 +231,33 @@ def measure(target_dir: Path, head_dir: Path, held_out: torch.Tensor, smoke: boo
         except Exception as e:      # noqa: BLE001 (report it and measure the rest)
             emit(phase="error", k=k, parallel_drafting=parallel, error=repr(e)[:400])
             continue
+        core = llm.engine
         for b in batches:
-            runner, core = llm.engine.runner, llm.engine
             # Warm-up with this batch's own prompts: every shape it meets (prefill, and the
             # prefix-cache hit the timed runs get) is compiled or planned before timing.
-            llm.generate(prompts[b], sp)
+            for group in groups[b]:
+                llm.generate(group, sp)
             core.spec_stats.__init__()
-            best, outs = float("inf"), None
-            for rep in range(2):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                runner.step_events = [] if (rep == 1 and dev == "cuda") else None
-                t0 = time.perf_counter()
-                outs = [o.outputs[0].token_ids for o in llm.generate(prompts[b], sp)]
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-            idle = idle_fraction(runner.step_events or [])
-            runner.step_events = None
-            rec = dict(phase="decode", k=k or 0, parallel_drafting=parallel, batch=b, seconds=round(best, 4),
-                       tokens_per_s=round(b * new / best, 1), **idle)
+            reps = [timed_generate(llm, groups[b], sp, events=rep == 1 and dev == "cuda") for rep in range(2)]
+            seconds = min(r[0] for r in reps)
+            _, outs, spans, gaps = reps[1]
+            n_req = sum(len(g) for g in groups[b])
+            step_ms = sorted(spans)[len(spans) // 2] if spans else None
+            rec = dict(phase="decode", k=k or 0, parallel_drafting=parallel, batch=b, requests=n_req,
+                       seconds=round(seconds, 4), tokens_per_s=round(n_req * new / seconds, 1),
+                       step_ms=step_ms and round(step_ms, 3), steps=len(spans),
+                       idle_fraction=round(sum(gaps) / (sum(spans) + sum(gaps)), 4) if spans else None)
             if k is None:
-                base[b] = (outs, best)
+                base[b] = (outs, seconds, step_ms)
             else:
                 st = core.spec_stats
+                al = st.mean_acceptance_length
                 # bf16: a (K+1)-token verification and a 1-token decode round differently,
                 # so a near-tie may flip; the CPU/float32 tests check exact equality.
                 same = sum(a == p for a, p in zip(outs, base[b][0]))
-                rec.update(identical_outputs=f"{same}/{b}", speedup=round(base[b][1] / best, 3),
-                           acceptance_length=round(st.mean_acceptance_length, 3),
+                rec.update(identical_outputs=f"{same}/{n_req}", speedup=round(base[b][1] / seconds, 3),
+                           steady_speedup=round(al * base[b][2] / step_ms, 3) if step_ms and base[b][2] else None,
+                           acceptance_length=round(al, 3),
                            accepted_per_position=[round(x / max(st.num_drafts, 1), 3)
                                                   for x in st.accepted_per_position])
             emit(**rec)
