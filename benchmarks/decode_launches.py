@@ -2,7 +2,7 @@
 interpreter: every launch inside a replayed CUDA graph costs ~3 us beyond its run time
 (benchmarks/RESULTS.md), so this count is what the decode fusions shrink.
 
-    TRITON_INTERPRET=1 python benchmarks/decode_launches.py [--family qwen3] [--out FILE]
+    TRITON_INTERPRET=1 python benchmarks/decode_launches.py [--family qwen3] [--set KEY=INT ...] [--out FILE]
 
 Counts, per decode step (the difference between generating 1 and 1 + steps tokens,
 divided by steps): Triton launches by kernel, and torch ops that would launch a
@@ -94,15 +94,18 @@ def count(folder: Path, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="qwen3", help="a tiny family of tests/engine/tiny_models.py")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
+                    help="config fields changed from the tiny family's (e.g. qk_rope_head_dim=16)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     record_to(args.out)
     from tests.engine.tiny_models import CONFIGS, build
+    overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     with tempfile.TemporaryDirectory() as d:
-        build(args.family, Path(d))
+        build(args.family, Path(d), **overrides)
         layers = CONFIGS[args.family][2]["num_hidden_layers"]
-        emit(family=args.family, layers=layers, **count(Path(d), args.steps))
+        emit(family=args.family, layers=layers, overrides=overrides, **count(Path(d), args.steps))
 
 
 if __name__ == "__main__":

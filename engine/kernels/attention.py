@@ -8,7 +8,8 @@ the grid needs only the token and request counts, not the host's per-request lis
 
 K is split into a power-of-two head D1 plus an optional power-of-two tail D2 (MLA:
 512 latent + 64 rope dims); when V is the first DV dims of the K entry (MLA), the K
-tile is reused as the V tile and the latent is read once.
+tile is reused as the V tile and the latent is read once. The query's tail D2 dims may
+come from a tensor of their own (MLA's rotated q_pe), so the caller needs no cat.
 
 Split-KV (flash-decoding): when query blocks alone cannot fill the GPU, each program
 takes a share of the KV tiles and a second kernel merges the partial softmaxes.
@@ -42,7 +43,7 @@ def _find_request(qsl_ptr, num_reqs, g, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_reqs"])
-def _attn_kernel(q_ptr, sq_t, sq_h, k_ptr, sk_b, sk_s, sk_h, v_ptr, sv_b, sv_s, sv_h,
+def _attn_kernel(q_ptr, sq_t, sq_h, q2_ptr, sq2_t, sq2_h, k_ptr, sk_b, sk_s, sk_h, v_ptr, sv_b, sv_s, sv_h,
                  o_ptr, so_t, so_h, po_ptr, pml_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, s_bt,
                  num_reqs, scale_log2,
                  BLOCK_SIZE: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, HPP: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -85,7 +86,8 @@ def _attn_kernel(q_ptr, sq_t, sq_h, k_ptr, sk_b, sk_s, sk_h, v_ptr, sv_b, sv_s, 
     q1 = tl.load(q_ptr + q_row[:, None] + d1[None, :], mask=row_ok[:, None] & (d1[None, :] < DK), other=0.0)
     if D2 > 0:
         d2 = tl.arange(0, D2)
-        q2 = tl.load(q_ptr + q_row[:, None] + D1 + d2[None, :], mask=row_ok[:, None], other=0.0)
+        q2_row = (q_start + tok).to(tl.int64) * sq2_t + head * sq2_h
+        q2 = tl.load(q2_ptr + q2_row[:, None] + d2[None, :], mask=row_ok[:, None], other=0.0)
 
     acc = tl.zeros([BLOCK_M, DV_P2], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -239,17 +241,23 @@ class _Plan(NamedTuple):
     dv_p2: int
 
 
+def head_split(dk: int) -> tuple[int, int]:
+    """(D1, D2): a K head of dk dims as a power-of-two head and a power-of-two tail of at
+    least 16 (576 = 512 + 64), or (next power of two, 0): one masked tile."""
+    d1 = triton.next_power_of_2(dk)
+    if d1 != dk and dk - d1 // 2 >= 16 and triton.next_power_of_2(dk - d1 // 2) == dk - d1 // 2:
+        return d1 // 2, dk - d1 // 2
+    return d1, 0
+
+
 def _plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, config: AttnConfig | None,
           num_splits: int | None) -> _Plan:
     """Tiles, grid and split count of one launch; depends only on shapes and the step's
     maxima, so the runner's step computes it once for all layers (meta.plans)."""
-    T, HQ, DK = q.shape
-    HKV, DV = k_cache.shape[2], v_cache.shape[-1]
+    T, HQ = q.shape[:2]
+    HKV, DK, DV = k_cache.shape[2], k_cache.shape[-1], v_cache.shape[-1]
     group = HQ // HKV
-    d1 = triton.next_power_of_2(DK)
-    d2 = 0
-    if d1 != DK and DK - d1 // 2 >= 16 and triton.next_power_of_2(DK - d1 // 2) == DK - d1 // 2:
-        d1, d2 = d1 // 2, DK - d1 // 2                # e.g. 576 = 512 + 64
+    d1, d2 = head_split(DK)
     shared_v = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
                 and DV == d1 and d2 > 0)
     max_q = meta.max_query_len or T
@@ -288,9 +296,12 @@ def graph_num_splits(num_reqs: int, num_q_heads: int, num_kv_heads: int, wide: b
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
-                           config: AttnConfig | None = None, num_splits: int | None = None) -> torch.Tensor:
-    T, HQ, DK = q.shape
-    HKV, DV = k_cache.shape[2], v_cache.shape[-1]
+                           config: AttnConfig | None = None, num_splits: int | None = None,
+                           q_rope: torch.Tensor | None = None) -> torch.Tensor:
+    """q_rope: the query's last D2 dims as a tensor of their own (head_split(dk) must
+    cut the head there), read as if cat([q, q_rope], -1)."""
+    T, HQ = q.shape[:2]
+    HKV, DK, DV = k_cache.shape[2], k_cache.shape[-1], v_cache.shape[-1]
     out = q.new_empty(T, HQ, DV)
     if T == 0:
         return out
@@ -304,6 +315,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             plan = meta.plans[key] = _plan(q, k_cache, v_cache, meta, None, None)
     else:
         plan = _plan(q, k_cache, v_cache, meta, config, num_splits)
+    if q_rope is None:
+        q2 = q[..., plan.d1:] if plan.d2 else q
+    else:
+        assert (q.shape[-1], q_rope.shape[-1]) == (plan.d1, plan.d2), "q_rope must be K's tail tile"
+        q2 = q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous()
     cfg, num_splits = plan.cfg, plan.grid[2]
     split = num_splits > 1
     if split:
@@ -312,7 +328,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         po = pml = out
     _attn_kernel[plan.grid](
-        q, q.stride(0), q.stride(1), k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, q.stride(0), q.stride(1), q2, q2.stride(0), q2.stride(1),
+        k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out, out.stride(0), out.stride(1),
         po, pml, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.block_table.stride(0),
         meta.num_reqs, scale * LOG2E, BLOCK_SIZE=meta.block_size, HQ=HQ, G=HQ // HKV, HPP=plan.hpp,

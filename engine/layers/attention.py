@@ -52,5 +52,6 @@ class PagedAttention(nn.Module):
         else:
             write_kv_pair(self.k_cache, self.v_cache, k, v, meta.slot_mapping, meta.block_size)
 
-    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata, q_rope: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over the cache; q_rope: the query's last dims apart (paged_attention)."""
+        return paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, q_rope=q_rope)

@@ -146,7 +146,7 @@ class MLAAttention(nn.Module):
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w_kv[:, :self.nope], w_kv[:, self.nope:]
         q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
-        o_latent = self.attn.attend(torch.cat([q_latent, q_pe], dim=-1), meta)
+        o_latent = self.attn.attend(q_latent, meta, q_rope=q_pe)       # no cat: the kernel reads both
         return torch.einsum("thr,hvr->thv", o_latent, w_uv)
 
     def _expanded(self, q: torch.Tensor, entry: torch.Tensor, plan: _Expanded) -> torch.Tensor:

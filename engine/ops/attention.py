@@ -26,10 +26,13 @@ def _cache_problem(cache: torch.Tensor, values: torch.Tensor) -> str | None:
     return None
 
 
-def _attention_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+def _attention_problem(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       q_rope: torch.Tensor | None = None) -> str | None:
+    if q_rope is not None and q_rope.dtype != q.dtype:
+        return f"dtypes q {q.dtype}, q_rope {q_rope.dtype}"
     if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in KERNEL_DTYPES:
         return f"dtypes q {q.dtype}, cache {k_cache.dtype}"
-    if max(q.shape[-1], v_cache.shape[-1]) > MAX_TRITON_HEAD_DIM:
+    if max(k_cache.shape[-1], v_cache.shape[-1]) > MAX_TRITON_HEAD_DIM:
         return f"head dims above {MAX_TRITON_HEAD_DIM}"
     if q.shape[1] % k_cache.shape[2]:
         return "query heads that are not a multiple of the KV heads"
@@ -142,10 +145,18 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, backend: str | None = None) -> torch.Tensor:
-    if use_triton(q, backend) and not unsupported("paged_attention", _attention_problem(q, k_cache, v_cache)):
+                    meta: AttentionMetadata, scale: float, backend: str | None = None,
+                    q_rope: torch.Tensor | None = None) -> torch.Tensor:
+    """q_rope: the query's last dims passed apart (MLA's rotated rope part): attention of
+    cat([q, q_rope], -1), which the kernel reads in place when K's tail tile is q_rope's
+    width (576 = 512 + 64), saving the cat's launch."""
+    if use_triton(q, backend) and not unsupported("paged_attention", _attention_problem(q, k_cache, v_cache, q_rope)):
         # Reads query_start_loc / seq_lens / block_table on the device; the host lists
         # only size the launch grid.
-        from engine.kernels.attention import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, meta, scale)
+        from engine.kernels.attention import head_split, paged_attention_triton
+        if q_rope is not None and head_split(k_cache.shape[-1]) != (q.shape[-1], q_rope.shape[-1]):
+            q, q_rope = torch.cat([q, q_rope], dim=-1), None
+        return paged_attention_triton(q, k_cache, v_cache, meta, scale, q_rope=q_rope)
+    if q_rope is not None:
+        q = torch.cat([q, q_rope], dim=-1)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)

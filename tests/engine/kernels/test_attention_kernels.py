@@ -66,6 +66,33 @@ def test_attention_ignores_host_lists_beyond_grid_sizing():
     assert torch.equal(paged_attention(q, k, v, meta, 0.3, backend="triton"), ref)
 
 
+def _check_q_rope_apart(dtype, device):
+    """MLA's query in two tensors (latent part, rotated rope part) gives the bits of the
+    concatenated query: read in place where K's tail tile is the rope width (48 = 32 +
+    16, 576 = 512 + 64; split-KV too), concatenated by the dispatcher where it is not
+    (40 = 32 + 8), and by the reference on the torch backend."""
+    for dk, dv, splits in ((48, 32, None), (48, 32, 3), (576, 512, None), (40, 32, None)):
+        q, k, v, meta = attention_case([(0, 3), (12, 1), (33, 2)], 4, 1, dk, dv, 4, True, dtype, device)
+        q_lat, q_pe = q[..., :dv].clone(), q[..., dv:].clone()
+        for backend in ("triton", "torch"):
+            if splits is not None and backend == "torch":
+                continue
+            if splits is None:
+                whole = paged_attention(q, k, v, meta, 0.2, backend)
+                apart = paged_attention(q_lat, k, v, meta, 0.2, backend, q_rope=q_pe)
+            else:
+                from engine.kernels.attention import paged_attention_triton
+                whole = paged_attention_triton(q, k, v, meta, 0.2, num_splits=splits)
+                apart = paged_attention_triton(q_lat, k, v, meta, 0.2, num_splits=splits, q_rope=q_pe)
+            assert torch.equal(whole, apart), (dk, splits, backend)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_q_rope_apart_is_exact(dtype):
+    _check_q_rope_apart(dtype, "cpu")
+
+
 def _write_case(dtype, device, heads=2, dim=24, tokens=9):
     g = torch.Generator().manual_seed(1)
     cache_full = torch.randn(6, 3, 2, 4, heads, dim, generator=g).to(dtype).to(device)
@@ -129,3 +156,9 @@ def test_tile_configs_fit_shared_memory():
         cfg = fit_shared_memory(default_config(max_q, False), 256, 256, 2, limit)
         assert cfg.rows * 256 * 2 + cfg.num_stages * cfg.block_n * 512 * 2 <= limit
     assert fit_shared_memory(default_config(1024, False), 256, 256, 2, limit).num_stages == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_q_rope_apart_gpu(dtype):
+    _check_q_rope_apart(dtype, "cuda")
