@@ -36,9 +36,14 @@ def _assert_matches_hf(outs, hf, n_tokens: int) -> None:
 
 
 @interpreted
-def test_interpreted_kernels_match_transformers(family):
+def test_interpreted_kernels_match_transformers(family, monkeypatch):
     folder, hf = family
     n = 4
+    from engine.kernels import attention
+
+    def separate_store(*args, **kwargs):
+        raise AssertionError("the rotary kernel stores K/V: no separate cache-store launch")
+    monkeypatch.setattr(attention, "write_kv_triton", separate_store)
     with kernel_backend("triton"):
         outs = _generate(folder, n)
     _assert_matches_hf(outs, hf, n)
