@@ -10,7 +10,8 @@
 3. `_w2_kernel`: intermediate @ w2[e]^T times the routing weight, to the entry's row:
    a local one, or (expert parallelism, engine/layers/ep_low_latency.py) the row of
    the rank that sent the token, written straight into its peer-mapped memory.
-4. `_combine_kernel`: the k rows of each token summed in float32.
+4. `_combine_kernel`: the k rows of each token summed in float32 (and, for DeepSeek, the
+   shared experts' output added, as torch adds two tensors: no launch of its own).
 The grid is sized from an upper bound on the block count, floor(N / BLOCK_M) +
 min(E, N) for N entries, so nothing is read back to size it; align writes the count
 in use after the experts' cursors, and tiles past it exit.
@@ -221,9 +222,11 @@ def _w2_tile(tile, num_m, num_n, inter_ptr, s_inter, w, sw_e, sw_n, out_ptr, s_o
 
 
 @triton.jit
-def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, add_ptr, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+                    ADD: tl.constexpr):
     """out[t] = sum of the token's TOPK expert rows, in float32 (rows in slot order;
-    rows of id -1 were never written and count as zero)."""
+    rows of id -1 were never written and count as zero); ADD: then + add[t], the sum
+    rounded to the dtype first, as `combined + add` rounds it."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     m = h < H
@@ -231,7 +234,11 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_H: tl.
     for k in tl.static_range(TOPK):
         used = h * 0 + tl.load(ids_ptr + t * TOPK + k) >= 0
         acc += tl.load(y_ptr + (t * TOPK + k) * H + h, mask=m & used, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
+    out = acc.to(out_ptr.dtype.element_ty)
+    if ADD:
+        add = tl.load(add_ptr + t * H + h, mask=m, other=0.0)
+        out = (out.to(tl.float32) + add.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * H + h, out, mask=m)
 
 
 class MoEConfig(NamedTuple):
@@ -309,17 +316,21 @@ class PeerRows(NamedTuple):
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor, config: MoEConfig | None = None,
-                     activation: str = "silu", alignment: Alignment | None = None) -> torch.Tensor:
-    """[T, H]: each token's weighted expert outputs summed (ids of -1 add nothing)."""
+                     activation: str = "silu", alignment: Alignment | None = None,
+                     shared_out: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, H]: each token's weighted expert outputs summed (ids of -1 add nothing), plus
+    shared_out [T, H] when given."""
     T, H = x.shape
     top_k = topk_ids.shape[1]
     if T * top_k == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if shared_out is None else torch.zeros_like(x) + shared_out
     out = moe_entries_triton(x, w13, w2, topk_ids, topk_weights, config, activation=activation, alignment=alignment)
     combined = torch.empty(T, H, dtype=x.dtype, device=x.device)
     block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](out, topk_ids.reshape(-1), combined, H, TOPK=top_k,
-                                                  BLOCK_H=block_h, num_warps=4)
+    add = combined if shared_out is None else shared_out.contiguous()
+    assert add.dtype == x.dtype and add.shape == combined.shape
+    _combine_kernel[(T, triton.cdiv(H, block_h))](out, topk_ids.reshape(-1), combined, add, H, TOPK=top_k,
+                                                  BLOCK_H=block_h, ADD=shared_out is not None, num_warps=4)
     return combined
 
 

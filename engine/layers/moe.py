@@ -95,16 +95,20 @@ class FusedMoE(nn.Module):
                                               self.expert_load, scale, out_dtype, alignment=alignment))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, logical_ids: torch.Tensor,
-                phys: torch.Tensor | None = None, alignment=None) -> torch.Tensor:
+                phys: torch.Tensor | None = None, alignment=None, shared_out: torch.Tensor | None = None) -> torch.Tensor:
         """phys (and alignment): from softmax_route, the load already counted; else the map
-        and the load count run here, in one launch on the device (engine/ops/router.py)."""
+        and the load count run here, in one launch on the device (engine/ops/router.py).
+        shared_out: the shared experts' output, added to the result (in the combine's
+        launch, without expert parallelism)."""
         if phys is None:
             phys = to_physical(logical_ids, self.log2phy, self.logcnt, self.expert_load)
         if self.ep is not None:
             # x is what the experts take (for a LatentMoE, the latent vector): that is
             # what travels to the experts' ranks.
-            return self.ep.forward(self, x, weights, phys, logical_ids)
-        return fused_moe(x, self.w13, self.w2, phys, weights, activation=self.activation, alignment=alignment)
+            out = self.ep.forward(self, x, weights, phys, logical_ids)
+            return out if shared_out is None else out + shared_out
+        return fused_moe(x, self.w13, self.w2, phys, weights, activation=self.activation, alignment=alignment,
+                         shared_out=shared_out)
 
     def _load_expert(self, p: torch.Tensor, w: torch.Tensor, shard: object) -> int:
         """shard = (logical expert, part): part 0/1 = gate/up rows of w13, None = whole slot

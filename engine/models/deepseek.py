@@ -51,8 +51,8 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """logits: the router's, when computed together with the norm in front
         (engine/models/base.py); else computed here."""
-        out = self.experts(x, *self.route(x, logits))
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        shared = None if self.shared_experts is None else self.shared_experts(x)
+        return self.experts(x, *self.route(x, logits), shared_out=shared)      # the add rides in the combine
 
 
 class DeepseekV3ForCausalLM(CausalLM):

@@ -65,13 +65,19 @@ def plan_alignment(x: torch.Tensor, w13: torch.Tensor, top_k: int, activation: s
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor, backend: str | None = None, activation: str = "silu",
-              alignment=None) -> torch.Tensor:
-    """alignment: the entry sort of topk_ids, already filled by the routing launch (or None)."""
+              alignment=None, shared_out: torch.Tensor | None = None) -> torch.Tensor:
+    """alignment: the entry sort of topk_ids, already filled by the routing launch (or None);
+    shared_out: the shared experts' output, added to the result (on the device inside the
+    combine's launch, the same bits as `fused_moe(...) + shared_out`)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"MoE activation must be one of {ACTIVATIONS}, got {activation!r}")
     if use_triton(x, backend) and not unsupported("fused_moe", _moe_problem(x, w13, w2)):
         # Sorts entries by expert on the device and runs grouped GEMMs: no host sync
         # (the reference's torch.unique and per-expert loop read back to the host).
         from engine.kernels.moe import fused_moe_triton
-        return fused_moe_triton(x, w13, w2, topk_ids, topk_weights, activation=activation, alignment=alignment)
-    return fused_moe_ref(x, w13, w2, topk_ids, topk_weights, activation)
+        fuse = shared_out is not None and shared_out.dtype == x.dtype
+        out = fused_moe_triton(x, w13, w2, topk_ids, topk_weights, activation=activation, alignment=alignment,
+                               shared_out=shared_out if fuse else None)
+        return out if fuse or shared_out is None else out + shared_out
+    out = fused_moe_ref(x, w13, w2, topk_ids, topk_weights, activation)
+    return out if shared_out is None else out + shared_out

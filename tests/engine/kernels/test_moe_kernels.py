@@ -94,6 +94,30 @@ def test_entries_of_id_minus_one_are_skipped():
     assert torch.allclose(want.view(23, 3, -1).sum(1), ref, atol=1e-5)
 
 
+def _check_shared_add(dtype, device):
+    """The shared experts' output added inside the combine's launch gives the bits of
+    the separate add, padded entries (-1) and all."""
+    for tokens, top_k in ((1, 2), (7, 3)):
+        x, w13, w2, ids, w = moe_case(tokens, 8, 64, 32, top_k, dtype, device)
+        ids[0, 0] = -1
+        shared = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+        for backend in ("triton", "torch"):
+            fused = fused_moe(x, w13, w2, ids, w.to(dtype), backend=backend, shared_out=shared)
+            assert torch.equal(fused, fused_moe(x, w13, w2, ids, w.to(dtype), backend=backend) + shared)
+
+
+@interpreted
+def test_shared_experts_add_in_combine_is_exact():
+    # float32 only here: the interpreter's bf16 rounding is not torch's (the gpu test has both).
+    _check_shared_add(torch.float32, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_experts_add_in_combine_gpu(dtype):
+    _check_shared_add(dtype, "cuda")
+
+
 @interpreted
 def test_align_covers_every_entry_once():
     from engine.kernels.moe import _align_kernel
