@@ -62,3 +62,14 @@ class Linear(nn.Module):
         if decode_fused(x):
             return norm_linear(x, self.weight, self.bias)[0]
         return nn.functional.linear(x, self.weight, self.bias)
+
+    def weight_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight converted to dtype and kept (a float32 router: no conversion launch
+        per step); converted again when the weight changes (loading, moving)."""
+        w = self.weight
+        if w.dtype == dtype:
+            return w
+        key = (dtype, w.device, w.data_ptr(), w._version)
+        if getattr(self, "_converted", (None,))[0] != key:
+            self._converted = (key, w.detach().to(dtype))
+        return self._converted[1]

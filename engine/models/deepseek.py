@@ -38,7 +38,7 @@ class DeepseekMoE(nn.Module):
     def route(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> Routing:
         c = self.config
         if logits is None:
-            logits = nn.functional.linear(x.float(), self.gate.weight.float())
+            logits = nn.functional.linear(x.float(), self.gate.weight_in(torch.float32))
         if self.v3:
             w, ids = grouped_sigmoid_topk(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
                                           c.n_group, c.topk_group, c.norm_topk_prob)

@@ -113,7 +113,7 @@ class NemotronHMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.c
-        logits = F.linear(x.float(), self.gate.weight.float())
+        logits = F.linear(x.float(), self.gate.weight_in(torch.float32))
         if c.n_group <= 1 or c.topk_group >= c.n_group:
             # Every group is kept (Nano and Super: n_group 1), so the group step is a no-op:
             # the same choice in 3 launches instead of ~10 (each one per MoE layer per step).
@@ -126,10 +126,10 @@ class NemotronHMoE(nn.Module):
             weights, ids = grouped_sigmoid_topk(logits, self.gate.e_score_correction_bias, c.num_experts_per_tok,
                                                 c.n_group, c.topk_group, c.norm_topk_prob)
         weights = weights * c.routed_scaling_factor
-        routed = self.experts(self.fc1_latent_proj(x) if self.latent else x, weights, ids)
+        shared = self.shared_experts(x)
         if self.latent:
-            routed = self.fc2_latent_proj(routed)
-        return routed + self.shared_experts(x)
+            return self.fc2_latent_proj(self.experts(self.fc1_latent_proj(x), weights, ids)) + shared
+        return self.experts(x, weights, ids, shared_out=shared)       # the add rides in the combine
 
 
 class NemotronHBlock(nn.Module):
