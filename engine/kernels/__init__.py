@@ -1,4 +1,6 @@
-"""Triton kernels behind the dispatcher functions of engine/ops and engine/runner/inputs.
+"""Triton kernels behind the dispatcher functions of engine/ops, engine/runner/inputs
+(a step's inputs from the state table) and engine/runner/spec_inputs (a speculative
+step's bookkeeping: verified rows, commit, the head's rows, drafts).
 
 One kernel family per module. Modules here import triton at import time, so the
 dispatchers import them lazily: a CPU-only install without triton still runs the

@@ -148,7 +148,7 @@ class ModelRunner:
             host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
             dev = to_device(host, self.device)
             tokens, _, logits, hidden = self._spec_forward(
-                dev[0], dev[1], dev[2].bool(), dev[3], int(nsched.sum()), nsched.tolist(), seq_lens,
+                dev[0], dev[1], dev[2], dev[3], int(nsched.sum()), nsched.tolist(), seq_lens,
                 int(batch + ndraft.sum()), nsched + K - 1, penalties=penalties)
             lp = self._spec_logprobs(tokens, logits, ndraft, want[samples])
             if prompt is not None:
@@ -202,17 +202,15 @@ class ModelRunner:
         size argument is host-known."""
         t, spec = self.table, self.spec
         inp = prepare_inputs(t, rows, nsched, num_tokens, self.block_size)
-        start = t.num_computed[rows].clone()
         meta = AttentionMetadata(num_reqs=rows.shape[0], query_start_loc=inp.query_start_loc, seq_lens=inp.seq_lens,
                                  block_table=inp.block_table, slot_mapping=inp.slot_mapping,
                                  block_size=self.block_size, query_lens_cpu=query_lens_cpu,
                                  seq_lens_cpu=spec.exact_lengths(inp.seq_lens, seq_lens_host), num_splits=num_splits)
         with counting_tokens(inp.query_start_loc[-1:]):     # padding is no expert load
             hidden = self.model(inp.input_ids, inp.positions, meta)
-        tokens, emitted, logits = spec.verify(t, rows, nsched, ndraft, samples, inp.seq_lens,
-                                              inp.query_start_loc[1:].long(), hidden, self.model, num_logits,
-                                              penalties)
-        spec.propose(t, rows, nsched, head_rows_cpu, ndraft, samples, emitted, start, inp.query_start_loc,
+        tokens, emitted, logits = spec.verify(t, rows, nsched, ndraft, samples, inp.seq_lens, inp.query_start_loc,
+                                              hidden, self.model, num_logits, penalties)
+        spec.propose(t, rows, nsched, head_rows_cpu, ndraft, samples, emitted, inp.seq_lens, inp.query_start_loc,
                      self.model.aux_hidden)
         return tokens, emitted, logits, hidden
 
@@ -226,7 +224,7 @@ class ModelRunner:
         k = K if k is None else k
         lens = np.full(size, self.max_model_len) if seq_lens_cpu is None else np.asarray(seq_lens_cpu)
         query_lens = [k + 1] * size if seq_lens_cpu is None else [k + 1 if n > 0 else 0 for n in seq_lens_cpu]
-        return self._spec_forward(rows, nsched, mask.bool(), torch.full_like(nsched, k), num_tokens, query_lens,
+        return self._spec_forward(rows, nsched, mask, torch.full_like(nsched, k), num_tokens, query_lens,
                                   lens, size * (k + 1), np.full(size, k + K), num_splits=self._graph_splits(size))[:2]
 
     # -- CUDA graphs ------------------------------------------------------------------

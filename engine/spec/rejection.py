@@ -120,12 +120,15 @@ def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_d
                      temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
                      draft_probs: torch.Tensor | None = None, cu_num_logits: torch.Tensor | None = None,
                      top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
-                     min_p: torch.Tensor | None = None, backend: str | None = None) -> RejectionOutput:
+                     min_p: torch.Tensor | None = None, backend: str | None = None,
+                     row_filters: tuple[torch.Tensor, ...] | None = None) -> RejectionOutput:
     """target_logits [sum(num_draft + 1), V]; draft_ids [B, K] (target vocabulary, padded
     past num_draft); num_draft [B] int (device); temperature [B] float (0 = greedy);
     seeds [B] int64; positions [B]: sequence index of the first emitted token;
     draft_probs [B, K, V] q over the target vocabulary, or None for greedy drafts;
-    top_k / top_p / min_p [B] as in the engine sampler, or None."""
+    top_k / top_p / min_p [B] as in the engine sampler, or None. row_filters: the same
+    (temperature, top_k, top_p, min_p) per logits row, when the caller has them at hand
+    (the kernel path then gathers nothing)."""
     B, K = draft_ids.shape
     if num_draft.shape != (B,) or temperature.shape != (B,) or seeds.shape != (B,) or positions.shape != (B,):
         raise ValueError("num_draft, temperature, seeds and positions must each have one entry per request")
@@ -137,7 +140,7 @@ def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_d
         thr = None
         if _filters_given(top_k, top_p, min_p):
             thr = _row_thresholds(target_logits, num_draft, temperature, cu_num_logits,
-                                  *_full_filters(B, target_logits.device, top_k, top_p, min_p))
+                                  *_full_filters(B, target_logits.device, top_k, top_p, min_p), row_filters)
         tokens, num_sampled = rejection_sample_triton(
             target_logits, draft_ids, num_draft, temperature, seeds, positions, draft_probs,
             logit_starts(num_draft, cu_num_logits), thr)
@@ -146,11 +149,14 @@ def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_d
                                 draft_probs, cu_num_logits, top_k, top_p, min_p)
 
 
-def _row_thresholds(logits, num_draft, temperature, cu_num_logits, top_k, top_p, min_p) -> torch.Tensor:
+def _row_thresholds(logits, num_draft, temperature, cu_num_logits, top_k, top_p, min_p,
+                    row_filters=None) -> torch.Tensor:
     """Per-row filter thresholds from the engine sampler's kernel (rows past a request's
     last get its last request's settings; they are never read)."""
     from engine.kernels.sampling import filter_thresholds
-    T = logits.shape[0]
-    starts = logit_starts(num_draft, cu_num_logits)
-    req = (torch.searchsorted(starts, torch.arange(T, device=logits.device), right=True) - 1).clamp(min=0)
-    return filter_thresholds(logits.float().contiguous(), temperature[req].float(), top_k[req], top_p[req], min_p[req])
+    if row_filters is None:
+        T = logits.shape[0]
+        starts = logit_starts(num_draft, cu_num_logits)
+        req = (torch.searchsorted(starts, torch.arange(T, device=logits.device), right=True) - 1).clamp(min=0)
+        row_filters = (temperature[req].float(), top_k[req], top_p[req], min_p[req])
+    return filter_thresholds(logits.float().contiguous(), *row_filters)

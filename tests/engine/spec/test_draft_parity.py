@@ -1,6 +1,7 @@
 """The drafts the runner proposes equal what the head predicts when run as the trainer
 evaluates it (engine/spec/train.py: the same taps, positions, tokens and mask rows,
-densely over the whole sequence so far), at every step of a Qwen3-MoE target with a
+densely over the whole sequence so far), with the step's bookkeeping on torch and on
+its Triton kernels, at every step of a Qwen3-MoE target with a
 2-layer head at K=7 (the device benchmark's shapes, tiny): with async scheduling and
 the padded graph steps, through rejections and acceptances. Every propose call is
 recorded with the known tokens it drafted after; the dense reference is computed from
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.runner import spec_inputs
 from engine.spec.checkpoint import load_head, save_head
 from engine.spec.train import (
     TrainConfig,
@@ -21,6 +23,7 @@ from engine.spec.train import (
     target_features,
     train_head,
 )
+from tests.engine.kernels.cases import interpreted
 from tests.engine.spec.helpers import dense_drafts
 from tests.engine.tiny_models import build
 
@@ -93,10 +96,19 @@ def _generate(folder, head_dir, parallel: bool = True, graphs: bool = False, **a
     return llm, outs, seen
 
 
-@pytest.mark.parametrize("async_scheduling,graphs", [(False, False), (True, True)])
-def test_runner_drafts_equal_the_trainers_view(pair, async_scheduling, graphs):
+def _bookkeeping_kernels(monkeypatch) -> None:
+    """The step's bookkeeping (engine/runner/spec_inputs.py) through its Triton kernels,
+    interpreted; the model's own ops stay on torch (fast)."""
+    monkeypatch.setattr(spec_inputs, "use_triton", lambda t, backend=None: True)
+
+
+@pytest.mark.parametrize("async_scheduling,graphs,kernels", [
+    (False, False, False), (True, True, False), pytest.param(True, True, True, marks=interpreted)])
+def test_runner_drafts_equal_the_trainers_view(pair, async_scheduling, graphs, kernels, monkeypatch):
     folder, model, head_dir = pair
     head = load_head(head_dir)
+    if kernels:
+        _bookkeeping_kernels(monkeypatch)
     llm, _, seen = _generate(folder, head_dir, graphs=graphs, async_scheduling=async_scheduling)
     assert len(seen) >= 20
     for known, drafts in seen:
