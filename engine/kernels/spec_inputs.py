@@ -96,7 +96,7 @@ def _write_drafts_kernel(rows_ptr, samples_ptr, draft_ptr, d2t_ptr, num_spec, nt
             tl.store(tok_ptr + row * tok_stride + n + k, d.to(tl.int32), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def _head_rows_kernel(rows_ptr, nsched_ptr, ndraft_ptr, samples_ptr, emitted_ptr, seq_lens_ptr, qsl_ptr,
                       num_reqs, num_spec, step, tok_ptr, tok_stride, bt_ptr, bt_stride, max_blocks, max_model_len,
                       block_size, pos_out, slot_out, ids_out, taps_out, is_mask_out, hq_out, hseq_out, sample_out,
