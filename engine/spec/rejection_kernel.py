@@ -25,8 +25,8 @@ def _accept_uniform(pos_u32, seed_hi, seed_lo):
 @triton.jit
 def _rejection_kernel(logits_ptr, stride_l, start_ptr, ndraft_ptr, draft_ptr, stride_d,
                       q_ptr, stride_qb, stride_qk, temp_ptr, thr_ptr, seed_ptr, pos_ptr,
-                      out_ptr, stride_o, nsamp_ptr, V,
-                      HAS_Q: tl.constexpr, HAS_THR: tl.constexpr, BLOCK: tl.constexpr):
+                      out_ptr, stride_o, out_cols, nsamp_ptr, V,
+                      HAS_Q: tl.constexpr, HAS_THR: tl.constexpr, BLOCK: tl.constexpr, BLOCK_COLS: tl.constexpr):
     req = tl.program_id(0)
     n = tl.load(ndraft_ptr + req).to(tl.int32)
     start = tl.load(start_ptr + req).to(tl.int64)
@@ -117,6 +117,10 @@ def _rejection_kernel(logits_ptr, stride_l, start_ptr, ndraft_ptr, draft_ptr, st
             count = j + 1
             alive = accepted
     tl.store(nsamp_ptr + req, count)
+    # -1 past the last emitted token: the output comes uninitialised (no fill launch).
+    cols = tl.arange(0, BLOCK_COLS)
+    tl.store(out_ptr + req.to(tl.int64) * stride_o + cols, tl.full([BLOCK_COLS], -1, tl.int64),
+             mask=(cols >= count) & (cols < out_cols))
 
 
 def rejection_sample_triton(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_draft: torch.Tensor,
@@ -128,8 +132,8 @@ def rejection_sample_triton(target_logits: torch.Tensor, draft_ids: torch.Tensor
     B, K = draft_ids.shape
     V = target_logits.shape[-1]
     dev = target_logits.device
-    out = torch.full((B, K + 1), -1, dtype=torch.int64, device=dev)
-    num_sampled = torch.zeros(B, dtype=torch.int32, device=dev)
+    out = torch.empty((B, K + 1), dtype=torch.int64, device=dev)
+    num_sampled = torch.empty(B, dtype=torch.int32, device=dev)
     if B == 0:
         return out, num_sampled
     drafts = draft_ids.contiguous() if K else torch.zeros(B, 1, dtype=torch.int64, device=dev)
@@ -141,7 +145,7 @@ def rejection_sample_triton(target_logits: torch.Tensor, draft_ids: torch.Tensor
     _rejection_kernel[(B,)](
         target_logits, target_logits.stride(0), starts.contiguous(), num_draft.contiguous(), drafts, drafts.stride(0),
         q, *q_strides, temperature.float().contiguous(), thr, seeds.contiguous(), positions.contiguous(),
-        out, out.stride(0), num_sampled, V,
+        out, out.stride(0), K + 1, num_sampled, V,
         HAS_Q=draft_probs is not None, HAS_THR=thresholds is not None,
-        BLOCK=min(4096, triton.next_power_of_2(V)), num_warps=4)
+        BLOCK=min(4096, triton.next_power_of_2(V)), BLOCK_COLS=triton.next_power_of_2(K + 1), num_warps=4)
     return out, num_sampled
