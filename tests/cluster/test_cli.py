@@ -32,7 +32,7 @@ from tests.ray_cluster import (
 VLLM_FLAGS = ("--dtype", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--block-size",
               "--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching",
               "--enable-chunked-prefill", "--seed", "--served-model-name", "--api-key", "--kv-transfer-config",
-              "--config")
+              "--speculative-config", "--config")
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -79,6 +79,15 @@ def test_settings_layer_config_yaml_then_config_file_then_flags(tmp_path):
     assert engine["block_size"] == 16                                    # config.yaml's
     assert engine["kv_load_failure_policy"] == "fail" and args["kv_transfer"] == {"kv_connector": "NixlConnector", "lease_s": 5}
     assert "enable_chunked_prefill" in engine and engine["enable_chunked_prefill"] is True
+
+
+def test_speculative_config_from_the_flag_over_the_config_file(tmp_path):
+    spec = {"method": "peagle", "model": "/heads/p-eagle", "num_speculative_tokens": 5,
+            "num_speculative_tokens_per_batch": [[16, 3], [64, 1]]}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"engine": {"speculative_config": {**spec, "model": "/other"}}}))
+    assert app_args(parse("--config", str(tmp_path / "mine.yaml")))["engine"]["speculative_config"]["model"] == "/other"
+    args = app_args(parse("--config", str(tmp_path / "mine.yaml"), "--speculative-config", json.dumps(spec)))
+    assert args["engine"]["speculative_config"] == spec
 
 
 def test_no_flags_is_config_yaml_in_mode_pd():
