@@ -1,15 +1,14 @@
-"""Kernel launches per speculative decode step, counted on the CPU: every launch a CUDA
-graph of the step holds is one node, and at batch 1 each costs ~3 us of latency on the
-H200 (RESULTS.md), so the count is what the step's bookkeeping costs.
+"""Kernel launches per speculative decode step, counted on the CPU
+(benchmarks/launch_counter.py): every launch is a node of the step's CUDA graph, so the
+count is what the step's bookkeeping costs.
 
     TRITON_INTERPRET=1 python benchmarks/spec_launch_count.py [--k 7] [--batch 1] [--steps 8]
 
 A tiny Qwen3-MoE target (train_peagle.py's smoke shape, random weights) and an untrained
 2-layer head; the padded graph step (the one a CUDA graph captures) runs eagerly with
-every kernel on the Triton backend (through the interpreter). Each launch is an aten op
-that runs a kernel (views and allocations are not counted) or a Triton kernel; a JSON
-line gives the mean per step: total, the target (input prep + forward), verification
-and drafting, and the op names of verification and drafting.
+every kernel on the Triton backend (through the interpreter). A JSON line gives the mean
+per step: total, the target (input prep + forward), verification and drafting, and the
+op names of verification and drafting.
 """
 
 from __future__ import annotations
@@ -23,51 +22,12 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.launch_counter import LaunchCounter
 from benchmarks.records import emit
-
-NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
-               "_local_scalar_dense", "set_", "resize_"}
-
-
-class LaunchCounter(TorchDispatchMode):
-    """Counts aten ops that launch a kernel, and Triton launches (the interpreter's own
-    tensor copies inside a Triton launch are not counted)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-        self.inside_triton = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.inside_triton and not func.is_view and name not in NOT_KERNELS:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
-    def triton(self, name: str) -> None:
-        self.ops[f"triton:{name}"] += 1
-
-
-def install_triton_hook(counter_ref: list) -> None:
-    from triton.runtime.interpreter import InterpretedFunction
-    run = InterpretedFunction.run
-
-    def counted(self, *args, **kwargs):
-        c = counter_ref[0]
-        if c is None:
-            return run(self, *args, **kwargs)
-        c.triton(self.fn.__name__)
-        c.inside_triton += 1
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            c.inside_triton -= 1
-    InterpretedFunction.run = counted
 
 
 def build_pair(folder: Path, k: int) -> tuple[Path, Path]:
@@ -94,7 +54,6 @@ def count(k: int, batch: int, steps: int) -> dict:
         llm = LLM(str(target), max_num_seqs=8, max_model_len=256, block_size=16, speculative_config=spec)
     runner = llm.engine.runner
     ref: list = [None]
-    install_triton_hook(ref)
     per_step, parts = [], collections.defaultdict(collections.Counter)
 
     def wrap(obj, name: str, part: str | None = None):
