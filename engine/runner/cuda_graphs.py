@@ -114,13 +114,12 @@ class DecodeGraphs:
         return bucket_for(self.sizes, batch)
 
     def replay(self, rows: np.ndarray, samples: np.ndarray, size: int,
-               seq_lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+               seq_lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the decode step of the batch; returns (logits, sampled) of the graph's
-        static outputs (padded to `size`) and the host array the input copy reads."""
+        static outputs (padded to `size`)."""
         host = pad_step_inputs(rows, samples, size, self.pad_row, self.query_len)
         self.inputs[size].copy_(pinned(host), non_blocking=True)
-        logits, sampled = self._launch(size, seq_lens)
-        return logits, sampled, host
+        return self._launch(size, seq_lens)
 
     def _launch(self, size: int, seq_lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         graph, logits, sampled = self.graphs[size]

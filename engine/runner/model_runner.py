@@ -142,17 +142,15 @@ class ModelRunner:
         lp = plp = None
         self._mark_start()
         if size is not None:
-            tokens, _, host = graphs.replay(rows, samples, size, seq_lens)
+            tokens, _ = graphs.replay(rows, samples, size, seq_lens)
             tokens = tokens[:batch]
         else:
-            host = np.stack([rows, nsched, samples.astype(np.int64), ndraft])
-            dev = to_device(host, self.device)
+            dev = to_device(np.stack([rows, nsched, samples.astype(np.int64), ndraft]), self.device)
             tokens, _, logits, hidden = self._spec_forward(
                 dev[0], dev[1], dev[2], dev[3], int(nsched.sum()), nsched.tolist(), seq_lens,
                 int(batch + ndraft.sum()), nsched + K - 1, penalties=penalties)
             lp = self._spec_logprobs(tokens, logits, ndraft, want[samples])
             if prompt is not None:
-                host = (host, prompt[1])
                 extra = to_device(prompt[1], self.device)
                 plp = self._prompt_logprobs(rows, prompt, extra, self.model.compute_logits(hidden[extra[0]]))
         # Host mirrors are optimistic (every draft accepted) until the output arrives.
@@ -169,7 +167,7 @@ class ModelRunner:
                     t.num_tokens_cpu[rows[i]] -= rejected
 
         first_row = np.cumsum(ndraft + 1) - (ndraft + 1)    # each request's first logits row
-        return PendingOutput(req_ids, samples, want, tokens, lp, keep_alive=host, on_result=reconcile,
+        return PendingOutput(req_ids, samples, want, tokens, lp, on_result=reconcile,
                              prompt_logprobs=plp, logprob_rows=first_row)
 
     def _spec_logprobs(self, tokens: torch.Tensor, logits: torch.Tensor, ndraft: np.ndarray, wanted: np.ndarray):
@@ -351,14 +349,12 @@ class ModelRunner:
         prompt_logits = None
         self._mark_start()
         if size is not None:
-            logits, sampled, host = self.graphs.replay(rows, samples, size, seq_lens)
+            logits, sampled = self.graphs.replay(rows, samples, size, seq_lens)
             logits, sampled = logits[:batch], sampled[:batch]
         else:
-            host = np.stack([rows, nsched, samples.astype(np.int64)])
-            dev = to_device(host, self.device)
+            dev = to_device(np.stack([rows, nsched, samples.astype(np.int64)]), self.device)
             extra = None
             if prompt is not None:
-                host = (host, prompt[1])
                 extra = to_device(prompt[1], self.device)
             # Without bias or penalties in the batch, neither of their kernels runs.
             logits, sampled, prompt_logits = self._forward_sample(
@@ -369,4 +365,4 @@ class ModelRunner:
         if wanted.size and wanted.max() >= 0:
             lp = topn_logprobs(logits, sampled, int(wanted.max()))
         plp = None if prompt is None else self._prompt_logprobs(rows, prompt, extra, prompt_logits)
-        return PendingOutput(req_ids, samples, want, sampled, lp, keep_alive=host, prompt_logprobs=plp)
+        return PendingOutput(req_ids, samples, want, sampled, lp, prompt_logprobs=plp)

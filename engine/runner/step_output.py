@@ -36,7 +36,6 @@ class PendingOutput:
     def __init__(self, req_ids: list[str] | None = None, samples: np.ndarray | None = None,
                  want_logprobs: np.ndarray | None = None, sampled: torch.Tensor | None = None,
                  logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 keep_alive: object = None,
                  prompt_logprobs: tuple[np.ndarray, np.ndarray, np.ndarray, tuple[torch.Tensor, ...]] | None = None,
                  on_result=None, logprob_rows: np.ndarray | None = None) -> None:
         """`sampled` is [B], or [B, K+1] with -1 after each row's last token (speculative
@@ -47,7 +46,6 @@ class PendingOutput:
         self.want = want_logprobs
         self._sampled = to_host(sampled) if sampled is not None else None
         self._logprobs = tuple(to_host(x) for x in logprobs) if logprobs is not None else None
-        self._keep_alive = keep_alive   # host arrays an in-flight copy may still read
         # Prompt logprobs: (batch entry, prompt position and top-n of each, then on the
         # device the prompt tokens, their logprobs, top ids and top logprobs).
         self._prompt = None
@@ -103,5 +101,5 @@ class PendingOutput:
         self._result = out
         if self._on_result is not None:
             self._on_result(out)
-        self._sampled = self._logprobs = self._keep_alive = self._prompt = None
+        self._sampled = self._logprobs = self._prompt = None
         return out
