@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # NemotronH on one H200 (nvidia-h200), one device call per job list: copy bandwidth, the
-# gpu-marked Mamba / NemotronH / squared-ReLU MoE tests, then the engine and transformers
+# gpu-marked Mamba / NemotronH / squared-ReLU MoE / hybrid P-EAGLE tests, then the engine and transformers
 # at the Nano and Super-width shapes (random bf16 weights). Each phase is its own process
 # with its own time limit, so a failure leaves the other phases' results.
 #   bash benchmarks/h200_nemotron_run.sh "copy tests:240 engine:nano:200 engine:super:200"
@@ -29,7 +29,7 @@ for job in $1; do
     copy)   timeout 60 python3 benchmarks/engine_bench.py copy --out "$OUT/copy.jsonl" 2>&1 | grep copy ;;
     tests)  timeout "${name:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider -rA \
               tests/engine/kernels/test_mamba_kernels.py tests/engine/test_nemotron_h.py \
-              tests/engine/kernels/test_moe_kernels.py 2>&1 | grep -v Warning | tail -40 | tee "$OUT/gpu_tests.log" ;;
+              tests/engine/kernels/test_moe_kernels.py tests/engine/spec/test_hybrid_spec.py 2>&1 | grep -v Warning | tail -40 | tee "$OUT/gpu_tests.log" ;;
     engine) timeout $((arg + 90)) python3 benchmarks/engine_bench.py engine --model "$model" --budget-s "$arg" \
               --batches "${BATCHES:-1,8,64,256}" --out "$OUT/engine.jsonl" 2>&1 | grep -v Warning | tail -12 ;;
     hf)     timeout $((arg + 120)) python3 benchmarks/engine_bench.py hf --model "$model" --budget-s "$arg" \

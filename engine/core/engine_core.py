@@ -156,6 +156,11 @@ class EngineCore:
 
     def set_kv_transfer(self, hook: KVTransferHook) -> None:
         """Plug in a KV-transfer connector (disaggregated prefill/decode)."""
+        if self._spec is not None and self.runner.state_layout is not None:
+            # A handed-off request's first step computes the last prompt position again
+            # (spec_step.py), which a Mamba state, already past it, cannot take twice.
+            raise ValueError("KV transfer with speculative decoding is not supported for hybrid (Mamba) models "
+                             "yet: drop speculative_config from this engine, or serve it without disaggregation")
         self.scheduler.kv_transfer = hook
 
     def set_kv_connector(self, spec: KVConnectorSpec, observer: TransferObserver | None = None) -> KVTransferHook:

@@ -10,7 +10,9 @@ Per step, on the device and without reading a value back:
    k+1 tokens of each request (k = 0: plain sampling of the last token), and the
    accepted drafts + the correction/bonus token are committed to the table; computed
    counts advance by the accepted tokens only (rejected drafts' KV stays in their
-   slots and is overwritten when those positions are computed again);
+   slots and is overwritten when those positions are computed again; a hybrid
+   target's Mamba slots take the state after the last accepted token,
+   engine/layers/mamba_spec.py);
 3. the head drafts the next K tokens of every request in one forward pass. Each request
    gets nsched + K - 1 rows, laid out [stale | valid | K-1 mask]: the stale rows stand
    for rejected drafts (a device-side count), write no KV and are ignored; putting them
