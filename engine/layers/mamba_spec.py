@@ -49,7 +49,7 @@ def verify_steps(query_start_loc: torch.Tensor, ndraft: torch.Tensor, state_slot
     j = torch.arange(J, device=dev)[:, None]
     drafting = ndraft > 0
     read = (start + torch.minimum(j, (qlen - 1).clamp(min=0))).clamp(max=(T - 1).clamp(min=0))
-    write = torch.where(drafting & (j <= ndraft.long()), start + j, T)
+    write = torch.where(drafting & (j < qlen), start + j, T)     # (a drafting query is its k + 1 tokens)
     slots = torch.where(drafting, torch.full_like(state_slots, scratch_slot), state_slots)
     return VerifySteps(J, read, write, drafting, any_plain, slots, has_initial_state & ~drafting)
 
