@@ -1,11 +1,36 @@
 """Tiny P-EAGLE heads and the engine's paged-attention plumbing for the spec tests."""
 
+from pathlib import Path
+
 import torch
 
 from engine.models.loader import init_random
 from engine.ops.attention import AttentionMetadata
+from engine.spec.checkpoint import save_head
 from engine.spec.config import PEagleConfig
 from engine.spec.head import PEagleHead
+from engine.spec.train import (
+    TrainConfig,
+    generate_greedy,
+    init_from_target,
+    new_head,
+    target_features,
+    train_head,
+)
+
+
+def trained_head(model, folder: Path, layers: list[int] | None, mask_id: int, depths: int, steps: int,
+                 num_sequences: int = 24, num_layers: int = 1) -> Path:
+    """A head for `model` trained for `steps` on its greedy continuations (20 tokens) of
+    `num_sequences` random 4-token prompts, saved in `folder`: briefly, so that
+    verification accepts some drafts and rejects others."""
+    prompts = torch.randint(0, mask_id, (num_sequences, 4), generator=torch.Generator().manual_seed(0))
+    tokens = generate_greedy(model, prompts, 20, banned=[mask_id])
+    aux, logits = target_features(model, tokens, layers)
+    head = new_head(model.config, layers, mask_id, depths=depths, num_layers=num_layers)
+    init_from_target(head, model)
+    train_head(head, tokens, aux, logits, TrainConfig(depths=depths, steps=steps, batch_size=4, lr=3e-3))
+    return save_head(head, folder)
 
 
 def tiny_config(**overrides) -> PEagleConfig:

@@ -14,17 +14,12 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.runner import spec_inputs
-from engine.spec.checkpoint import load_head, save_head
+from engine.spec.checkpoint import load_head
 from engine.spec.train import (
-    TrainConfig,
-    generate_greedy,
-    init_from_target,
-    new_head,
     target_features,
-    train_head,
 )
 from tests.engine.kernels.cases import interpreted
-from tests.engine.spec.helpers import dense_drafts
+from tests.engine.spec.helpers import dense_drafts, trained_head
 from tests.engine.tiny_models import build
 
 K = 7
@@ -39,14 +34,8 @@ def pair(tmp_path_factory):
     text (so rounds accept some drafts and reject others)."""
     root = tmp_path_factory.mktemp("parity")
     model = build("qwen3_moe", root / "target", num_hidden_layers=4)
-    prompts = torch.randint(0, MASK_ID, (24, 4), generator=torch.Generator().manual_seed(0))
-    tokens = generate_greedy(model, prompts, 20, banned=[MASK_ID])
-    aux, logits = target_features(model, tokens, LAYERS)
-    head = new_head(model.config, LAYERS, MASK_ID, depths=K, num_layers=2)
-    init_from_target(head, model)
-    train_head(head, tokens, aux, logits, TrainConfig(depths=K, steps=40, batch_size=4, lr=3e-3))
-    save_head(head, root / "head")
-    return root / "target", model, root / "head"
+    return root / "target", model, trained_head(model, root / "head", LAYERS, MASK_ID, depths=K, steps=40,
+                                                 num_layers=2)
 
 
 def _record_proposals(llm) -> list[tuple[list[int], list[int]]]:

@@ -15,14 +15,10 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.spec.checkpoint import save_head
 from engine.spec.train import (
-    TrainConfig,
-    generate_greedy,
     init_from_target,
     new_head,
-    target_features,
-    train_head,
 )
-from tests.engine.spec.helpers import dense_drafts
+from tests.engine.spec.helpers import dense_drafts, trained_head
 from tests.engine.tiny_models import CONFIGS
 
 MASK_ID = 255
@@ -56,15 +52,8 @@ def heads(target, tmp_path_factory):
     untrained = new_head(model.config, LAYERS, MASK_ID, depths=4)
     init_from_target(untrained, model)
     save_head(untrained, root / "untrained")
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, MASK_ID, (32, 4), generator=gen)
-    tokens = generate_greedy(model, prompts, 20, banned=[MASK_ID])
-    aux, logits = target_features(model, tokens, LAYERS)
-    head = new_head(model.config, LAYERS, MASK_ID, depths=4)
-    init_from_target(head, model)
-    train_head(head, tokens, aux, logits, TrainConfig(depths=4, steps=100, batch_size=4, lr=3e-3))
-    save_head(head, root / "trained")
-    return root / "untrained", root / "trained"
+    return root / "untrained", trained_head(model, root / "trained", LAYERS, MASK_ID, depths=4, steps=100,
+                                            num_sequences=32)
 
 
 def _params(stop_token: int | None = None) -> list[SamplingParams]:

@@ -8,21 +8,12 @@ and both accepted and rejected drafts; every block and state slot is freed."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from engine.ops import mamba as mamba_ops
 from engine.runner import model_runner
-from engine.spec.checkpoint import save_head
-from engine.spec.train import (
-    TrainConfig,
-    generate_greedy,
-    init_from_target,
-    new_head,
-    target_features,
-    train_head,
-)
 from tests.engine.kernels.cases import interpreted
+from tests.engine.spec.helpers import trained_head
 from tests.engine.test_nemotron_h import _FailingHook
 from tests.engine.tiny_models import build
 
@@ -38,14 +29,7 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid_spec")
     model = build("nemotron_h_nano", root / "target")
     model.config.rms_norm_eps = model.config.layer_norm_epsilon     # the head's norms
-    prompts = torch.randint(0, MASK_ID, (24, 4), generator=torch.Generator().manual_seed(0))
-    tokens = generate_greedy(model, prompts, 20, banned=[MASK_ID])
-    aux, logits = target_features(model, tokens, LAYERS)
-    head = new_head(model.config, LAYERS, MASK_ID, depths=K)
-    init_from_target(head, model)
-    train_head(head, tokens, aux, logits, TrainConfig(depths=K, steps=60, batch_size=4, lr=3e-3))
-    save_head(head, root / "head")
-    return root / "target", root / "head"
+    return root / "target", trained_head(model, root / "head", LAYERS, MASK_ID, depths=K, steps=60)
 
 
 def _generate(folder, prompts, params, head=None, **args):
